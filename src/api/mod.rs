@@ -1,0 +1,24 @@
+//! The OpenAI-compatible types cascade accepts and returns. Knows nothing about providers.
+
+pub mod error;
+pub mod request;
+pub mod response;
+
+pub use error::ApiError;
+pub use request::ChatRequest;
+pub use response::{ChunkView, CompletionView, Usage};
+
+/// Byte range of a borrowed `RawValue` inside the buffer it was parsed from.
+pub(crate) fn span_in(base: &[u8], raw: &serde_json::value::RawValue) -> std::ops::Range<usize> {
+    let start = raw.get().as_ptr() as usize - base.as_ptr() as usize;
+    start..start + raw.get().len()
+}
+
+/// Copies `body` with `range` replaced by `with`.
+pub(crate) fn splice(body: &[u8], range: std::ops::Range<usize>, with: &[u8]) -> bytes::Bytes {
+    let mut out = Vec::with_capacity(body.len() + with.len());
+    out.extend_from_slice(&body[..range.start]);
+    out.extend_from_slice(with);
+    out.extend_from_slice(&body[range.end..]);
+    out.into()
+}

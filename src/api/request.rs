@@ -1,0 +1,262 @@
+//! `POST /v1/chat/completions` request: parsed once, validated, and kept as the original
+//! bytes so an OpenAI-format upstream gets them back with only `model` rewritten.
+
+use std::ops::Range;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::{span_in, splice, ApiError};
+
+/// A validated chat request.
+#[derive(Debug, Clone)]
+pub struct ChatRequest {
+    /// The body exactly as the client sent it.
+    pub body: Bytes,
+    pub model: Option<String>,
+    model_span: Option<Range<usize>>,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub max_tokens: Option<u64>,
+    pub wants_json: bool,
+    pub messages: usize,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Role {
+    System,
+    Developer,
+    User,
+    Assistant,
+    Tool,
+    Function,
+}
+
+#[derive(Deserialize)]
+struct MessageHead<'a> {
+    #[allow(dead_code)]
+    role: Role,
+    #[serde(default, borrow)]
+    content: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    include_usage: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct ResponseFormat {
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+#[allow(dead_code)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// The fields cascade reads. Unknown fields are skipped here and forwarded untouched.
+/// Each typed field doubles as a type check whose error names the parameter.
+#[derive(Deserialize)]
+struct Wire<'a> {
+    #[serde(borrow)]
+    model: Option<&'a RawValue>,
+    messages: Option<Vec<MessageHead<'a>>>,
+    stream: Option<bool>,
+    stream_options: Option<StreamOptions>,
+    #[allow(dead_code)]
+    temperature: Option<f64>,
+    #[allow(dead_code)]
+    top_p: Option<f64>,
+    #[allow(dead_code)]
+    n: Option<u32>,
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
+    #[allow(dead_code)]
+    seed: Option<i64>,
+    #[allow(dead_code)]
+    presence_penalty: Option<f64>,
+    #[allow(dead_code)]
+    frequency_penalty: Option<f64>,
+    #[allow(dead_code)]
+    stop: Option<Stop>,
+    response_format: Option<ResponseFormat>,
+    #[allow(dead_code)]
+    user: Option<String>,
+}
+
+impl ChatRequest {
+    pub fn parse(body: Bytes) -> Result<ChatRequest, ApiError> {
+        if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(invalid_json());
+        }
+        let wire: Wire = {
+            let mut de = serde_json::Deserializer::from_slice(&body);
+            let wire = serde_path_to_error::deserialize(&mut de).map_err(|e| type_error(&body, e))?;
+            de.end().map_err(|_| invalid_json())?;
+            wire
+        };
+
+        let (model, model_span) = match wire.model {
+            None => (None, None),
+            Some(raw) => {
+                let name: String = serde_json::from_str(raw.get()).map_err(|_| {
+                    ApiError::invalid_request("Invalid type for 'model': expected a string.")
+                        .with_param("model")
+                        .with_code("invalid_type")
+                })?;
+                (Some(name), Some(span_in(&body, raw)))
+            }
+        };
+
+        let messages = wire.messages.ok_or_else(|| {
+            ApiError::invalid_request("Missing required parameter: 'messages'.")
+                .with_param("messages")
+                .with_code("missing_required_parameter")
+        })?;
+        if messages.is_empty() {
+            return Err(ApiError::invalid_request(
+                "Invalid 'messages': empty array. Expected an array with minimum length 1.",
+            )
+            .with_param("messages")
+            .with_code("empty_array"));
+        }
+        for (i, m) in messages.iter().enumerate() {
+            if let Some(c) = m.content {
+                let first = c.get().as_bytes().first().copied();
+                if !matches!(first, Some(b'"' | b'[' | b'n')) {
+                    return Err(ApiError::invalid_request(format!(
+                        "Invalid type for 'messages[{i}].content': expected a string, an array of content parts, or null."
+                    ))
+                    .with_param(format!("messages[{i}].content"))
+                    .with_code("invalid_type"));
+                }
+            }
+        }
+
+        let stream = wire.stream.unwrap_or(false);
+        Ok(ChatRequest {
+            model,
+            model_span,
+            stream,
+            include_usage: stream
+                && wire
+                    .stream_options
+                    .and_then(|o| o.include_usage)
+                    .unwrap_or(false),
+            max_tokens: wire.max_completion_tokens.or(wire.max_tokens),
+            wants_json: wire
+                .response_format
+                .is_some_and(|f| f.kind == "json_object" || f.kind == "json_schema"),
+            messages: messages.len(),
+            body,
+        })
+    }
+
+    /// The body for an OpenAI-format upstream: the original bytes with `model` set to
+    /// `model_id_json` (an already-encoded JSON string). No re-serialisation.
+    pub fn body_for_model(&self, model_id_json: &str) -> Bytes {
+        match &self.model_span {
+            Some(span) if &self.body[span.clone()] == model_id_json.as_bytes() => self.body.clone(),
+            Some(span) => splice(&self.body, span.clone(), model_id_json.as_bytes()),
+            None => {
+                // Routed by header with no `model` in the body: add it after the opening brace.
+                let open = self.body.iter().position(|&b| b == b'{').unwrap_or(0);
+                let mut field = Vec::with_capacity(model_id_json.len() + 10);
+                field.extend_from_slice(b"\"model\":");
+                field.extend_from_slice(model_id_json.as_bytes());
+                let rest_empty = self.body[open + 1..]
+                    .iter()
+                    .find(|b| !b.is_ascii_whitespace())
+                    == Some(&b'}');
+                if !rest_empty {
+                    field.push(b',');
+                }
+                splice(&self.body, open + 1..open + 1, &field)
+            }
+        }
+    }
+}
+
+fn invalid_json() -> ApiError {
+    ApiError::invalid_request(
+        "We could not parse the JSON body of your request. The body must be a JSON object.",
+    )
+    .with_code("invalid_json")
+}
+
+fn type_error(body: &[u8], e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
+    let path = e.path().to_string();
+    let inner = e.into_inner();
+    if inner.is_syntax() || inner.is_eof() || path == "." || serde_json::from_slice::<serde::de::IgnoredAny>(body).is_err() {
+        return invalid_json();
+    }
+    let detail = inner.to_string();
+    let detail = detail.split(" at line ").next().unwrap_or(&detail);
+    ApiError::invalid_request(format!("Invalid value for '{path}': {detail}."))
+        .with_param(path)
+        .with_code("invalid_type")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<ChatRequest, ApiError> {
+        ChatRequest::parse(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    #[test]
+    fn rewrites_only_the_model() {
+        let r = parse(r#"{"model":"fast","messages":[{"role":"user","content":"hi"}],"x_custom":{"a":1}}"#).unwrap();
+        assert_eq!(r.model.as_deref(), Some("fast"));
+        assert_eq!(
+            &r.body_for_model("\"gpt-4o\"")[..],
+            br#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],"x_custom":{"a":1}}"#
+        );
+        // Same model: the very same bytes come back.
+        assert_eq!(r.body_for_model("\"fast\""), r.body);
+    }
+
+    #[test]
+    fn inserts_model_when_absent() {
+        let r = parse(r#"{ "messages":[{"role":"user","content":"hi"}]}"#).unwrap();
+        let out = r.body_for_model("\"m\"");
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["model"], "m");
+    }
+
+    #[test]
+    fn errors_name_the_param() {
+        let e = parse("{not json").unwrap_err();
+        assert_eq!(e.code.as_deref(), Some("invalid_json"));
+        let e = parse(r#"{"model":"m"}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages"));
+        let e = parse(r#"{"model":"m","messages":[]}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages"));
+        let e = parse(r#"{"model":"m","messages":"hi"}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages"));
+        let e = parse(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":"hot"}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("temperature"));
+        let e = parse(r#"{"model":"m","messages":[{"role":"robot","content":"x"}]}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages[0].role"));
+        let e = parse(r#"{"model":"m","messages":[{"role":"user","content":5}]}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages[0].content"));
+        let e = parse(r#"{"model":7,"messages":[{"role":"user","content":"x"}]}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("model"));
+        let e = parse(r#"[1,2]"#).unwrap_err();
+        assert_eq!(e.code.as_deref(), Some("invalid_json"));
+    }
+
+    #[test]
+    fn reads_stream_flags() {
+        let r = parse(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream":true,"stream_options":{"include_usage":true}}"#).unwrap();
+        assert!(r.stream && r.include_usage);
+    }
+}

@@ -1,0 +1,163 @@
+//! Serde DTOs mirroring the YAML file exactly. Nothing here is used at request time:
+//! `super::validate` turns these into the runtime types.
+
+use std::fmt;
+use std::time::Duration;
+
+use indexmap::IndexMap;
+use serde::de::{self, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+
+use super::units;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    pub providers: IndexMap<String, RawProvider>,
+    pub models: IndexMap<String, RawModel>,
+    #[serde(default)]
+    pub chains: IndexMap<String, RawChain>,
+    /// Demo/bench only: start the built-in mock provider inside the gateway process.
+    #[serde(default)]
+    pub mock: Option<RawMock>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub listen: Option<String>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub request_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub attempt_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_size")]
+    pub max_body: Option<u64>,
+    pub worker_threads: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderKind {
+    Openai,
+    OpenaiCompatible,
+    AzureOpenai,
+    Anthropic,
+    Gemini,
+}
+
+impl ProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Openai => "openai",
+            ProviderKind::OpenaiCompatible => "openai_compatible",
+            ProviderKind::AzureOpenai => "azure_openai",
+            ProviderKind::Anthropic => "anthropic",
+            ProviderKind::Gemini => "gemini",
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProvider {
+    pub kind: ProviderKind,
+    pub base_url: String,
+    pub api_key: Option<String>,
+    /// Extra headers sent with every upstream call (e.g. OpenRouter's `HTTP-Referer`).
+    #[serde(default)]
+    pub extra_headers: IndexMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModel {
+    pub provider: String,
+    pub model_id: String,
+    pub max_tokens: Option<u32>,
+    pub context_window: Option<u64>,
+    #[serde(default)]
+    pub cost_per_1k_input: f64,
+    #[serde(default)]
+    pub cost_per_1k_output: f64,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub attempt_timeout: Option<Duration>,
+    /// Models tried after this one when a request names this model directly.
+    #[serde(default)]
+    pub fallbacks: Vec<String>,
+}
+
+/// Which YAML form a chain was written in; error paths follow the form the user wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChainForm {
+    /// `name: [a, b]`
+    Short,
+    /// `name: { models: [a, b] }`
+    Long,
+}
+
+#[derive(Debug)]
+pub struct RawChain {
+    pub form: ChainForm,
+    pub models: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawChainLong {
+    models: Vec<String>,
+}
+
+impl<'de> Deserialize<'de> for RawChain {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct ChainVisitor;
+        impl<'de> Visitor<'de> for ChainVisitor {
+            type Value = RawChain;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a list of model names, or a map with `models:`")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<RawChain, A::Error> {
+                let models = Vec::<String>::deserialize(de::value::SeqAccessDeserializer::new(seq))?;
+                Ok(RawChain {
+                    form: ChainForm::Short,
+                    models,
+                })
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawChain, A::Error> {
+                let long = RawChainLong::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(RawChain {
+                    form: ChainForm::Long,
+                    models: long.models,
+                })
+            }
+        }
+        d.deserialize_any(ChainVisitor)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMock {
+    pub listen: String,
+}
+
+fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let s = Option::<String>::deserialize(d)?;
+    s.map(|s| units::parse_duration(&s).map_err(de::Error::custom))
+        .transpose()
+}
+
+fn opt_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum SizeRepr {
+        Int(u64),
+        Str(String),
+    }
+    match Option::<SizeRepr>::deserialize(d)? {
+        None => Ok(None),
+        Some(SizeRepr::Int(n)) => Ok(Some(n)),
+        Some(SizeRepr::Str(s)) => units::parse_size(&s).map(Some).map_err(de::Error::custom),
+    }
+}

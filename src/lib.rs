@@ -1,0 +1,11 @@
+//! cascade: an LLM fallback gateway. See `../shared/architecture.md` for the shape.
+
+pub mod api;
+pub mod classify;
+pub mod config;
+pub mod metrics;
+pub mod mock;
+pub mod providers;
+pub mod routing;
+pub mod secret;
+pub mod server;

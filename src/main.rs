@@ -1,0 +1,195 @@
+//! The `cascade` binary: `serve` (default), `check` and `mock`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+
+use cascade::config::Config;
+use cascade::mock::{Knobs, MockState};
+use cascade::server::{self, AppState};
+
+const DEFAULT_CONFIG: &str = "config/cascade.yaml";
+
+#[derive(Parser)]
+#[command(name = "cascade", version, about = "An LLM fallback gateway with an OpenAI-compatible API")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Config file for the default `serve` command.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (the default).
+    Serve,
+    /// Validate the config and print each chain as resolved.
+    Check,
+    /// Run the mock provider on its own.
+    Mock {
+        #[arg(long, default_value = "127.0.0.1:4010")]
+        listen: String,
+        /// Knobs for one model, as MODEL=SPEC (e.g. `gpt-4o=status=500`). Repeatable.
+        #[arg(long = "knobs")]
+        knobs: Vec<String>,
+        /// Tokio worker threads.
+        #[arg(long)]
+        workers: Option<usize>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config_path = cli.config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(&config_path),
+        Command::Check => check(&config_path),
+        Command::Mock { listen, knobs, workers } => mock(&listen, &knobs, workers),
+    }
+}
+
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("cascade: {e}");
+        ExitCode::from(2)
+    })
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    for (name, chain) in &config.chains {
+        let names: Vec<&str> = chain.targets.iter().map(|t| &*t.name).collect();
+        println!("{name}: {}", names.join(" -> "));
+    }
+    ExitCode::SUCCESS
+}
+
+fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        b.worker_threads(n);
+    }
+    b.enable_all().build()
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
+}
+
+fn serve(path: &std::path::Path) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => Arc::new(c),
+        Err(code) => return code,
+    };
+    init_tracing();
+    let rt = match runtime(config.server.worker_threads) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cascade: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        if let Some(mock) = &config.mock {
+            match tokio::net::TcpListener::bind(mock.listen).await {
+                Ok(l) => {
+                    tracing::info!(addr = %mock.listen, "demo mock provider listening");
+                    tokio::spawn(cascade::mock::serve(l, Arc::new(MockState::default())));
+                }
+                Err(e) => {
+                    eprintln!("cascade: cannot bind the mock provider on {}: {e}", mock.listen);
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        let listener = match tokio::net::TcpListener::bind(config.server.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("cascade: cannot listen on {}: {e}", config.server.listen);
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::info!(
+            addr = %config.server.listen,
+            chains = config.chains.len(),
+            models = config.models.len(),
+            "cascade listening"
+        );
+        let state = AppState::new(config);
+        match server::serve(state, listener, shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("cascade: server error: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+fn mock(listen: &str, knobs: &[String], workers: Option<usize>) -> ExitCode {
+    let state = Arc::new(MockState::default());
+    for spec in knobs {
+        let Some((model, k)) = spec.split_once('=') else {
+            eprintln!("cascade: --knobs takes MODEL=SPEC, got {spec:?}");
+            return ExitCode::from(2);
+        };
+        match Knobs::parse(k) {
+            Ok(k) => state.set(model, k),
+            Err(e) => {
+                eprintln!("cascade: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let rt = match runtime(workers) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cascade: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let listener = match tokio::net::TcpListener::bind(listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("cascade: cannot listen on {listen}: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        eprintln!("cascade mock provider listening on {}", listener.local_addr().map(|a| a.to_string()).unwrap_or_default());
+        tokio::select! {
+            _ = cascade::mock::serve(listener, state) => {}
+            _ = shutdown_signal() => {}
+        }
+        ExitCode::SUCCESS
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,102 @@
+//! Prometheus metrics. Labels stay low-cardinality: chain, model, provider, outcome class.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests_total: IntCounterVec,
+    pub attempts_total: IntCounterVec,
+    pub fallbacks_total: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub upstream_duration: HistogramVec,
+    pub overhead: Histogram,
+    pub inflight: IntGauge,
+}
+
+const DURATION_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
+const OVERHEAD_BUCKETS: &[f64] = &[
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.05,
+];
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("unique metric");
+            c
+        };
+        let histogram = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
+            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels)
+                .expect("valid metric");
+            registry.register(Box::new(h.clone())).expect("unique metric");
+            h
+        };
+        let requests_total = counter(
+            "cascade_requests_total",
+            "Chat requests answered, by chain and HTTP status.",
+            &["chain", "status"],
+        );
+        let attempts_total = counter(
+            "cascade_attempts_total",
+            "Upstream calls, by outcome (ok or the error class).",
+            &["chain", "model", "provider", "outcome"],
+        );
+        let fallbacks_total = counter(
+            "cascade_fallbacks_total",
+            "Moves from one chain target to the next, by the failure that caused them.",
+            &["chain", "from_model", "to_model", "reason"],
+        );
+        let request_duration = histogram(
+            "cascade_request_duration_seconds",
+            "Time to answer a chat request (to the first byte for streams).",
+            &["chain"],
+            DURATION_BUCKETS,
+        );
+        let upstream_duration = histogram(
+            "cascade_upstream_duration_seconds",
+            "Time of one upstream call (to the first content for streams).",
+            &["model", "provider"],
+            DURATION_BUCKETS,
+        );
+        let overhead = Histogram::with_opts(
+            HistogramOpts::new(
+                "cascade_overhead_seconds",
+                "Time spent in the gateway itself: request time minus upstream time.",
+            )
+            .buckets(OVERHEAD_BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        registry.register(Box::new(overhead.clone())).expect("unique metric");
+        let inflight = IntGauge::new("cascade_inflight_requests", "Chat requests in progress.").expect("valid metric");
+        registry.register(Box::new(inflight.clone())).expect("unique metric");
+        Metrics {
+            registry,
+            requests_total,
+            attempts_total,
+            fallbacks_total,
+            request_duration,
+            upstream_duration,
+            overhead,
+            inflight,
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8 * 1024);
+        // Encoding into a Vec only fails on invalid metric families, which `new` prevents.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,121 @@
+//! Fault and timing knobs for the mock provider, written as `key=value` pairs separated
+//! by `,` or `;` (e.g. `status=429,retry_after=2` or `ttft=200ms;chunks=8;cut_after=3`).
+
+use std::time::Duration;
+
+use crate::config::units::parse_duration;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Knobs {
+    /// Delay before the response headers.
+    pub latency: Duration,
+    /// Streams: delay between the role chunk and the first content chunk.
+    pub ttft: Duration,
+    /// Streams: delay between content chunks.
+    pub gap: Duration,
+    /// Streams: how many content chunks the answer is split into.
+    pub chunks: usize,
+    /// Answer with this error status (every call, or a share of calls with `error_rate`).
+    pub status: Option<u16>,
+    /// `Retry-After` value sent with error answers.
+    pub retry_after: Option<String>,
+    /// Share of calls (0..=1) that fail, spread evenly and deterministically.
+    pub error_rate: f64,
+    /// Answer 200 with no content and no tool calls.
+    pub empty: bool,
+    /// Answer 200 with a body that is not valid JSON.
+    pub malformed: bool,
+    /// Streams: drop the connection after this many content chunks.
+    pub cut_after: Option<usize>,
+    /// Never answer (until the client gives up).
+    pub stall: bool,
+    /// Close the connection without answering.
+    pub reset: bool,
+    /// The answer text; defaults to one naming the model.
+    pub content: Option<String>,
+    pub finish_reason: String,
+}
+
+impl Default for Knobs {
+    fn default() -> Self {
+        Knobs {
+            latency: Duration::ZERO,
+            ttft: Duration::ZERO,
+            gap: Duration::ZERO,
+            chunks: 4,
+            status: None,
+            retry_after: None,
+            error_rate: 0.0,
+            empty: false,
+            malformed: false,
+            cut_after: None,
+            stall: false,
+            reset: false,
+            content: None,
+            finish_reason: "stop".into(),
+        }
+    }
+}
+
+impl Knobs {
+    pub fn parse(spec: &str) -> Result<Knobs, String> {
+        let mut k = Knobs::default();
+        for item in spec.split([',', ';']).map(str::trim).filter(|s| !s.is_empty()) {
+            let (key, value) = item.split_once('=').unwrap_or((item, ""));
+            let num = |v: &str| v.parse::<usize>().map_err(|_| format!("knob {key}: not a number: {v:?}"));
+            match key {
+                "latency" => k.latency = parse_duration(value)?,
+                "ttft" => k.ttft = parse_duration(value)?,
+                "gap" => k.gap = parse_duration(value)?,
+                "chunks" => k.chunks = num(value)?.max(1),
+                "status" => k.status = Some(num(value)? as u16),
+                "retry_after" => k.retry_after = Some(value.to_string()),
+                "error_rate" => {
+                    k.error_rate = value
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|r| (0.0..=1.0).contains(r))
+                        .ok_or_else(|| format!("knob error_rate: expected 0..=1, got {value:?}"))?
+                }
+                "empty" => k.empty = true,
+                "malformed" => k.malformed = true,
+                "cut_after" => k.cut_after = Some(num(value)?),
+                "stall" => k.stall = true,
+                "reset" => k.reset = true,
+                "content" => k.content = Some(value.to_string()),
+                "finish_reason" => k.finish_reason = value.to_string(),
+                other => return Err(format!("unknown mock knob {other:?}")),
+            }
+        }
+        Ok(k)
+    }
+
+    /// Whether call number `index` (0-based) of this model fails with an error status.
+    pub fn fails(&self, index: u64) -> bool {
+        if self.error_rate > 0.0 {
+            let i = index as f64;
+            ((i + 1.0) * self.error_rate).floor() > (i * self.error_rate).floor()
+        } else {
+            self.status.is_some()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_spreads_errors() {
+        let k = Knobs::parse("status=429,retry_after=2;ttft=50ms,chunks=8,cut_after=3,empty").unwrap();
+        assert_eq!(k.status, Some(429));
+        assert_eq!(k.retry_after.as_deref(), Some("2"));
+        assert_eq!(k.ttft, Duration::from_millis(50));
+        assert_eq!((k.chunks, k.cut_after, k.empty), (8, Some(3), true));
+        assert!(Knobs::parse("bogus=1").is_err());
+
+        let k = Knobs::parse("error_rate=0.3").unwrap();
+        let fails = (0..100).filter(|&i| k.fails(i)).count();
+        assert_eq!(fails, 30);
+    }
+}
