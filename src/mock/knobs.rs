@@ -19,6 +19,8 @@ pub struct Knobs {
     pub status: Option<u16>,
     /// `Retry-After` value sent with error answers.
     pub retry_after: Option<String>,
+    /// `error.code` of error answers (defaults to the usual code for the status).
+    pub code: Option<String>,
     /// Share of calls (0..=1) that fail, spread evenly and deterministically.
     pub error_rate: f64,
     /// Answer 200 with no content and no tool calls.
@@ -45,6 +47,7 @@ impl Default for Knobs {
             chunks: 4,
             status: None,
             retry_after: None,
+            code: None,
             error_rate: 0.0,
             empty: false,
             malformed: false,
@@ -70,6 +73,7 @@ impl Knobs {
                 "chunks" => k.chunks = num(value)?.max(1),
                 "status" => k.status = Some(num(value)? as u16),
                 "retry_after" => k.retry_after = Some(value.to_string()),
+                "code" => k.code = Some(value.to_string()),
                 "error_rate" => {
                     k.error_rate = value
                         .parse::<f64>()

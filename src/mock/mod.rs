@@ -265,7 +265,7 @@ async fn respond(head: &RequestHead, k: &Knobs, index: u64, body_len: usize) -> 
         tokio::time::sleep(k.latency).await;
     }
     if k.fails(index) {
-        return Ok(error_response(k.status.unwrap_or(500), k.retry_after.as_deref()));
+        return Ok(error_response(k.status.unwrap_or(500), k.retry_after.as_deref(), k.code.as_deref()));
     }
     if k.malformed && !head.stream {
         return Ok(full(StatusCode::OK, "application/json", r#"{"id":"chatcmpl-mock","choices":[{"#));
@@ -309,7 +309,8 @@ async fn respond(head: &RequestHead, k: &Knobs, index: u64, body_len: usize) -> 
     } else {
         for (i, piece) in pieces.iter().enumerate() {
             if k.cut_after == Some(i) {
-                plan.push((Duration::ZERO, Err(())));
+                // The pause lets hyper flush what was sent before the connection drops.
+                plan.push((k.gap.max(Duration::from_millis(1)), Err(())));
                 break;
             }
             let wait = if i == 0 { k.ttft } else { k.gap };
@@ -349,7 +350,7 @@ fn split_pieces(text: &str, n: usize) -> Vec<String> {
     chars.chunks(size).map(|c| c.iter().collect()).collect()
 }
 
-fn error_response(status: u16, retry_after: Option<&str>) -> Response<MockBody> {
+fn error_response(status: u16, retry_after: Option<&str>, code_override: Option<&str>) -> Response<MockBody> {
     let (kind, code, message) = match status {
         400 => ("invalid_request_error", "invalid_value", "mock: the request is invalid"),
         401 => ("invalid_request_error", "invalid_api_key", "mock: incorrect API key provided"),
@@ -359,6 +360,7 @@ fn error_response(status: u16, retry_after: Option<&str>) -> Response<MockBody> 
         429 => ("rate_limit_error", "rate_limit_exceeded", "mock: rate limit reached"),
         _ => ("server_error", "server_error", "mock: the server had an error"),
     };
+    let code = code_override.unwrap_or(code);
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let body = json!({"error": {"message": message, "type": kind, "param": null, "code": code}});
     let mut r = full(status, "application/json", body.to_string());

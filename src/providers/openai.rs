@@ -46,11 +46,14 @@ pub async fn call(http: &reqwest::Client, model: &Model, req: &ChatRequest) -> R
         return Ok(Reply::Stream(ChunkStream::new(resp, model.model_id_json.clone())));
     }
     let body = resp.bytes().await.map_err(AttemptError::from_reqwest)?;
-    completion(body, model, req).map(Reply::Complete)
+    completion(body, model).map(Reply::Complete).map_err(|mut e| {
+        e.status = Some(status.as_u16());
+        e
+    })
 }
 
 /// Judges a 200 answer: malformed, empty, filtered or fine. Rewrites `model` to the target's id.
-fn completion(body: Bytes, model: &Model, req: &ChatRequest) -> Result<Completion, AttemptError> {
+fn completion(body: Bytes, model: &Model) -> Result<Completion, AttemptError> {
     let view = CompletionView::parse(&body)
         .map_err(|e| AttemptError::new(ErrorClass::Transient, format!("malformed upstream body: {e}")))?;
     if view.finish_reason.as_deref() == Some("content_filter") {
@@ -59,7 +62,6 @@ fn completion(body: Bytes, model: &Model, req: &ChatRequest) -> Result<Completio
     if !view.has_content {
         return Err(AttemptError::new(ErrorClass::Empty, "the upstream answer has no content and no tool calls"));
     }
-    let _ = req;
     let body = match view.model_span {
         Some(span) if body[span.clone()] != *model.model_id_json.as_bytes() => {
             splice(&body, span, model.model_id_json.as_bytes())

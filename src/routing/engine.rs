@@ -164,7 +164,11 @@ impl Engine {
     async fn attempt(&self, target: &Model, req: &ChatRequest) -> Result<Answer, AttemptError> {
         match providers::call(&self.http, target, req).await? {
             Reply::Complete(c) => Ok(Answer::Complete(c)),
-            Reply::Stream(s) => until_commit(s).await.map(Answer::Stream),
+            // The stream's HTTP status was 2xx; what fails before the commit point fails with it.
+            Reply::Stream(s) => until_commit(s).await.map(Answer::Stream).map_err(|mut e| {
+                e.status.get_or_insert(200);
+                e
+            }),
         }
     }
 }
