@@ -78,10 +78,19 @@ const CONTEXT_MESSAGES: &[&str] = &[
     "context window",
 ];
 const CONTENT_POLICY_CODES: &[&str] = &["content_filter", "content_policy_violation"];
-const QUOTA_CODES: &[&str] = &["insufficient_quota", "billing_error", "billing_hard_limit_reached"];
+const QUOTA_CODES: &[&str] = &[
+    "insufficient_quota",
+    "billing_error",
+    "billing_hard_limit_reached",
+];
 
 /// Classifies a non-2xx upstream answer from its status and (OpenAI-shaped) error body.
-pub fn classify_status(status: u16, code: Option<&str>, kind: Option<&str>, message: &str) -> ErrorClass {
+pub fn classify_status(
+    status: u16,
+    code: Option<&str>,
+    kind: Option<&str>,
+    message: &str,
+) -> ErrorClass {
     let code_or_type = |set: &[&str]| [code, kind].into_iter().flatten().any(|c| set.contains(&c));
     if code_or_type(QUOTA_CODES) || status == 402 {
         return ErrorClass::Quota;
@@ -111,7 +120,12 @@ pub fn classify_status(status: u16, code: Option<&str>, kind: Option<&str>, mess
 /// The server's hint for when to try again: `retry-after-ms`, `retry-after` (seconds or
 /// HTTP date) or OpenAI's `x-ratelimit-reset-*` durations, in that order.
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+    let get = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
     if let Some(ms) = get("retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
         if ms.is_finite() && ms >= 0.0 {
             return Some(Duration::from_secs_f64(ms / 1000.0));
@@ -152,7 +166,9 @@ pub fn parse_go_duration(s: &str) -> Option<Duration> {
         let num_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
         let value: f64 = rest[..num_end].parse().ok()?;
         rest = &rest[num_end..];
-        let unit_end = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let scale = match &rest[..unit_end] {
             "ms" => 0.001,
             "s" => 1.0,
@@ -174,21 +190,38 @@ mod tests {
     fn statuses() {
         assert_eq!(classify_status(500, None, None, ""), ErrorClass::Transient);
         assert_eq!(classify_status(529, None, None, ""), ErrorClass::Transient);
-        assert_eq!(classify_status(429, Some("rate_limit_exceeded"), None, ""), ErrorClass::RateLimited);
-        assert_eq!(classify_status(429, Some("insufficient_quota"), None, ""), ErrorClass::Quota);
+        assert_eq!(
+            classify_status(429, Some("rate_limit_exceeded"), None, ""),
+            ErrorClass::RateLimited
+        );
+        assert_eq!(
+            classify_status(429, Some("insufficient_quota"), None, ""),
+            ErrorClass::Quota
+        );
         assert_eq!(classify_status(401, None, None, ""), ErrorClass::Auth);
         assert_eq!(classify_status(404, None, None, ""), ErrorClass::NotFound);
-        assert_eq!(classify_status(400, None, None, "bad temperature"), ErrorClass::BadRequest);
+        assert_eq!(
+            classify_status(400, None, None, "bad temperature"),
+            ErrorClass::BadRequest
+        );
         assert_eq!(classify_status(422, None, None, ""), ErrorClass::BadRequest);
         assert_eq!(
             classify_status(400, Some("context_length_exceeded"), None, ""),
             ErrorClass::ContextOverflow
         );
         assert_eq!(
-            classify_status(400, None, None, "prompt is too long: 208656 tokens > 200000 maximum"),
+            classify_status(
+                400,
+                None,
+                None,
+                "prompt is too long: 208656 tokens > 200000 maximum"
+            ),
             ErrorClass::ContextOverflow
         );
-        assert_eq!(classify_status(400, Some("content_filter"), None, ""), ErrorClass::ContentPolicy);
+        assert_eq!(
+            classify_status(400, Some("content_filter"), None, ""),
+            ErrorClass::ContentPolicy
+        );
         assert_eq!(ErrorClass::BadRequest.action(), Action::Fail);
         assert_eq!(ErrorClass::Empty.action(), Action::Next);
     }

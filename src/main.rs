@@ -13,7 +13,11 @@ use cascade::server::{self, AppState};
 const DEFAULT_CONFIG: &str = "config/cascade.yaml";
 
 #[derive(Parser)]
-#[command(name = "cascade", version, about = "An LLM fallback gateway with an OpenAI-compatible API")]
+#[command(
+    name = "cascade",
+    version,
+    about = "An LLM fallback gateway with an OpenAI-compatible API"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -47,7 +51,11 @@ fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(&config_path),
         Command::Check => check(&config_path),
-        Command::Mock { listen, knobs, workers } => mock(&listen, &knobs, workers),
+        Command::Mock {
+            listen,
+            knobs,
+            workers,
+        } => mock(&listen, &knobs, workers),
     }
 }
 
@@ -81,7 +89,10 @@ fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .try_init();
 }
 
 fn serve(path: &std::path::Path) -> ExitCode {
@@ -105,7 +116,10 @@ fn serve(path: &std::path::Path) -> ExitCode {
                     tokio::spawn(cascade::mock::serve(l, Arc::new(MockState::default())));
                 }
                 Err(e) => {
-                    eprintln!("cascade: cannot bind the mock provider on {}: {e}", mock.listen);
+                    eprintln!(
+                        "cascade: cannot bind the mock provider on {}: {e}",
+                        mock.listen
+                    );
                     return ExitCode::FAILURE;
                 }
             }
@@ -164,7 +178,13 @@ fn mock(listen: &str, knobs: &[String], workers: Option<usize>) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        eprintln!("cascade mock provider listening on {}", listener.local_addr().map(|a| a.to_string()).unwrap_or_default());
+        eprintln!(
+            "cascade mock provider listening on {}",
+            listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default()
+        );
         tokio::select! {
             _ = cascade::mock::serve(listener, state) => {}
             _ = shutdown_signal() => {}

@@ -1,7 +1,8 @@
 //! Prometheus metrics. Labels stay low-cardinality: chain, model, provider, outcome class.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 
 pub struct Metrics {
@@ -27,13 +28,20 @@ impl Metrics {
         let registry = Registry::new();
         let counter = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry.register(Box::new(c.clone())).expect("unique metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
             c
         };
         let histogram = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
-            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels)
-                .expect("valid metric");
-            registry.register(Box::new(h.clone())).expect("unique metric");
+            let h = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+                labels,
+            )
+            .expect("valid metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
             h
         };
         let requests_total = counter(
@@ -71,9 +79,14 @@ impl Metrics {
             .buckets(OVERHEAD_BUCKETS.to_vec()),
         )
         .expect("valid metric");
-        registry.register(Box::new(overhead.clone())).expect("unique metric");
-        let inflight = IntGauge::new("cascade_inflight_requests", "Chat requests in progress.").expect("valid metric");
-        registry.register(Box::new(inflight.clone())).expect("unique metric");
+        registry
+            .register(Box::new(overhead.clone()))
+            .expect("unique metric");
+        let inflight = IntGauge::new("cascade_inflight_requests", "Chat requests in progress.")
+            .expect("valid metric");
+        registry
+            .register(Box::new(inflight.clone()))
+            .expect("unique metric");
         Metrics {
             registry,
             requests_total,

@@ -60,9 +60,21 @@ async fn bad_input_gets_openai_errors_naming_param() {
         (r#"{"model":"main"}"#, 400, Some("messages")),
         (r#"{"model":"main","messages":"hi"}"#, 400, Some("messages")),
         (r#"{"model":"main","messages":[]}"#, 400, Some("messages")),
-        (r#"{"model":"main","messages":[{"role":"user","content":"x"}],"temperature":"hot"}"#, 400, Some("temperature")),
-        (r#"{"model":"main","messages":[{"role":"user","content":"x"}],"stream":"yes"}"#, 400, Some("stream")),
-        (r#"{"model":"main","messages":[{"content":"x"}]}"#, 400, Some("messages[0]")),
+        (
+            r#"{"model":"main","messages":[{"role":"user","content":"x"}],"temperature":"hot"}"#,
+            400,
+            Some("temperature"),
+        ),
+        (
+            r#"{"model":"main","messages":[{"role":"user","content":"x"}],"stream":"yes"}"#,
+            400,
+            Some("stream"),
+        ),
+        (
+            r#"{"model":"main","messages":[{"content":"x"}]}"#,
+            400,
+            Some("messages[0]"),
+        ),
         (r#""just a string""#, 400, None),
         ("", 400, None),
     ];
@@ -80,14 +92,19 @@ async fn bad_input_gets_openai_errors_naming_param() {
 
 #[tokio::test]
 async fn oversized_body_is_413() {
-    let h = start(&THREE.replace("request_timeout: 60s", "request_timeout: 60s\n  max_body: 1KiB")).await;
+    let h = start(&THREE.replace(
+        "request_timeout: 60s",
+        "request_timeout: 60s\n  max_body: 1KiB",
+    ))
+    .await;
     let big = "x".repeat(2000);
     let body = serde_json::json!({"model":"main","messages":[{"role":"user","content": big}]});
     let r = h.post_raw(body.to_string(), &[]).await;
     assert_eq!(r.status, 413);
     assert_eq!(r.json()["error"]["code"], "request_too_large");
     // Chunked, with no Content-Length: still caught.
-    let stream = futures_util::stream::iter(vec![Ok::<_, std::io::Error>(body.to_string().into_bytes())]);
+    let stream =
+        futures_util::stream::iter(vec![Ok::<_, std::io::Error>(body.to_string().into_bytes())]);
     let r = h.post_raw(reqwest::Body::wrap_stream(stream), &[]).await;
     assert_eq!(r.status, 413);
     assert_eq!(h.mock.total_calls(), 0);
@@ -109,7 +126,12 @@ async fn models_health_ready_and_metrics() {
     assert_eq!(r.status, 200);
     let v = r.json();
     assert_eq!(v["object"], "list");
-    let ids: Vec<&str> = v["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, ["main", "default", "primary", "secondary", "tertiary"]);
     for m in v["data"].as_array().unwrap() {
         assert_eq!(m["object"], "model");

@@ -14,8 +14,14 @@ fn assert_answered_by(r: &common::Reply, model: &str, id: &str, attempts: &str, 
     assert_eq!(r.header("x-cascade-fallbacks"), Some(fallbacks));
     assert_eq!(r.header("x-cascade-chain"), Some("main"));
     let body = r.json();
-    assert_eq!(body["model"], id, "the body names the model id that answered");
-    assert!(body["choices"][0]["message"]["content"].as_str().unwrap().contains(&format!("from {id}")));
+    assert_eq!(
+        body["model"], id,
+        "the body names the model id that answered"
+    );
+    assert!(body["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .contains(&format!("from {id}")));
 }
 
 async fn falls_back_on(knobs: &str) {
@@ -94,15 +100,24 @@ async fn falls_back_on_attempt_timeout() {
     let r = h.chat("main", &[]).await;
     assert_answered_by(&r, "secondary", "s", "2", "1");
     let waited = started.elapsed();
-    assert!(waited >= std::time::Duration::from_secs(2), "waited the attempt timeout: {waited:?}");
-    assert!(waited < std::time::Duration::from_secs(3), "and no longer: {waited:?}");
+    assert!(
+        waited >= std::time::Duration::from_secs(2),
+        "waited the attempt timeout: {waited:?}"
+    );
+    assert!(
+        waited < std::time::Duration::from_secs(3),
+        "and no longer: {waited:?}"
+    );
     assert_eq!(h.mock.calls("p"), 1);
 }
 
 #[tokio::test]
 async fn falls_back_when_unreachable() {
     // A port with nothing listening.
-    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let yaml = THREE.replacen(
         "\nmodels:",
         &format!("\n  down: {{ kind: openai, base_url: \"http://{free}/v1\" }}\nmodels:\n  dead: {{ provider: down, model_id: dead }}"),
@@ -125,13 +140,23 @@ async fn fails_fast_on_400_and_422() {
         let r = h.chat("main", &[]).await;
         assert_eq!(r.status, status, "{}", r.text);
         let body = r.json();
-        assert!(body["error"]["message"].as_str().unwrap().starts_with("mock:"), "upstream message kept");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("mock:"),
+            "upstream message kept"
+        );
         assert_eq!(body["error"]["type"], "invalid_request_error");
         assert_eq!(h.mock.calls("p"), 1);
         assert_eq!(h.mock.calls("s"), 0, "no fallback on {status}");
         assert_eq!(r.header("x-cascade-attempts"), Some("1"));
         assert_eq!(r.header("x-cascade-fallbacks"), Some("0"));
-        assert_eq!(r.header("x-cascade-model"), None, "no model header on failure");
+        assert_eq!(
+            r.header("x-cascade-model"),
+            None,
+            "no model header on failure"
+        );
     }
 }
 
@@ -197,9 +222,16 @@ async fn deadline_is_504() {
     let r = h.chat("main", &[]).await;
     assert_eq!(r.status, 504, "{}", r.text);
     assert_eq!(r.json()["error"]["code"], "deadline_exceeded");
-    assert!(started.elapsed() < std::time::Duration::from_secs(4), "never outlives the deadline");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(4),
+        "never outlives the deadline"
+    );
     assert_eq!(h.mock.calls("p"), 1);
-    assert_eq!(h.mock.calls("s"), 0, "the deadline was spent on the primary");
+    assert_eq!(
+        h.mock.calls("s"),
+        0,
+        "the deadline was spent on the primary"
+    );
 }
 
 #[tokio::test]
@@ -209,12 +241,16 @@ async fn metrics_count_attempts_and_fallbacks() {
     h.chat("main", &[]).await;
     let m = h.get("/metrics").await.text;
     assert!(m.contains(r#"cascade_attempts_total{chain="main",model="primary",outcome="transient",provider="mock"} 1"#), "{m}");
-    assert!(m.contains(r#"cascade_attempts_total{chain="main",model="secondary",outcome="ok",provider="mock"} 1"#));
+    assert!(m.contains(
+        r#"cascade_attempts_total{chain="main",model="secondary",outcome="ok",provider="mock"} 1"#
+    ));
     assert!(m.contains(r#"cascade_fallbacks_total{chain="main",from_model="primary",reason="transient",to_model="secondary"} 1"#));
     assert!(m.contains(r#"cascade_requests_total{chain="main",status="200"} 1"#));
     assert!(m.contains("cascade_overhead_seconds_count 1"));
     assert!(m.contains("cascade_inflight_requests 0"));
     assert!(m.contains("cascade_request_duration_seconds_bucket{chain=\"main\""));
-    assert!(m.contains("cascade_upstream_duration_seconds_bucket{model=\"primary\",provider=\"mock\""));
+    assert!(
+        m.contains("cascade_upstream_duration_seconds_bucket{model=\"primary\",provider=\"mock\"")
+    );
     assert!(!m.contains("SECRET"));
 }

@@ -30,14 +30,25 @@ async fn streams_from_the_primary() {
 
 #[tokio::test]
 async fn failure_before_first_token_falls_back_invisibly() {
-    for knobs in ["status=500", "cut_after=0", "empty", "malformed", "reset", "status=429"] {
+    for knobs in [
+        "status=500",
+        "cut_after=0",
+        "empty",
+        "malformed",
+        "reset",
+        "status=429",
+    ] {
         let h = start(THREE).await;
         h.mock.set("p", knobs);
         let r = h.chat_stream("main", &[]).await;
         assert_eq!(r.status, 200, "{knobs}: {}", r.text);
         assert_eq!(r.header("x-cascade-model"), Some("secondary"), "{knobs}");
         assert_eq!(r.header("x-cascade-attempts"), Some("2"));
-        assert_eq!(r.streamed_text(), "Hello from s! This is a mock answer.", "{knobs}: nothing of p leaks");
+        assert_eq!(
+            r.streamed_text(),
+            "Hello from s! This is a mock answer.",
+            "{knobs}: nothing of p leaks"
+        );
         assert!(!r.text.contains("\"error\""), "{knobs}");
         assert_eq!(r.events().last().map(String::as_str), Some("[DONE]"));
         assert_eq!(h.mock.calls("p"), 1);
@@ -53,12 +64,20 @@ async fn failure_after_first_token_ends_with_error_event() {
     assert_eq!(r.status, 200);
     assert_eq!(r.header("x-cascade-model"), Some("primary"));
     let events = r.events();
-    assert_ne!(events.last().map(String::as_str), Some("[DONE]"), "never closes as if complete");
+    assert_ne!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "never closes as if complete"
+    );
     let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
     assert!(last["error"]["message"].is_string(), "{last}");
     assert!(last["error"]["type"].is_string());
     assert!(last["error"].get("param").is_some() && last["error"].get("code").is_some());
-    assert_eq!(h.mock.calls("s"), 0, "no splice of a second provider into a committed stream");
+    assert_eq!(
+        h.mock.calls("s"),
+        0,
+        "no splice of a second provider into a committed stream"
+    );
     assert!(!r.streamed_text().is_empty());
 }
 

@@ -13,7 +13,7 @@ pub struct ApiError {
     pub kind: &'static str,
     pub param: Option<String>,
     pub code: Option<String>,
-    pub extra: Option<serde_json::Value>,
+    pub extra: Option<Box<serde_json::Value>>,
     /// Seconds for a `Retry-After` header.
     pub retry_after: Option<u64>,
 }
@@ -69,7 +69,7 @@ impl ApiError {
                 kind: self.kind,
                 param: self.param.as_deref(),
                 code: self.code.as_deref(),
-                attempts: self.extra.as_ref(),
+                attempts: self.extra.as_deref(),
             },
         };
         // Serialising plain strings into a Vec cannot fail.

@@ -98,7 +98,8 @@ impl ChatRequest {
         }
         let wire: Wire = {
             let mut de = serde_json::Deserializer::from_slice(&body);
-            let wire = serde_path_to_error::deserialize(&mut de).map_err(|e| type_error(&body, e))?;
+            let wire =
+                serde_path_to_error::deserialize(&mut de).map_err(|e| type_error(&body, e))?;
             de.end().map_err(|_| invalid_json())?;
             wire
         };
@@ -194,7 +195,11 @@ fn invalid_json() -> ApiError {
 fn type_error(body: &[u8], e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
     let path = e.path().to_string();
     let inner = e.into_inner();
-    if inner.is_syntax() || inner.is_eof() || path == "." || serde_json::from_slice::<serde::de::IgnoredAny>(body).is_err() {
+    if inner.is_syntax()
+        || inner.is_eof()
+        || path == "."
+        || serde_json::from_slice::<serde::de::IgnoredAny>(body).is_err()
+    {
         return invalid_json();
     }
     let detail = inner.to_string();
@@ -214,7 +219,10 @@ mod tests {
 
     #[test]
     fn rewrites_only_the_model() {
-        let r = parse(r#"{"model":"fast","messages":[{"role":"user","content":"hi"}],"x_custom":{"a":1}}"#).unwrap();
+        let r = parse(
+            r#"{"model":"fast","messages":[{"role":"user","content":"hi"}],"x_custom":{"a":1}}"#,
+        )
+        .unwrap();
         assert_eq!(r.model.as_deref(), Some("fast"));
         assert_eq!(
             &r.body_for_model("\"gpt-4o\"")[..],
@@ -242,7 +250,10 @@ mod tests {
         assert_eq!(e.param.as_deref(), Some("messages"));
         let e = parse(r#"{"model":"m","messages":"hi"}"#).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("messages"));
-        let e = parse(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":"hot"}"#).unwrap_err();
+        let e = parse(
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":"hot"}"#,
+        )
+        .unwrap_err();
         assert_eq!(e.param.as_deref(), Some("temperature"));
         let e = parse(r#"{"model":"m","messages":[{"role":"robot","content":"x"}]}"#).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("messages[0].role"));

@@ -82,7 +82,10 @@ impl CompletionView {
         let w: CompletionWire = serde_json::from_slice(body)?;
         let has_content = w.choices.iter().any(|c| {
             c.message.as_ref().is_some_and(|m| {
-                has_text(&m.content) || non_empty(&m.tool_calls) || m.function_call.is_some() || has_text(&m.refusal)
+                has_text(&m.content)
+                    || non_empty(&m.tool_calls)
+                    || m.function_call.is_some()
+                    || has_text(&m.refusal)
             })
         });
         Ok(CompletionView {

@@ -32,7 +32,11 @@ pub enum ConfigError {
 impl ConfigError {
     pub(crate) fn at(path: &str, message: impl Into<String>) -> Self {
         ConfigError::At {
-            path: if path.is_empty() { ".".into() } else { path.into() },
+            path: if path.is_empty() {
+                ".".into()
+            } else {
+                path.into()
+            },
             message: message.into(),
         }
     }
@@ -135,8 +139,20 @@ impl Config {
             })?;
         env::interpolate(&mut tree, env)?;
         let raw: RawConfig = serde_path_to_error::deserialize(tree).map_err(|e| {
-            let path = e.path().to_string();
-            ConfigError::at(&path, e.into_inner().to_string())
+            let mut path = e.path().to_string();
+            let message = e.into_inner().to_string();
+            // Point at the unknown key itself, not at the map that holds it.
+            if let Some(key) = message
+                .strip_prefix("unknown field `")
+                .and_then(|rest| rest.split('`').next())
+            {
+                if path == "." {
+                    path = key.to_string();
+                } else if !path.ends_with(key) {
+                    path = format!("{path}.{key}");
+                }
+            }
+            ConfigError::at(&path, message)
         })?;
         validate(raw)
     }
@@ -176,7 +192,10 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             )
         })?;
         if m.model_id.trim().is_empty() {
-            return Err(ConfigError::at(&format!("{path}.model_id"), "must not be empty"));
+            return Err(ConfigError::at(
+                &format!("{path}.model_id"),
+                "must not be empty",
+            ));
         }
         for (field, v) in [
             ("cost_per_1k_input", m.cost_per_1k_input),
@@ -228,7 +247,10 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             ChainForm::Long => format!("chains.{name}.models"),
         };
         if c.models.is_empty() {
-            return Err(ConfigError::at(&list_path, "chain is empty: list at least one model"));
+            return Err(ConfigError::at(
+                &list_path,
+                "chain is empty: list at least one model",
+            ));
         }
         let targets = c
             .models
@@ -267,7 +289,12 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             m.listen
                 .parse()
                 .map(|listen| MockSettings { listen })
-                .map_err(|e| ConfigError::at("mock.listen", format!("invalid address {:?}: {e}", m.listen)))
+                .map_err(|e| {
+                    ConfigError::at(
+                        "mock.listen",
+                        format!("invalid address {:?}: {e}", m.listen),
+                    )
+                })
         })
         .transpose()?;
 
@@ -301,10 +328,16 @@ fn validate_server(s: &raw::RawServer) -> Result<ServerSettings, ConfigError> {
     }
     let max_body = s.max_body.unwrap_or(DEFAULT_MAX_BODY);
     if max_body == 0 {
-        return Err(ConfigError::at("server.max_body", "must be greater than zero"));
+        return Err(ConfigError::at(
+            "server.max_body",
+            "must be greater than zero",
+        ));
     }
     if s.worker_threads == Some(0) {
-        return Err(ConfigError::at("server.worker_threads", "must be at least 1"));
+        return Err(ConfigError::at(
+            "server.worker_threads",
+            "must be at least 1",
+        ));
     }
     Ok(ServerSettings {
         listen,
@@ -315,14 +348,21 @@ fn validate_server(s: &raw::RawServer) -> Result<ServerSettings, ConfigError> {
     })
 }
 
-fn validate_provider(path: &str, name: &str, p: &raw::RawProvider) -> Result<Provider, ConfigError> {
+fn validate_provider(
+    path: &str,
+    name: &str,
+    p: &raw::RawProvider,
+) -> Result<Provider, ConfigError> {
     let url_path = format!("{path}.base_url");
     let base_url = url::Url::parse(&p.base_url)
         .map_err(|e| ConfigError::at(&url_path, format!("invalid URL {:?}: {e}", p.base_url)))?;
     if !matches!(base_url.scheme(), "http" | "https") || base_url.host().is_none() {
         return Err(ConfigError::at(
             &url_path,
-            format!("invalid URL {:?}: expected an http:// or https:// URL with a host", p.base_url),
+            format!(
+                "invalid URL {:?}: expected an http:// or https:// URL with a host",
+                p.base_url
+            ),
         ));
     }
     let base = p.base_url.trim_end_matches('/');
@@ -343,7 +383,8 @@ fn validate_provider(path: &str, name: &str, p: &raw::RawProvider) -> Result<Pro
         let hpath = format!("{path}.extra_headers.{k}");
         let name = HeaderName::from_bytes(k.as_bytes())
             .map_err(|_| ConfigError::at(&hpath, "invalid header name"))?;
-        let value = HeaderValue::from_str(v).map_err(|_| ConfigError::at(&hpath, "invalid header value"))?;
+        let value = HeaderValue::from_str(v)
+            .map_err(|_| ConfigError::at(&hpath, "invalid header value"))?;
         extra_headers.insert(name, value);
     }
     Ok(Provider {

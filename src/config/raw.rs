@@ -118,7 +118,8 @@ impl<'de> Deserialize<'de> for RawChain {
                 f.write_str("a list of model names, or a map with `models:`")
             }
             fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<RawChain, A::Error> {
-                let models = Vec::<String>::deserialize(de::value::SeqAccessDeserializer::new(seq))?;
+                let models =
+                    Vec::<String>::deserialize(de::value::SeqAccessDeserializer::new(seq))?;
                 Ok(RawChain {
                     form: ChainForm::Short,
                     models,

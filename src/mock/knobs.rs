@@ -63,9 +63,16 @@ impl Default for Knobs {
 impl Knobs {
     pub fn parse(spec: &str) -> Result<Knobs, String> {
         let mut k = Knobs::default();
-        for item in spec.split([',', ';']).map(str::trim).filter(|s| !s.is_empty()) {
+        for item in spec
+            .split([',', ';'])
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
             let (key, value) = item.split_once('=').unwrap_or((item, ""));
-            let num = |v: &str| v.parse::<usize>().map_err(|_| format!("knob {key}: not a number: {v:?}"));
+            let num = |v: &str| {
+                v.parse::<usize>()
+                    .map_err(|_| format!("knob {key}: not a number: {v:?}"))
+            };
             match key {
                 "latency" => k.latency = parse_duration(value)?,
                 "ttft" => k.ttft = parse_duration(value)?,
@@ -111,7 +118,8 @@ mod tests {
 
     #[test]
     fn parses_and_spreads_errors() {
-        let k = Knobs::parse("status=429,retry_after=2;ttft=50ms,chunks=8,cut_after=3,empty").unwrap();
+        let k =
+            Knobs::parse("status=429,retry_after=2;ttft=50ms,chunks=8,cut_after=3,empty").unwrap();
         assert_eq!(k.status, Some(429));
         assert_eq!(k.retry_after.as_deref(), Some("2"));
         assert_eq!(k.ttft, Duration::from_millis(50));

@@ -76,7 +76,8 @@ impl MockServer {
 
     /// Sets the knobs for requests whose `model` is `model`.
     pub fn set(&self, model: &str, knobs: &str) {
-        self.state.set(model, Knobs::parse(knobs).expect("valid mock knobs"));
+        self.state
+            .set(model, Knobs::parse(knobs).expect("valid mock knobs"));
     }
 
     pub fn calls(&self, model: &str) -> u64 {
@@ -94,7 +95,11 @@ impl MockServer {
             .lock()
             .map(|b| {
                 b.get(model)
-                    .map(|v| v.iter().filter_map(|b| serde_json::from_slice(b).ok()).collect())
+                    .map(|v| {
+                        v.iter()
+                            .filter_map(|b| serde_json::from_slice(b).ok())
+                            .collect()
+                    })
                     .unwrap_or_default()
             })
             .unwrap_or_default()
@@ -186,15 +191,28 @@ struct StreamOptions {
     include_usage: bool,
 }
 
-fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<MockBody> {
-    let mut r = Response::new(Full::new(body.into()).map_err(|e: Infallible| match e {}).boxed());
+fn full(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<MockBody> {
+    let mut r = Response::new(
+        Full::new(body.into())
+            .map_err(|e: Infallible| match e {})
+            .boxed(),
+    );
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
     r
 }
 
-async fn handle(req: Request<Incoming>, state: Arc<MockState>) -> Result<Response<MockBody>, BoxError> {
+async fn handle(
+    req: Request<Incoming>,
+    state: Arc<MockState>,
+) -> Result<Response<MockBody>, BoxError> {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     let headers = req.headers().clone();
@@ -203,7 +221,11 @@ async fn handle(req: Request<Incoming>, state: Arc<MockState>) -> Result<Respons
     match (&method, path.as_str()) {
         (&Method::GET, "/_mock/calls") => {
             let calls = state.calls.lock().map(|c| c.clone()).unwrap_or_default();
-            return Ok(full(StatusCode::OK, "application/json", serde_json::to_vec(&calls)?));
+            return Ok(full(
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_vec(&calls)?,
+            ));
         }
         (&Method::POST, "/_mock/reset") => {
             if let Ok(mut c) = state.calls.lock() {
@@ -235,14 +257,22 @@ async fn handle(req: Request<Incoming>, state: Arc<MockState>) -> Result<Respons
         None => (None, path.clone()),
     };
     if method != Method::POST || !(rest == "/v1/chat/completions" || rest == "/chat/completions") {
-        return Ok(full(StatusCode::NOT_FOUND, "application/json", r#"{"error":{"message":"mock: unknown route","type":"invalid_request_error","param":null,"code":null}}"#));
+        return Ok(full(
+            StatusCode::NOT_FOUND,
+            "application/json",
+            r#"{"error":{"message":"mock: unknown route","type":"invalid_request_error","param":null,"code":null}}"#,
+        ));
     }
 
     let head: RequestHead = match serde_json::from_slice(&body) {
         Ok(h) => h,
         Err(e) => {
             let msg = json!({"error":{"message": format!("mock: invalid JSON: {e}"),"type":"invalid_request_error","param":null,"code":null}});
-            return Ok(full(StatusCode::BAD_REQUEST, "application/json", msg.to_string()));
+            return Ok(full(
+                StatusCode::BAD_REQUEST,
+                "application/json",
+                msg.to_string(),
+            ));
         }
     };
     let index = state.record(&head.model, &body, &headers);
@@ -253,7 +283,12 @@ async fn handle(req: Request<Incoming>, state: Arc<MockState>) -> Result<Respons
     respond(&head, &knobs, index, body.len()).await
 }
 
-async fn respond(head: &RequestHead, k: &Knobs, index: u64, body_len: usize) -> Result<Response<MockBody>, BoxError> {
+async fn respond(
+    head: &RequestHead,
+    k: &Knobs,
+    index: u64,
+    body_len: usize,
+) -> Result<Response<MockBody>, BoxError> {
     if k.reset {
         // An error from the service makes hyper drop the connection without an answer.
         return Err("mock: reset".into());
@@ -265,13 +300,24 @@ async fn respond(head: &RequestHead, k: &Knobs, index: u64, body_len: usize) -> 
         tokio::time::sleep(k.latency).await;
     }
     if k.fails(index) {
-        return Ok(error_response(k.status.unwrap_or(500), k.retry_after.as_deref(), k.code.as_deref()));
+        return Ok(error_response(
+            k.status.unwrap_or(500),
+            k.retry_after.as_deref(),
+            k.code.as_deref(),
+        ));
     }
     if k.malformed && !head.stream {
-        return Ok(full(StatusCode::OK, "application/json", r#"{"id":"chatcmpl-mock","choices":[{"#));
+        return Ok(full(
+            StatusCode::OK,
+            "application/json",
+            r#"{"id":"chatcmpl-mock","choices":[{"#,
+        ));
     }
 
-    let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let content = if k.empty {
         String::new()
     } else {
@@ -291,10 +337,17 @@ async fn respond(head: &RequestHead, k: &Knobs, index: u64, body_len: usize) -> 
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content, "refusal": null}, "logprobs": null, "finish_reason": k.finish_reason}],
             "usage": usage,
         });
-        return Ok(full(StatusCode::OK, "application/json", serde_json::to_vec(&body)?));
+        return Ok(full(
+            StatusCode::OK,
+            "application/json",
+            serde_json::to_vec(&body)?,
+        ));
     }
 
-    let include_usage = head.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    let include_usage = head
+        .stream_options
+        .as_ref()
+        .is_some_and(|o| o.include_usage);
     let chunk = |delta: serde_json::Value, finish: Option<&str>| -> Bytes {
         let mut c = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": head.model,
             "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]});
@@ -303,7 +356,10 @@ async fn respond(head: &RequestHead, k: &Knobs, index: u64, body_len: usize) -> 
         }
         Bytes::from(format!("data: {c}\n\n"))
     };
-    let mut plan: Vec<(Duration, Result<Bytes, ()>)> = vec![(Duration::ZERO, Ok(chunk(json!({"role": "assistant", "content": ""}), None)))];
+    let mut plan: Vec<(Duration, Result<Bytes, ()>)> = vec![(
+        Duration::ZERO,
+        Ok(chunk(json!({"role": "assistant", "content": ""}), None)),
+    )];
     if k.malformed {
         plan.push((k.ttft, Ok(Bytes::from_static(b"data: {\"id\": oops\n\n"))));
     } else {
@@ -331,12 +387,16 @@ async fn respond(head: &RequestHead, k: &Knobs, index: u64, body_len: usize) -> 
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
-        let frame = item.map(Frame::data).map_err(|_| -> BoxError { "mock: stream cut".into() });
+        let frame = item
+            .map(Frame::data)
+            .map_err(|_| -> BoxError { "mock: stream cut".into() });
         Some((frame, plan))
     });
     let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/event-stream"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/event-stream"),
+    );
     Ok(r)
 }
 
@@ -350,15 +410,47 @@ fn split_pieces(text: &str, n: usize) -> Vec<String> {
     chars.chunks(size).map(|c| c.iter().collect()).collect()
 }
 
-fn error_response(status: u16, retry_after: Option<&str>, code_override: Option<&str>) -> Response<MockBody> {
+fn error_response(
+    status: u16,
+    retry_after: Option<&str>,
+    code_override: Option<&str>,
+) -> Response<MockBody> {
     let (kind, code, message) = match status {
-        400 => ("invalid_request_error", "invalid_value", "mock: the request is invalid"),
-        401 => ("invalid_request_error", "invalid_api_key", "mock: incorrect API key provided"),
-        403 => ("invalid_request_error", "forbidden", "mock: no access to this model"),
-        404 => ("invalid_request_error", "model_not_found", "mock: the model does not exist"),
-        422 => ("invalid_request_error", "unprocessable_entity", "mock: unprocessable request"),
-        429 => ("rate_limit_error", "rate_limit_exceeded", "mock: rate limit reached"),
-        _ => ("server_error", "server_error", "mock: the server had an error"),
+        400 => (
+            "invalid_request_error",
+            "invalid_value",
+            "mock: the request is invalid",
+        ),
+        401 => (
+            "invalid_request_error",
+            "invalid_api_key",
+            "mock: incorrect API key provided",
+        ),
+        403 => (
+            "invalid_request_error",
+            "forbidden",
+            "mock: no access to this model",
+        ),
+        404 => (
+            "invalid_request_error",
+            "model_not_found",
+            "mock: the model does not exist",
+        ),
+        422 => (
+            "invalid_request_error",
+            "unprocessable_entity",
+            "mock: unprocessable request",
+        ),
+        429 => (
+            "rate_limit_error",
+            "rate_limit_exceeded",
+            "mock: rate limit reached",
+        ),
+        _ => (
+            "server_error",
+            "server_error",
+            "mock: the server had an error",
+        ),
     };
     let code = code_override.unwrap_or(code);
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);

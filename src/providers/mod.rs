@@ -35,7 +35,7 @@ pub struct AttemptError {
     pub retry_after: Option<Duration>,
     /// For failures the caller must see as they are (fail-fast 4xx): the upstream error,
     /// already in OpenAI shape.
-    pub client_error: Option<ApiError>,
+    pub client_error: Option<Box<ApiError>>,
 }
 
 impl AttemptError {
@@ -50,7 +50,11 @@ impl AttemptError {
     }
 
     pub(crate) fn from_reqwest(e: reqwest::Error) -> Self {
-        let class = if e.is_timeout() { ErrorClass::Timeout } else { ErrorClass::Transient };
+        let class = if e.is_timeout() {
+            ErrorClass::Timeout
+        } else {
+            ErrorClass::Transient
+        };
         // Drop the URL: some providers' URLs identify accounts.
         let e = e.without_url();
         let mut msg = e.to_string();
@@ -79,12 +83,21 @@ pub enum Reply {
 }
 
 /// One call to `model`'s provider. Translation and classification happen in here.
-pub async fn call(http: &reqwest::Client, model: &Model, req: &ChatRequest) -> Result<Reply, AttemptError> {
+pub async fn call(
+    http: &reqwest::Client,
+    model: &Model,
+    req: &ChatRequest,
+) -> Result<Reply, AttemptError> {
     match model.provider.kind {
-        ProviderKind::Openai | ProviderKind::OpenaiCompatible => openai::call(http, model, req).await,
+        ProviderKind::Openai | ProviderKind::OpenaiCompatible => {
+            openai::call(http, model, req).await
+        }
         kind => Err(AttemptError::new(
             ErrorClass::NotFound,
-            format!("provider kind {} is not supported by this build", kind.as_str()),
+            format!(
+                "provider kind {} is not supported by this build",
+                kind.as_str()
+            ),
         )),
     }
 }
@@ -105,7 +118,9 @@ pub(crate) async fn read_limited(mut resp: reqwest::Response, limit: usize) -> V
 /// Removes any provider key from text that may reach a client or a log.
 pub(crate) fn redact(text: &str, model: &Model) -> String {
     match &model.provider.api_key {
-        Some(k) if k.expose().len() >= 4 && text.contains(k.expose()) => text.replace(k.expose(), "***"),
+        Some(k) if k.expose().len() >= 4 && text.contains(k.expose()) => {
+            text.replace(k.expose(), "***")
+        }
         _ => text.to_string(),
     }
 }

@@ -14,15 +14,24 @@ use crate::config::Model;
 
 const ERROR_BODY_LIMIT: usize = 64 * 1024;
 
-pub async fn call(http: &reqwest::Client, model: &Model, req: &ChatRequest) -> Result<Reply, AttemptError> {
+pub async fn call(
+    http: &reqwest::Client,
+    model: &Model,
+    req: &ChatRequest,
+) -> Result<Reply, AttemptError> {
     let mut builder = http
         .post(&model.provider.chat_url)
         .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
         .headers(model.provider.extra_headers.clone())
         .body(req.body_for_model(&model.model_id_json));
     if let Some(key) = &model.provider.api_key {
-        let mut value = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
-            .map_err(|_| AttemptError::new(ErrorClass::Auth, "the provider's api_key is not a valid header value"))?;
+        let mut value =
+            HeaderValue::from_str(&format!("Bearer {}", key.expose())).map_err(|_| {
+                AttemptError::new(
+                    ErrorClass::Auth,
+                    "the provider's api_key is not a valid header value",
+                )
+            })?;
         value.set_sensitive(true);
         builder = builder.header(AUTHORIZATION, value);
     }
@@ -43,24 +52,39 @@ pub async fn call(http: &reqwest::Client, model: &Model, req: &ChatRequest) -> R
                 "upstream answered a streaming request without an event stream",
             ));
         }
-        return Ok(Reply::Stream(ChunkStream::new(resp, model.model_id_json.clone())));
+        return Ok(Reply::Stream(ChunkStream::new(
+            resp,
+            model.model_id_json.clone(),
+        )));
     }
     let body = resp.bytes().await.map_err(AttemptError::from_reqwest)?;
-    completion(body, model).map(Reply::Complete).map_err(|mut e| {
-        e.status = Some(status.as_u16());
-        e
-    })
+    completion(body, model)
+        .map(Reply::Complete)
+        .map_err(|mut e| {
+            e.status = Some(status.as_u16());
+            e
+        })
 }
 
 /// Judges a 200 answer: malformed, empty, filtered or fine. Rewrites `model` to the target's id.
 fn completion(body: Bytes, model: &Model) -> Result<Completion, AttemptError> {
-    let view = CompletionView::parse(&body)
-        .map_err(|e| AttemptError::new(ErrorClass::Transient, format!("malformed upstream body: {e}")))?;
+    let view = CompletionView::parse(&body).map_err(|e| {
+        AttemptError::new(
+            ErrorClass::Transient,
+            format!("malformed upstream body: {e}"),
+        )
+    })?;
     if view.finish_reason.as_deref() == Some("content_filter") {
-        return Err(AttemptError::new(ErrorClass::ContentPolicy, "the answer was filtered"));
+        return Err(AttemptError::new(
+            ErrorClass::ContentPolicy,
+            "the answer was filtered",
+        ));
     }
     if !view.has_content {
-        return Err(AttemptError::new(ErrorClass::Empty, "the upstream answer has no content and no tool calls"));
+        return Err(AttemptError::new(
+            ErrorClass::Empty,
+            "the upstream answer has no content and no tool calls",
+        ));
     }
     let body = match view.model_span {
         Some(span) if body[span.clone()] != *model.model_id_json.as_bytes() => {
@@ -107,7 +131,9 @@ async fn error_from_response(resp: reqwest::Response, model: &Model) -> AttemptE
     let retry = retry_after(resp.headers());
     let body = read_limited(resp, ERROR_BODY_LIMIT).await;
     let (message, kind, param, code) = match serde_json::from_slice::<ErrorEnvelope>(&body) {
-        Ok(ErrorEnvelope { error: Some(e), .. }) => (e.message, e.kind, e.param, code_string(e.code)),
+        Ok(ErrorEnvelope { error: Some(e), .. }) => {
+            (e.message, e.kind, e.param, code_string(e.code))
+        }
         Ok(env) => (env.message, env.kind, None, code_string(env.code)),
         Err(_) => (None, None, None, None),
     };
@@ -128,7 +154,7 @@ async fn error_from_response(resp: reqwest::Response, model: &Model) -> AttemptE
         let mut e = ApiError::new(status, "invalid_request_error", message.clone());
         e.param = param;
         e.code = code;
-        e
+        Box::new(e)
     });
     AttemptError {
         class,
@@ -200,13 +226,21 @@ impl ChunkStream {
     }
 
     fn chunk(&self, data: Bytes) -> Result<StreamItem, AttemptError> {
-        let view = ChunkView::parse(&data)
-            .map_err(|e| AttemptError::new(ErrorClass::Transient, format!("malformed upstream chunk: {e}")))?;
+        let view = ChunkView::parse(&data).map_err(|e| {
+            AttemptError::new(
+                ErrorClass::Transient,
+                format!("malformed upstream chunk: {e}"),
+            )
+        })?;
         if let Some(err) = view.error {
-            let message = err.message.unwrap_or_else(|| "upstream stream error".into());
+            let message = err
+                .message
+                .unwrap_or_else(|| "upstream stream error".into());
             let code = code_string(err.code);
             let class = match (code.as_deref(), err.kind.as_deref()) {
-                (Some("rate_limit_exceeded"), _) | (_, Some("rate_limit_error")) => ErrorClass::RateLimited,
+                (Some("rate_limit_exceeded"), _) | (_, Some("rate_limit_error")) => {
+                    ErrorClass::RateLimited
+                }
                 (Some(c), _) if c.contains("context_length") => ErrorClass::ContextOverflow,
                 _ => ErrorClass::Transient,
             };

@@ -60,7 +60,11 @@ impl SseDecoder {
                     return None;
                 }
                 let line = self.buf.split_to(i);
-                let skip = if cr && self.buf.len() > 1 && self.buf[1] == b'\n' { 2 } else { 1 };
+                let skip = if cr && self.buf.len() > 1 && self.buf[1] == b'\n' {
+                    2
+                } else {
+                    1
+                };
                 self.buf.advance(skip);
                 Some(line)
             }
@@ -139,7 +143,11 @@ mod tests {
         assert_eq!(&expected[1].data[..], b"x\ny");
         assert_eq!(&expected[2].data[..], b"[DONE]");
         for cut in 1..whole.len() {
-            assert_eq!(all(&[&whole[..cut], &whole[cut..]]), expected, "cut at {cut}");
+            assert_eq!(
+                all(&[&whole[..cut], &whole[cut..]]),
+                expected,
+                "cut at {cut}"
+            );
         }
     }
 

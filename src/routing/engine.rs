@@ -83,7 +83,10 @@ impl Engine {
                     deadline_hit = attempt_deadline == deadline;
                     Err(AttemptError::new(
                         ErrorClass::Timeout,
-                        format!("no answer within {} ms", attempt_deadline.duration_since(now).as_millis()),
+                        format!(
+                            "no answer within {} ms",
+                            attempt_deadline.duration_since(now).as_millis()
+                        ),
                     ))
                 }
             };
@@ -128,6 +131,7 @@ impl Engine {
             if err.class.action() == Action::Fail {
                 let error = err
                     .client_error
+                    .map(|e| *e)
                     .unwrap_or_else(|| ApiError::invalid_request(err.message.clone()));
                 return Outcome {
                     attempts,
@@ -187,7 +191,10 @@ async fn until_commit(mut stream: ChunkStream) -> Result<CommittedStream, Attemp
             }
             Some(Err(e)) => return Err(e),
             Some(Ok(StreamItem::Done)) => {
-                return Err(AttemptError::new(ErrorClass::Empty, "the upstream stream had no content"))
+                return Err(AttemptError::new(
+                    ErrorClass::Empty,
+                    "the upstream stream had no content",
+                ))
             }
             Some(Ok(StreamItem::Chunk {
                 data,
@@ -201,10 +208,16 @@ async fn until_commit(mut stream: ChunkStream) -> Result<CommittedStream, Attemp
                 }
                 match finish_reason.as_deref() {
                     Some("content_filter") => {
-                        return Err(AttemptError::new(ErrorClass::ContentPolicy, "the answer was filtered"))
+                        return Err(AttemptError::new(
+                            ErrorClass::ContentPolicy,
+                            "the answer was filtered",
+                        ))
                     }
                     Some(_) => {
-                        return Err(AttemptError::new(ErrorClass::Empty, "the upstream stream had no content"))
+                        return Err(AttemptError::new(
+                            ErrorClass::Empty,
+                            "the upstream stream had no content",
+                        ))
                     }
                     None => head.push(data),
                 }
@@ -248,8 +261,10 @@ fn all_failed(attempts: &[AttemptRecord], deadline_hit: bool) -> ApiError {
         })
         .collect::<Vec<_>>()
         .join(", ");
-    let all_rate_limited =
-        !attempts.is_empty() && attempts.iter().all(|a| a.class == Some(ErrorClass::RateLimited));
+    let all_rate_limited = !attempts.is_empty()
+        && attempts
+            .iter()
+            .all(|a| a.class == Some(ErrorClass::RateLimited));
 
     let mut error = if deadline_hit {
         ApiError::new(
@@ -275,7 +290,7 @@ fn all_failed(attempts: &[AttemptRecord], deadline_hit: bool) -> ApiError {
         )
         .with_code("all_targets_failed")
     };
-    error.extra = serde_json::to_value(list).ok();
+    error.extra = serde_json::to_value(list).ok().map(Box::new);
     error
 }
 

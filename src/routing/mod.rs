@@ -11,7 +11,11 @@ use crate::config::{Chain, Config};
 
 /// Picks the chain for a request: the `x-cascade-task` header names a chain; otherwise
 /// the body's `model` names a chain or a pool model (that model plus its `fallbacks`).
-pub fn resolve<'a>(config: &'a Config, task: Option<&str>, model: Option<&str>) -> Result<&'a Arc<Chain>, ApiError> {
+pub fn resolve<'a>(
+    config: &'a Config,
+    task: Option<&str>,
+    model: Option<&str>,
+) -> Result<&'a Arc<Chain>, ApiError> {
     if let Some(task) = task {
         return config
             .chains

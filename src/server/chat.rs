@@ -26,11 +26,18 @@ const X_TASK: &str = "x-cascade-task";
 /// Label used for requests rejected before a chain was known.
 const NO_CHAIN: &str = "none";
 
-pub async fn chat_completions(State(app): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response<Body> {
+pub async fn chat_completions(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response<Body> {
     let start = Instant::now();
     let inflight = InflightGuard::new(&app.metrics.inflight);
 
-    let req = match read_body(body, &headers, app.config.server.max_body).await.and_then(ChatRequest::parse) {
+    let req = match read_body(body, &headers, app.config.server.max_body)
+        .await
+        .and_then(ChatRequest::parse)
+    {
         Ok(r) => r,
         Err(e) => return rejected(&app, &e),
     };
@@ -73,7 +80,9 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
     match http_body_util::Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(e) => Err(ApiError::invalid_request(format!("could not read the request body: {e}"))),
+        Err(e) => Err(ApiError::invalid_request(format!(
+            "could not read the request body: {e}"
+        ))),
     }
 }
 
@@ -97,14 +106,19 @@ fn respond(
     let (mut resp, answered_by) = match outcome.result {
         Ok((model, Answer::Complete(c))) => {
             let mut r = Response::new(Body::from(c.body));
-            r.headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
             (r, Some(model))
         }
         Ok((model, Answer::Stream(committed))) => {
             let mut r = Response::new(Body::from_stream(sse::body(committed, deadline, inflight)));
             let h = r.headers_mut();
-            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            );
             h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
             h.insert("x-accel-buffering", HeaderValue::from_static("no"));
             (r, Some(model))

@@ -86,18 +86,23 @@ pub async fn serve(
 pub(crate) fn error_response(e: &ApiError) -> Response<Body> {
     let mut resp = Response::new(Body::from(e.body()));
     *resp.status_mut() = e.status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     if let Some(secs) = e.retry_after {
-        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
     resp
 }
 
 fn json_response(body: Bytes) -> Response<Body> {
     let mut resp = Response::new(Body::from(body));
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     resp
 }
 
@@ -146,6 +151,11 @@ async fn metrics(State(app): State<Arc<AppState>>) -> Response<Body> {
 
 async fn not_found() -> Response<Body> {
     error_response(
-        &ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "Unknown endpoint.").with_code("not_found"),
+        &ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "Unknown endpoint.",
+        )
+        .with_code("not_found"),
     )
 }

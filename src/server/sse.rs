@@ -56,9 +56,13 @@ fn failure_event(e: &AttemptError) -> Bytes {
         ErrorClass::RateLimited => "rate_limit_exceeded",
         _ => "upstream_error",
     };
-    ApiError::new(StatusCode::BAD_GATEWAY, "server_error", format!("upstream stream failed: {}", e.message))
-        .with_code(code)
-        .sse_event()
+    ApiError::new(
+        StatusCode::BAD_GATEWAY,
+        "server_error",
+        format!("upstream stream failed: {}", e.message),
+    )
+    .with_code(code)
+    .sse_event()
 }
 
 /// The body stream for a committed upstream stream.
@@ -83,7 +87,11 @@ pub fn body(
             return Some((Ok(event(&chunk)), s));
         }
         let out = match timeout_at(s.deadline, s.rest.next()).await {
-            Ok(Some(Ok(StreamItem::Chunk { data, finish_reason, .. }))) => {
+            Ok(Some(Ok(StreamItem::Chunk {
+                data,
+                finish_reason,
+                ..
+            }))) => {
                 s.saw_finish |= finish_reason.is_some();
                 event(&data)
             }

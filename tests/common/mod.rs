@@ -50,7 +50,9 @@ pub async fn start(yaml: &str) -> Harness {
         .replace("{mock_addr}", &mock.addr.to_string());
     let config = Config::from_yaml_with_env(&yaml, &|_| None).expect("valid test config");
     let state = AppState::new(Arc::new(config));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let task = tokio::spawn({
         let state = state.clone();
@@ -62,7 +64,10 @@ pub async fn start(yaml: &str) -> Harness {
         mock,
         addr,
         state,
-        http: reqwest::Client::builder().no_proxy().build().expect("client"),
+        http: reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("client"),
         task,
     }
 }
@@ -96,7 +101,11 @@ impl Reply {
         self.events()
             .iter()
             .filter_map(|e| serde_json::from_str::<Value>(e).ok())
-            .filter_map(|v| v["choices"][0]["delta"]["content"].as_str().map(str::to_string))
+            .filter_map(|v| {
+                v["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .map(str::to_string)
+            })
             .collect()
     }
 }
@@ -106,7 +115,11 @@ impl Harness {
         format!("http://{}{}", self.addr, path)
     }
 
-    pub async fn post_raw(&self, body: impl Into<reqwest::Body>, headers: &[(&str, &str)]) -> Reply {
+    pub async fn post_raw(
+        &self,
+        body: impl Into<reqwest::Body>,
+        headers: &[(&str, &str)],
+    ) -> Reply {
         let mut req = self
             .http
             .post(self.url("/v1/chat/completions"))
@@ -119,23 +132,38 @@ impl Harness {
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         let text = resp.text().await.unwrap_or_default();
-        Reply { status, headers, text }
+        Reply {
+            status,
+            headers,
+            text,
+        }
     }
 
     pub async fn chat(&self, model: &str, headers: &[(&str, &str)]) -> Reply {
-        self.post_raw(chat_body(model, false).to_string(), headers).await
+        self.post_raw(chat_body(model, false).to_string(), headers)
+            .await
     }
 
     pub async fn chat_stream(&self, model: &str, headers: &[(&str, &str)]) -> Reply {
-        self.post_raw(chat_body(model, true).to_string(), headers).await
+        self.post_raw(chat_body(model, true).to_string(), headers)
+            .await
     }
 
     pub async fn get(&self, path: &str) -> Reply {
-        let resp = self.http.get(self.url(path)).send().await.expect("gateway answers");
+        let resp = self
+            .http
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("gateway answers");
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         let text = resp.text().await.unwrap_or_default();
-        Reply { status, headers, text }
+        Reply {
+            status,
+            headers,
+            text,
+        }
     }
 }
 

@@ -1,0 +1,261 @@
+//! Bad configs stop startup with exit code 2 and a message naming the YAML path.
+
+use std::process::Command;
+
+use cascade::config::Config;
+
+const GOOD: &str = r#"
+server:
+  listen: 127.0.0.1:8080
+  request_timeout: 120s
+  attempt_timeout: 30s
+  max_body: 10MiB
+providers:
+  openai:   { kind: openai, base_url: https://api.openai.com/v1, api_key: "${OPENAI_API_KEY}" }
+  together: { kind: openai_compatible, base_url: https://api.together.xyz/v1, api_key: "${TOGETHER_API_KEY:-none}" }
+models:
+  gpt-4o:
+    provider: openai
+    model_id: gpt-4o
+    max_tokens: 4096
+    context_window: 128000
+    cost_per_1k_input: 0.005
+    cost_per_1k_output: 0.015
+  gpt-4o-mini: { provider: openai, model_id: gpt-4o-mini, max_tokens: 4096, context_window: 128000, cost_per_1k_input: 0.00015, cost_per_1k_output: 0.0006 }
+  llama-3.1-70b: { provider: together, model_id: meta-llama/Llama-3.1-70B, fallbacks: [gpt-4o-mini] }
+chains:
+  default: [gpt-4o, gpt-4o-mini]
+  simple_generation:
+    models: [gpt-4o-mini, gpt-4o, llama-3.1-70b]
+"#;
+
+fn env(name: &str) -> Option<String> {
+    (name == "OPENAI_API_KEY").then(|| "sk-from-env".to_string())
+}
+
+fn error_of(yaml: &str) -> String {
+    match Config::from_yaml_with_env(yaml, &env) {
+        Ok(_) => panic!("config should be rejected:\n{yaml}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn the_contract_example_loads() {
+    let c = Config::from_yaml_with_env(GOOD, &env).unwrap();
+    assert_eq!(c.server.max_body, 10 * 1024 * 1024);
+    assert_eq!(c.server.request_timeout.as_secs(), 120);
+    assert_eq!(
+        c.providers["openai"].api_key.as_ref().unwrap().expose(),
+        "sk-from-env"
+    );
+    assert_eq!(
+        c.providers["together"].api_key.as_ref().unwrap().expose(),
+        "none"
+    );
+    assert_eq!(
+        c.providers["openai"].chat_url,
+        "https://api.openai.com/v1/chat/completions"
+    );
+    let names = |chain: &str| {
+        c.chains[chain]
+            .targets
+            .iter()
+            .map(|t| t.name.to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(names("default"), ["gpt-4o", "gpt-4o-mini"]);
+    assert_eq!(
+        names("simple_generation"),
+        ["gpt-4o-mini", "gpt-4o", "llama-3.1-70b"]
+    );
+    let implicit = &c.model_chains["llama-3.1-70b"];
+    assert_eq!(implicit.targets.len(), 2);
+    // Secrets never print.
+    assert!(!format!("{c:?}").contains("sk-from-env"));
+}
+
+#[test]
+fn a_default_chain_is_optional() {
+    let yaml = GOOD.replace("  default: [gpt-4o, gpt-4o-mini]\n", "");
+    assert!(Config::from_yaml_with_env(&yaml, &env)
+        .unwrap()
+        .chains
+        .get("default")
+        .is_none());
+}
+
+#[test]
+fn errors_name_the_path() {
+    let cases: Vec<(String, &str, &str)> = vec![
+        (
+            GOOD.replace("${OPENAI_API_KEY}", "${MISSING_KEY}"),
+            "providers.openai.api_key",
+            "MISSING_KEY",
+        ),
+        (
+            GOOD.replace("default: [gpt-4o, gpt-4o-mini]", "default: [gpt-4o, gpt-5]"),
+            "chains.default[1]",
+            "gpt-5",
+        ),
+        (
+            GOOD.replace(
+                "models: [gpt-4o-mini, gpt-4o, llama-3.1-70b]",
+                "models: [gpt-4o-mini, nope]",
+            ),
+            "chains.simple_generation.models[1]",
+            "nope",
+        ),
+        (
+            GOOD.replace(
+                "gpt-4o:\n    provider: openai",
+                "gpt-4o:\n    provider: opnai",
+            ),
+            "models.gpt-4o.provider",
+            "opnai",
+        ),
+        (
+            GOOD.replace("default: [gpt-4o, gpt-4o-mini]", "default: []"),
+            "chains.default",
+            "empty",
+        ),
+        (
+            GOOD.replace("request_timeout: 120s", "request_timeout: soon"),
+            "server.request_timeout",
+            "duration",
+        ),
+        (
+            GOOD.replace("base_url: https://api.openai.com/v1", "base_url: not a url"),
+            "providers.openai.base_url",
+            "URL",
+        ),
+        (
+            GOOD.replace(
+                "base_url: https://api.openai.com/v1",
+                "base_url: ftp://x/v1",
+            ),
+            "providers.openai.base_url",
+            "http",
+        ),
+        (
+            GOOD.replace(
+                "    max_tokens: 4096\n    context_window",
+                "    max_tokns: 4096\n    context_window",
+            ),
+            "models.gpt-4o.max_tokns",
+            "unknown field",
+        ),
+        (
+            GOOD.replace("server:", "srever:"),
+            "srever",
+            "unknown field",
+        ),
+        (
+            GOOD.replace("kind: openai,", "kind: bedrock,"),
+            "providers.openai.kind",
+            "bedrock",
+        ),
+        (
+            GOOD.replace("max_body: 10MiB", "max_body: 10 parsecs"),
+            "server.max_body",
+            "size",
+        ),
+        (
+            GOOD.replace("listen: 127.0.0.1:8080", "listen: localhost"),
+            "server.listen",
+            "HOST:PORT",
+        ),
+        (
+            GOOD.replace("fallbacks: [gpt-4o-mini]", "fallbacks: [ghost]"),
+            "models.llama-3.1-70b.fallbacks[0]",
+            "ghost",
+        ),
+    ];
+    for (yaml, path, detail) in cases {
+        let e = error_of(&yaml);
+        assert!(
+            e.contains(&format!("at {path}:")),
+            "expected path {path} in: {e}"
+        );
+        assert!(e.contains(detail), "expected {detail:?} in: {e}");
+    }
+}
+
+#[test]
+fn cli_exits_2_on_bad_config_and_check_prints_chains() {
+    let dir = std::env::temp_dir().join(format!("cascade-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.yaml");
+    std::fs::write(&good, GOOD).unwrap();
+    let bad = dir.join("bad.yaml");
+    std::fs::write(
+        &bad,
+        GOOD.replace("default: [gpt-4o, gpt-4o-mini]", "default: [gpt-4o, gpt-5]"),
+    )
+    .unwrap();
+    let bin = env!("CARGO_BIN_EXE_cascade");
+
+    let out = Command::new(bin)
+        .args(["check", "--config"])
+        .arg(&good)
+        .env("OPENAI_API_KEY", "sk-x")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "default: gpt-4o -> gpt-4o-mini\nsimple_generation: gpt-4o-mini -> gpt-4o -> llama-3.1-70b\n"
+    );
+
+    for args in [
+        &["check", "--config"][..],
+        &["serve", "--config"][..],
+        &["--config"][..],
+    ] {
+        let out = Command::new(bin)
+            .args(args)
+            .arg(&bad)
+            .env("OPENAI_API_KEY", "sk-x")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("chains.default[1]") && stderr.contains("gpt-5"),
+            "{stderr}"
+        );
+    }
+
+    // An unset variable stops `serve` too, naming the variable.
+    let out = Command::new(bin)
+        .args(["serve", "--config"])
+        .arg(&good)
+        .env_remove("OPENAI_API_KEY")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("OPENAI_API_KEY"));
+
+    let out = Command::new(bin)
+        .args(["check", "--config"])
+        .arg(dir.join("missing.yaml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn bundled_configs_are_valid() {
+    for file in ["config/demo.yaml", "config/cascade.yaml"] {
+        let text = std::fs::read_to_string(file).unwrap();
+        Config::from_yaml_with_env(&text, &|name| {
+            name.ends_with("_API_KEY").then(|| "test-key".into())
+        })
+        .unwrap_or_else(|e| panic!("{file}: {e}"));
+    }
+}
