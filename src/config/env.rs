@@ -65,9 +65,11 @@ fn expand(s: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, St
         match (lookup(name).filter(|v| !v.is_empty()), default) {
             (Some(value), _) => out.push_str(&value),
             (None, Some(d)) => out.push_str(d),
-            (None, None) => return Err(format!(
+            (None, None) => {
+                return Err(format!(
                 "environment variable {name} is not set (use ${{{name}:-default}} for a fallback)"
-            )),
+            ))
+            }
         }
         rest = &after[end + 1..];
     }
