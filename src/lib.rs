@@ -6,6 +6,7 @@ pub mod config;
 pub mod metrics;
 pub mod mock;
 pub mod providers;
+pub mod resilience;
 pub mod routing;
 pub mod secret;
 pub mod server;

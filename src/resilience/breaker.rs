@@ -1,0 +1,392 @@
+//! A circuit breaker per target: closed, open, half-open.
+//!
+//! - Opens after `consecutive_failures` failures in a row, or when at least `min_calls`
+//!   calls in `window` failed at `failure_rate` or more.
+//! - Stays open for a cooldown that doubles on each re-opening (up to `max_cooldown`);
+//!   a new deadline never shortens the current one, and a Retry-After extends it.
+//! - Then half-open: admits `half_open_probes` probes at a time and closes after
+//!   `close_after` successes; a failed probe re-opens it.
+//! - Only target-scoped failures count (see `counts_against_target`).
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::window::Window;
+use crate::classify::ErrorClass;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BreakerSettings {
+    pub consecutive_failures: u32,
+    pub failure_rate: f64,
+    pub min_calls: u64,
+    pub window: Duration,
+    pub cooldown: Duration,
+    pub max_cooldown: Duration,
+    pub half_open_probes: u32,
+    pub close_after: u32,
+}
+
+impl Default for BreakerSettings {
+    fn default() -> Self {
+        BreakerSettings {
+            consecutive_failures: 3,
+            failure_rate: 0.5,
+            min_calls: 20,
+            window: Duration::from_secs(60),
+            cooldown: Duration::from_secs(30),
+            max_cooldown: Duration::from_secs(300),
+            half_open_probes: 1,
+            close_after: 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    Closed,
+    HalfOpen,
+    Open,
+}
+
+impl BreakerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BreakerState::Closed => "closed",
+            BreakerState::HalfOpen => "half_open",
+            BreakerState::Open => "open",
+        }
+    }
+
+    /// The gauge value: 0 closed, 1 half-open, 2 open.
+    pub fn gauge(self) -> i64 {
+        match self {
+            BreakerState::Closed => 0,
+            BreakerState::HalfOpen => 1,
+            BreakerState::Open => 2,
+        }
+    }
+}
+
+/// What the breaker says about one call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Closed: go ahead.
+    Allowed,
+    /// Half-open: go ahead as a probe; the outcome decides the state.
+    Probe,
+    /// Open (or out of probes) until this instant.
+    Rejected { until: Instant },
+}
+
+/// The outcome of an admitted call, as the breaker sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallResult {
+    Success,
+    Failure {
+        retry_after: Option<Duration>,
+    },
+    /// Not the target's fault (the caller's bad request, a refusal...): no effect.
+    Neutral,
+}
+
+impl CallResult {
+    pub fn of(class: Option<ErrorClass>, retry_after: Option<Duration>) -> CallResult {
+        match class {
+            None => CallResult::Success,
+            Some(c) if counts_against_target(c) => CallResult::Failure { retry_after },
+            Some(_) => CallResult::Neutral,
+        }
+    }
+}
+
+/// Classes that say something about the target rather than the request.
+pub fn counts_against_target(class: ErrorClass) -> bool {
+    matches!(
+        class,
+        ErrorClass::Transient
+            | ErrorClass::Timeout
+            | ErrorClass::RateLimited
+            | ErrorClass::Auth
+            | ErrorClass::Quota
+    )
+}
+
+#[derive(Debug)]
+struct Inner {
+    state: BreakerState,
+    open_until: Instant,
+    consecutive: u32,
+    /// How many times it opened since it was last closed: the cooldown grows with it.
+    reopenings: u32,
+    probes_in_flight: u32,
+    probe_successes: u32,
+    /// a: successes, b: failures.
+    window: Window,
+}
+
+#[derive(Debug)]
+pub struct Breaker {
+    settings: BreakerSettings,
+    inner: Mutex<Inner>,
+}
+
+impl Breaker {
+    pub fn new(settings: BreakerSettings) -> Breaker {
+        Breaker {
+            inner: Mutex::new(Inner {
+                state: BreakerState::Closed,
+                open_until: Instant::now(),
+                consecutive: 0,
+                reopenings: 0,
+                probes_in_flight: 0,
+                probe_successes: 0,
+                window: Window::new(settings.window, 12),
+            }),
+            settings,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        match self.inner.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// The state as of now (an open breaker past its cooldown reads as half-open).
+    pub fn state(&self) -> BreakerState {
+        let g = self.lock();
+        match g.state {
+            BreakerState::Open if Instant::now() >= g.open_until => BreakerState::HalfOpen,
+            s => s,
+        }
+    }
+
+    /// When the target may be tried again, if it is open now.
+    pub fn retry_at(&self) -> Option<Instant> {
+        let g = self.lock();
+        (g.state == BreakerState::Open && Instant::now() < g.open_until).then_some(g.open_until)
+    }
+
+    /// Asks to make a call. A `Probe` or `Allowed` must be followed by `record`.
+    pub fn admit(&self) -> Admission {
+        let mut g = self.lock();
+        let now = Instant::now();
+        if g.state == BreakerState::Open {
+            if now < g.open_until {
+                return Admission::Rejected {
+                    until: g.open_until,
+                };
+            }
+            g.state = BreakerState::HalfOpen;
+            g.probes_in_flight = 0;
+            g.probe_successes = 0;
+        }
+        match g.state {
+            BreakerState::Closed => Admission::Allowed,
+            _ if g.probes_in_flight < self.settings.half_open_probes => {
+                g.probes_in_flight += 1;
+                Admission::Probe
+            }
+            // Out of probe slots: wait for the probes in flight to report.
+            _ => Admission::Rejected { until: now },
+        }
+    }
+
+    /// Forces a call through whatever the state (for `when_all_open: try_soonest`).
+    pub fn force(&self) -> Admission {
+        let mut g = self.lock();
+        if g.state != BreakerState::Closed {
+            // The forced call acts as a half-open probe.
+            g.state = BreakerState::HalfOpen;
+            g.probes_in_flight += 1;
+            Admission::Probe
+        } else {
+            Admission::Allowed
+        }
+    }
+
+    /// Reports the outcome of an admitted call.
+    pub fn record(&self, admission: Admission, result: CallResult) {
+        let mut g = self.lock();
+        let now = Instant::now();
+        let probe = admission == Admission::Probe;
+        if probe {
+            g.probes_in_flight = g.probes_in_flight.saturating_sub(1);
+        }
+        match result {
+            CallResult::Neutral => {}
+            CallResult::Success => {
+                g.consecutive = 0;
+                g.window.add(now, 1, 0);
+                if g.state == BreakerState::HalfOpen {
+                    g.probe_successes += 1;
+                    if g.probe_successes >= self.settings.close_after {
+                        g.state = BreakerState::Closed;
+                        g.reopenings = 0;
+                        g.window.clear();
+                    }
+                }
+            }
+            CallResult::Failure { retry_after } => {
+                g.consecutive += 1;
+                g.window.add(now, 0, 1);
+                let (ok, failed) = g.window.totals(now);
+                let calls = ok + failed;
+                let trip = g.state == BreakerState::HalfOpen
+                    || g.consecutive >= self.settings.consecutive_failures
+                    || (calls >= self.settings.min_calls
+                        && calls > 0
+                        && failed as f64 / calls as f64 >= self.settings.failure_rate);
+                if trip && g.state != BreakerState::Open {
+                    let factor = 1u32.checked_shl(g.reopenings.min(16)).unwrap_or(u32::MAX);
+                    let cooldown = self
+                        .settings
+                        .cooldown
+                        .saturating_mul(factor)
+                        .min(self.settings.max_cooldown);
+                    g.state = BreakerState::Open;
+                    g.reopenings += 1;
+                    g.probe_successes = 0;
+                    g.open_until = g.open_until.max(now + cooldown);
+                }
+                if g.state == BreakerState::Open {
+                    if let Some(ra) = retry_after {
+                        g.open_until = g.open_until.max(now + ra);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fail(b: &Breaker) {
+        let a = b.admit();
+        assert_ne!(
+            a,
+            Admission::Rejected {
+                until: Instant::now()
+            }
+        );
+        b.record(a, CallResult::Failure { retry_after: None });
+    }
+
+    fn ok(b: &Breaker) {
+        let a = b.admit();
+        b.record(a, CallResult::Success);
+    }
+
+    fn settings() -> BreakerSettings {
+        BreakerSettings {
+            cooldown: Duration::from_secs(30),
+            max_cooldown: Duration::from_secs(100),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn opens_after_consecutive_failures_and_closes_through_half_open() {
+        let b = Breaker::new(settings());
+        fail(&b);
+        ok(&b);
+        fail(&b);
+        fail(&b);
+        assert_eq!(b.state(), BreakerState::Closed, "a success resets the run");
+        fail(&b);
+        assert_eq!(b.state(), BreakerState::Open);
+        assert!(matches!(b.admit(), Admission::Rejected { .. }));
+
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        let probe = b.admit();
+        assert_eq!(probe, Admission::Probe);
+        assert!(
+            matches!(b.admit(), Admission::Rejected { .. }),
+            "one probe at a time"
+        );
+        b.record(probe, CallResult::Success);
+        assert_eq!(
+            b.state(),
+            BreakerState::HalfOpen,
+            "needs close_after=2 successes"
+        );
+        let probe = b.admit();
+        b.record(probe, CallResult::Success);
+        assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cooldown_grows_on_reopening_and_caps() {
+        let b = Breaker::new(settings());
+        for _ in 0..3 {
+            fail(&b);
+        }
+        let t0 = Instant::now();
+        assert_eq!(b.retry_at(), Some(t0 + Duration::from_secs(30)));
+        tokio::time::advance(Duration::from_secs(30)).await;
+        fail(&b); // the probe fails: open again for twice as long
+        assert_eq!(b.retry_at(), Some(Instant::now() + Duration::from_secs(60)));
+        tokio::time::advance(Duration::from_secs(60)).await;
+        fail(&b); // 120s, capped at 100s
+        assert_eq!(
+            b.retry_at(),
+            Some(Instant::now() + Duration::from_secs(100))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_extends_never_shortens() {
+        let b = Breaker::new(settings());
+        fail(&b);
+        fail(&b);
+        let a = b.admit();
+        b.record(
+            a,
+            CallResult::Failure {
+                retry_after: Some(Duration::from_secs(90)),
+            },
+        );
+        assert_eq!(b.retry_at(), Some(Instant::now() + Duration::from_secs(90)));
+        // A shorter hint later does not bring it forward (the breaker is open: force a call).
+        let a = b.force();
+        b.record(
+            a,
+            CallResult::Failure {
+                retry_after: Some(Duration::from_secs(5)),
+            },
+        );
+        assert_eq!(b.retry_at(), Some(Instant::now() + Duration::from_secs(90)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn opens_on_failure_rate_and_ignores_neutral() {
+        let b = Breaker::new(BreakerSettings {
+            consecutive_failures: 100,
+            min_calls: 10,
+            ..settings()
+        });
+        for _ in 0..20 {
+            let a = b.admit();
+            b.record(a, CallResult::of(Some(ErrorClass::BadRequest), None));
+        }
+        assert_eq!(
+            b.state(),
+            BreakerState::Closed,
+            "the caller's errors never count"
+        );
+        for i in 0..10 {
+            if i % 2 == 0 {
+                ok(&b)
+            } else {
+                fail(&b)
+            }
+        }
+        assert_eq!(b.state(), BreakerState::Open, "50% of 10 calls failed");
+    }
+}

@@ -1,0 +1,163 @@
+//! A per-target health window: success rate, latency p50/p95 and TTFT p95 over a
+//! sliding window. Feeds chain ordering (degraded targets go last), hedging ("p95")
+//! and `GET /admin/health`.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::window::Window;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HealthSettings {
+    pub window: Duration,
+    pub degraded_below: f64,
+    pub min_calls: u64,
+}
+
+impl Default for HealthSettings {
+    fn default() -> Self {
+        HealthSettings {
+            window: Duration::from_secs(300),
+            degraded_below: 0.8,
+            min_calls: 20,
+        }
+    }
+}
+
+/// Latency samples kept for percentiles: the most recent ones within the window.
+const SAMPLES: usize = 512;
+
+#[derive(Debug)]
+struct Inner {
+    /// a: successes, b: failures.
+    counts: Window,
+    /// (when, latency, time to first token for streams)
+    samples: VecDeque<(Instant, Duration, Option<Duration>)>,
+}
+
+#[derive(Debug)]
+pub struct Health {
+    settings: HealthSettings,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HealthSnapshot {
+    pub success_rate: f64,
+    pub calls: u64,
+    pub p50: Option<Duration>,
+    pub p95: Option<Duration>,
+    pub ttft_p95: Option<Duration>,
+}
+
+fn percentile(mut values: Vec<Duration>, p: f64) -> Option<Duration> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_unstable();
+    let rank = ((p * values.len() as f64).ceil() as usize).clamp(1, values.len());
+    Some(values[rank - 1])
+}
+
+impl Health {
+    pub fn new(settings: HealthSettings) -> Health {
+        Health {
+            inner: Mutex::new(Inner {
+                counts: Window::new(settings.window, 30),
+                samples: VecDeque::with_capacity(SAMPLES),
+            }),
+            settings,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        match self.inner.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    pub fn record_success(&self, latency: Duration, ttft: Option<Duration>) {
+        let mut g = self.lock();
+        let now = Instant::now();
+        g.counts.add(now, 1, 0);
+        if g.samples.len() == SAMPLES {
+            g.samples.pop_front();
+        }
+        g.samples.push_back((now, latency, ttft));
+    }
+
+    pub fn record_failure(&self) {
+        self.lock().counts.add(Instant::now(), 0, 1);
+    }
+
+    pub fn snapshot(&self) -> HealthSnapshot {
+        let g = self.lock();
+        let now = Instant::now();
+        let (ok, failed) = g.counts.totals(now);
+        let calls = ok + failed;
+        let horizon = now.checked_sub(self.settings.window);
+        let recent = g
+            .samples
+            .iter()
+            .filter(|(t, _, _)| horizon.is_none_or(|h| *t >= h));
+        let latencies: Vec<Duration> = recent.clone().map(|(_, l, _)| *l).collect();
+        let ttfts: Vec<Duration> = recent.filter_map(|(_, _, t)| *t).collect();
+        HealthSnapshot {
+            success_rate: if calls == 0 {
+                1.0
+            } else {
+                ok as f64 / calls as f64
+            },
+            calls,
+            p50: percentile(latencies.clone(), 0.50),
+            p95: percentile(latencies, 0.95),
+            ttft_p95: percentile(ttfts, 0.95),
+        }
+    }
+
+    /// Below `degraded_below` success over at least `min_calls` calls.
+    pub fn is_degraded(&self) -> bool {
+        let g = self.lock();
+        let (ok, failed) = g.counts.totals(Instant::now());
+        let calls = ok + failed;
+        calls >= self.settings.min_calls
+            && (ok as f64 / calls as f64) < self.settings.degraded_below
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn rates_percentiles_and_degradation() {
+        let h = Health::new(HealthSettings {
+            window: Duration::from_secs(60),
+            degraded_below: 0.8,
+            min_calls: 10,
+        });
+        for ms in 1..=20 {
+            h.record_success(
+                Duration::from_millis(ms * 10),
+                Some(Duration::from_millis(ms)),
+            );
+        }
+        let s = h.snapshot();
+        assert_eq!((s.calls, s.success_rate), (20, 1.0));
+        assert_eq!(s.p50, Some(Duration::from_millis(100)));
+        assert_eq!(s.p95, Some(Duration::from_millis(190)));
+        assert_eq!(s.ttft_p95, Some(Duration::from_millis(19)));
+        assert!(!h.is_degraded());
+        for _ in 0..10 {
+            h.record_failure();
+        }
+        assert!(h.is_degraded(), "20/30 < 0.8");
+        tokio::time::advance(Duration::from_secs(120)).await;
+        assert!(!h.is_degraded(), "the window forgets");
+        assert_eq!(h.snapshot().p95, None);
+    }
+}
