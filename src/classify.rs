@@ -3,7 +3,10 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::HeaderMap;
+
+use crate::api::ApiError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorClass {
@@ -27,16 +30,84 @@ pub enum ErrorClass {
     InvalidOutput,
 }
 
-/// What the fallback loop does with a failed attempt.
+/// A failed attempt, classified once at the provider boundary.
+#[derive(Debug, Clone)]
+pub struct AttemptError {
+    pub class: ErrorClass,
+    /// The upstream HTTP status, when there was one.
+    pub status: Option<u16>,
+    pub message: String,
+    /// The upstream's hint for when to try again.
+    pub retry_after: Option<Duration>,
+    /// For failures the caller must see as they are (fail-fast 4xx): the upstream error,
+    /// already in OpenAI shape.
+    pub client_error: Option<Box<ApiError>>,
+    /// No upstream call was made (an open breaker turned it away).
+    pub not_sent: bool,
+    /// A content-filtered answer, in OpenAI format (the body, or a stream's chunks), kept
+    /// so that the last target's refusal can be returned as it is.
+    pub filtered: Option<Vec<Bytes>>,
+}
+
+impl AttemptError {
+    pub fn new(class: ErrorClass, message: impl Into<String>) -> Self {
+        AttemptError {
+            class,
+            status: None,
+            message: message.into(),
+            retry_after: None,
+            client_error: None,
+            not_sent: false,
+            filtered: None,
+        }
+    }
+
+    /// `ok`, the HTTP status, or the class name: the outcome column of `x-cascade-trace`.
+    pub fn outcome(&self) -> std::borrow::Cow<'static, str> {
+        match self.status {
+            Some(s) if !(200..300).contains(&s) => s.to_string().into(),
+            _ => self.class.as_str().into(),
+        }
+    }
+}
+
+/// What happens after a failed attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
+    /// Retry the same target (within the retry policy and budgets), then move on.
+    Retry,
     /// Move on to the next target in the chain.
     Next,
     /// Stop and return this error to the caller.
     Fail,
+    /// Move on to the chain target at this position.
+    JumpTo(usize),
 }
 
 impl ErrorClass {
+    pub const ALL: [ErrorClass; 11] = [
+        ErrorClass::Transient,
+        ErrorClass::RateLimited,
+        ErrorClass::Timeout,
+        ErrorClass::ContextOverflow,
+        ErrorClass::ContentPolicy,
+        ErrorClass::Auth,
+        ErrorClass::Quota,
+        ErrorClass::NotFound,
+        ErrorClass::BadRequest,
+        ErrorClass::Empty,
+        ErrorClass::InvalidOutput,
+    ];
+
+    pub fn from_name(name: &str) -> Option<ErrorClass> {
+        Self::ALL.into_iter().find(|c| c.as_str() == name)
+    }
+
+    /// Position in `ALL`, for per-class tables.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorClass::Transient => "transient",
@@ -54,8 +125,9 @@ impl ErrorClass {
     }
 
     /// The default action for this class.
-    pub fn action(self) -> Action {
+    pub fn default_action(self) -> Action {
         match self {
+            ErrorClass::Transient | ErrorClass::Timeout | ErrorClass::RateLimited => Action::Retry,
             ErrorClass::BadRequest => Action::Fail,
             _ => Action::Next,
         }
@@ -222,8 +294,13 @@ mod tests {
             classify_status(400, Some("content_filter"), None, ""),
             ErrorClass::ContentPolicy
         );
-        assert_eq!(ErrorClass::BadRequest.action(), Action::Fail);
-        assert_eq!(ErrorClass::Empty.action(), Action::Next);
+        assert_eq!(ErrorClass::BadRequest.default_action(), Action::Fail);
+        assert_eq!(ErrorClass::Empty.default_action(), Action::Next);
+        assert_eq!(ErrorClass::Transient.default_action(), Action::Retry);
+        for (i, c) in ErrorClass::ALL.iter().enumerate() {
+            assert_eq!(c.index(), i);
+            assert_eq!(ErrorClass::from_name(c.as_str()), Some(*c));
+        }
     }
 
     #[test]

@@ -72,7 +72,7 @@ fn check(path: &std::path::Path) -> ExitCode {
         Err(code) => return code,
     };
     for (name, chain) in &config.chains {
-        let names: Vec<&str> = chain.targets.iter().map(|t| &*t.name).collect();
+        let names: Vec<&str> = chain.targets.iter().map(|t| &*t.model.name).collect();
         println!("{name}: {}", names.join(" -> "));
     }
     ExitCode::SUCCESS

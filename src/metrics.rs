@@ -1,7 +1,7 @@
 //! Prometheus metrics. Labels stay low-cardinality: chain, model, provider, outcome class.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
 
@@ -14,6 +14,11 @@ pub struct Metrics {
     pub upstream_duration: HistogramVec,
     pub overhead: Histogram,
     pub inflight: IntGauge,
+    pub circuit_state: IntGaugeVec,
+    pub retries_total: IntCounterVec,
+    pub hedges_total: IntCounterVec,
+    pub ttft: HistogramVec,
+    pub retry_budget_exhausted: IntCounter,
 }
 
 const DURATION_BUCKETS: &[f64] = &[
@@ -87,8 +92,41 @@ impl Metrics {
         registry
             .register(Box::new(inflight.clone()))
             .expect("unique metric");
+        let circuit_state = IntGaugeVec::new(
+            Opts::new("cascade_circuit_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open."),
+            &["model"],
+        )
+        .expect("valid metric");
+        registry.register(Box::new(circuit_state.clone())).expect("unique metric");
+        let retries_total = counter(
+            "cascade_retries_total",
+            "Same-target retries, by the failure class that caused them.",
+            &["model", "class"],
+        );
+        let hedges_total = counter(
+            "cascade_hedges_total",
+            "Hedged calls: fired, won (the hedge answered first), lost, denied (budget).",
+            &["chain", "outcome"],
+        );
+        let ttft = histogram(
+            "cascade_ttft_seconds",
+            "Time to the first content delta of a stream, per upstream call.",
+            &["model"],
+            DURATION_BUCKETS,
+        );
+        let retry_budget_exhausted = IntCounter::new(
+            "cascade_retry_budget_exhausted_total",
+            "Retries refused because the gateway-wide retry budget was spent.",
+        )
+        .expect("valid metric");
+        registry.register(Box::new(retry_budget_exhausted.clone())).expect("unique metric");
         Metrics {
             registry,
+            circuit_state,
+            retries_total,
+            hedges_total,
+            ttft,
+            retry_budget_exhausted,
             requests_total,
             attempts_total,
             fallbacks_total,

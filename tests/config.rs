@@ -61,7 +61,7 @@ fn the_contract_example_loads() {
         c.chains[chain]
             .targets
             .iter()
-            .map(|t| t.name.to_string())
+            .map(|t| t.model.name.to_string())
             .collect::<Vec<_>>()
     };
     assert_eq!(names("default"), ["gpt-4o", "gpt-4o-mini"]);

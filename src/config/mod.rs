@@ -16,8 +16,12 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use indexmap::IndexMap;
 
 pub use raw::ProviderKind;
-use raw::{ChainForm, RawConfig};
+use raw::{ChainForm, RawAction, RawBreaker, RawBudget, RawConfig, RawRetry};
 
+use crate::classify::{Action, ErrorClass};
+use crate::resilience::breaker::{Breaker, BreakerSettings};
+use crate::resilience::budget::BudgetSettings;
+use crate::resilience::health::{Health, HealthSettings};
 use crate::secret::Secret;
 
 /// A configuration problem, located by its dotted YAML path (`chains.default[1]`).
@@ -46,6 +50,7 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_BODY: u64 = 10 * 1024 * 1024;
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 10;
 
 /// The validated configuration used at run time.
 #[derive(Debug)]
@@ -58,6 +63,10 @@ pub struct Config {
     /// One implicit chain per pool model: the model followed by its `fallbacks`.
     pub model_chains: HashMap<String, Arc<Chain>>,
     pub mock: Option<MockSettings>,
+    pub retry_budget: BudgetSettings,
+    pub hedge_budget: BudgetSettings,
+    /// Seed for the backoff jitter; `None` seeds from the clock.
+    pub jitter_seed: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -65,8 +74,30 @@ pub struct ServerSettings {
     pub listen: SocketAddr,
     pub request_timeout: Duration,
     pub attempt_timeout: Duration,
+    pub first_token_timeout: Option<Duration>,
+    pub idle_timeout: Option<Duration>,
     pub max_body: usize,
     pub worker_threads: Option<usize>,
+}
+
+/// Same-target retry settings, resolved per chain target.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetrySettings {
+    pub max_retries: u32,
+    pub base: Duration,
+    pub cap: Duration,
+    pub max_retry_wait: Duration,
+}
+
+/// Game-day fault injection on a model.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Chaos {
+    /// Share of calls that get the fault.
+    pub rate: f64,
+    pub class: ErrorClass,
+    pub latency: Duration,
+    /// Share of committed streams cut after their first chunk.
+    pub cut_stream: f64,
 }
 
 #[derive(Debug)]
@@ -92,15 +123,73 @@ pub struct Model {
     pub context_window: Option<u64>,
     pub cost_per_1k_input: f64,
     pub cost_per_1k_output: f64,
-    pub attempt_timeout: Duration,
     pub fallbacks: Vec<String>,
+    pub chaos: Option<Chaos>,
+    /// Runtime state shared by every chain that uses this model.
+    pub breaker: Arc<Breaker>,
+    pub health: Health,
+    // The model's own settings, merged into each chain target's policy.
+    attempt_timeout: Option<Duration>,
+    first_token_timeout: Option<Duration>,
+    idle_timeout: Option<Duration>,
+    retry: Option<RawRetry>,
 }
 
 /// An ordered fallback chain.
 #[derive(Debug)]
 pub struct Chain {
     pub name: Arc<str>,
-    pub targets: Vec<Arc<Model>>,
+    pub targets: Vec<Target>,
+    pub strategy: Strategy,
+    pub max_attempts: u32,
+    pub when_all_open: WhenAllOpen,
+    pub request_timeout: Duration,
+}
+
+/// A model at one position of one chain, with the settings that apply there.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub model: Arc<Model>,
+    pub policy: Arc<TargetPolicy>,
+}
+
+/// Timeouts, retries and per-class actions for one chain target
+/// (a chain's setting beats the model's, which beats the global one).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TargetPolicy {
+    pub attempt_timeout: Duration,
+    pub first_token_timeout: Duration,
+    pub idle_timeout: Option<Duration>,
+    pub retry: RetrySettings,
+    pub actions: [Action; ErrorClass::ALL.len()],
+}
+
+impl TargetPolicy {
+    pub fn action(&self, class: ErrorClass) -> Action {
+        self.actions[class.index()]
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Strategy {
+    Sequential,
+    /// Start the first `k` targets at once; the first valid answer wins.
+    Race { k: usize },
+    /// Start the next target when no first token has come by the delay.
+    Hedge { delay: HedgeDelay },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum HedgeDelay {
+    Fixed(Duration),
+    /// The target's p95 time to answer from its health window.
+    P95,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenAllOpen {
+    TrySoonest,
+    Fail,
 }
 
 #[derive(Debug, Clone)]
@@ -168,6 +257,9 @@ impl Config {
 
 fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     let server = validate_server(&raw.server)?;
+    let global_breaker = breaker_settings("breaker", &raw.breaker, BreakerSettings::default())?;
+    let health = health_settings(&raw.health)?;
+    check_retry("retry", &raw.retry)?;
 
     let mut providers = IndexMap::new();
     for (name, p) in &raw.providers {
@@ -192,10 +284,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             )
         })?;
         if m.model_id.trim().is_empty() {
-            return Err(ConfigError::at(
-                &format!("{path}.model_id"),
-                "must not be empty",
-            ));
+            return Err(ConfigError::at(&format!("{path}.model_id"), "must not be empty"));
         }
         for (field, v) in [
             ("cost_per_1k_input", m.cost_per_1k_input),
@@ -208,6 +297,18 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 ));
             }
         }
+        if let Some(r) = &m.retry {
+            check_retry(&format!("{path}.retry"), r)?;
+        }
+        let breaker = match &m.breaker {
+            Some(b) => breaker_settings(&format!("{path}.breaker"), b, global_breaker)?,
+            None => global_breaker,
+        };
+        let chaos = m
+            .chaos
+            .as_ref()
+            .map(|c| chaos(&format!("{path}.chaos"), c))
+            .transpose()?;
         let model_id_json = serde_json::to_string(&m.model_id)
             .map_err(|e| ConfigError::at(&format!("{path}.model_id"), e.to_string()))?
             .into_boxed_str();
@@ -222,8 +323,14 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 context_window: m.context_window,
                 cost_per_1k_input: m.cost_per_1k_input,
                 cost_per_1k_output: m.cost_per_1k_output,
-                attempt_timeout: m.attempt_timeout.unwrap_or(server.attempt_timeout),
                 fallbacks: m.fallbacks.clone(),
+                chaos,
+                breaker: Arc::new(Breaker::new(breaker)),
+                health: Health::new(health),
+                attempt_timeout: m.attempt_timeout,
+                first_token_timeout: m.first_token_timeout,
+                idle_timeout: m.idle_timeout,
+                retry: m.retry.clone(),
             }),
         );
     }
@@ -242,42 +349,117 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
 
     let mut chains = IndexMap::new();
     for (name, c) in &raw.chains {
+        let path = format!("chains.{name}");
         let list_path = match c.form {
-            ChainForm::Short => format!("chains.{name}"),
-            ChainForm::Long => format!("chains.{name}.models"),
+            ChainForm::Short => path.clone(),
+            ChainForm::Long => format!("{path}.models"),
         };
-        if c.models.is_empty() {
-            return Err(ConfigError::at(
-                &list_path,
-                "chain is empty: list at least one model",
-            ));
+        let spec = &c.spec;
+        if spec.models.is_empty() {
+            return Err(ConfigError::at(&list_path, "chain is empty: list at least one model"));
         }
-        let targets = c
+        let members = spec
             .models
             .iter()
             .enumerate()
             .map(|(i, m)| lookup(&format!("{list_path}[{i}]"), m))
             .collect::<Result<Vec<_>, _>>()?;
+        if let Some(r) = &spec.retry {
+            check_retry(&format!("{path}.retry"), r)?;
+        }
+        let mut actions: [Action; ErrorClass::ALL.len()] = ErrorClass::ALL.map(ErrorClass::default_action);
+        for (class_name, action) in &spec.on {
+            let apath = format!("{path}.on.{class_name}");
+            let class = ErrorClass::from_name(class_name).ok_or_else(|| {
+                let names: Vec<&str> = ErrorClass::ALL.iter().map(|c| c.as_str()).collect();
+                ConfigError::at(&apath, format!("unknown error class (known: {})", names.join(", ")))
+            })?;
+            actions[class.index()] = match action {
+                RawAction::Word(w) => match w.as_str() {
+                    "retry" => Action::Retry,
+                    "next" => Action::Next,
+                    "fail" => Action::Fail,
+                    other => {
+                        return Err(ConfigError::at(
+                            &apath,
+                            format!("unknown action {other:?} (expected retry, next, fail or {{ jump_to: MODEL }})"),
+                        ))
+                    }
+                },
+                RawAction::Jump { jump_to } => {
+                    let pos = spec.models.iter().position(|m| m == jump_to).ok_or_else(|| {
+                        ConfigError::at(
+                            &format!("{apath}.jump_to"),
+                            format!("{jump_to:?} is not a model of this chain"),
+                        )
+                    })?;
+                    Action::JumpTo(pos)
+                }
+            };
+        }
+        let settings = ChainLevel {
+            attempt_timeout: spec.attempt_timeout,
+            first_token_timeout: spec.first_token_timeout,
+            idle_timeout: spec.idle_timeout,
+            retry: spec.retry.clone(),
+            actions,
+        };
+        let strategy = strategy(&path, spec)?;
+        let when_all_open = match spec.when_all_open.as_deref() {
+            None | Some("try_soonest") => WhenAllOpen::TrySoonest,
+            Some("fail") => WhenAllOpen::Fail,
+            Some(other) => {
+                return Err(ConfigError::at(
+                    &format!("{path}.when_all_open"),
+                    format!("unknown value {other:?} (expected try_soonest or fail)"),
+                ))
+            }
+        };
+        let max_attempts = spec.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS);
+        if max_attempts == 0 {
+            return Err(ConfigError::at(&format!("{path}.max_attempts"), "must be at least 1"));
+        }
         chains.insert(
             name.clone(),
             Arc::new(Chain {
                 name: name.as_str().into(),
-                targets,
+                targets: members
+                    .into_iter()
+                    .map(|m| target(m, &server, &raw.retry, &settings))
+                    .collect(),
+                strategy,
+                max_attempts,
+                when_all_open,
+                request_timeout: spec.request_timeout.unwrap_or(server.request_timeout),
             }),
         );
     }
 
+    let default_level = ChainLevel {
+        attempt_timeout: None,
+        first_token_timeout: None,
+        idle_timeout: None,
+        retry: None,
+        actions: ErrorClass::ALL.map(ErrorClass::default_action),
+    };
     let mut model_chains = HashMap::new();
     for (name, m) in &models {
-        let mut targets = vec![m.clone()];
+        let mut members = vec![m.clone()];
         for (i, f) in m.fallbacks.iter().enumerate() {
-            targets.push(lookup(&format!("models.{name}.fallbacks[{i}]"), f)?);
+            members.push(lookup(&format!("models.{name}.fallbacks[{i}]"), f)?);
         }
         model_chains.insert(
             name.clone(),
             Arc::new(Chain {
                 name: name.as_str().into(),
-                targets,
+                targets: members
+                    .into_iter()
+                    .map(|m| target(m, &server, &raw.retry, &default_level))
+                    .collect(),
+                strategy: Strategy::Sequential,
+                max_attempts: DEFAULT_MAX_ATTEMPTS,
+                when_all_open: WhenAllOpen::TrySoonest,
+                request_timeout: server.request_timeout,
             }),
         );
     }
@@ -289,12 +471,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             m.listen
                 .parse()
                 .map(|listen| MockSettings { listen })
-                .map_err(|e| {
-                    ConfigError::at(
-                        "mock.listen",
-                        format!("invalid address {:?}: {e}", m.listen),
-                    )
-                })
+                .map_err(|e| ConfigError::at("mock.listen", format!("invalid address {:?}: {e}", m.listen)))
         })
         .transpose()?;
 
@@ -305,6 +482,161 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         chains,
         model_chains,
         mock,
+        retry_budget: budget("retry_budget", &raw.retry_budget, (0.2, 10.0))?,
+        hedge_budget: budget("hedge_budget", &raw.hedge_budget, (0.1, 5.0))?,
+        jitter_seed: raw.retry.seed,
+    })
+}
+
+/// A chain's own settings, before they are merged with each model's.
+struct ChainLevel {
+    attempt_timeout: Option<Duration>,
+    first_token_timeout: Option<Duration>,
+    idle_timeout: Option<Duration>,
+    retry: Option<RawRetry>,
+    actions: [Action; ErrorClass::ALL.len()],
+}
+
+/// Resolves one chain target: chain beats model beats global.
+fn target(model: Arc<Model>, server: &ServerSettings, global_retry: &RawRetry, chain: &ChainLevel) -> Target {
+    let layers = [chain.retry.as_ref(), model.retry.as_ref(), Some(global_retry)];
+    let pick = |f: &dyn Fn(&RawRetry) -> Option<Duration>, dflt: Duration| {
+        layers.iter().flatten().find_map(|r| f(r)).unwrap_or(dflt)
+    };
+    let retry = RetrySettings {
+        max_retries: layers.iter().flatten().find_map(|r| r.max_retries).unwrap_or(2),
+        base: pick(&|r| r.base, Duration::from_millis(200)),
+        cap: pick(&|r| r.cap, Duration::from_secs(5)),
+        max_retry_wait: pick(&|r| r.max_retry_wait, Duration::from_secs(10)),
+    };
+    let attempt_timeout = chain
+        .attempt_timeout
+        .or(model.attempt_timeout)
+        .unwrap_or(server.attempt_timeout);
+    let policy = TargetPolicy {
+        attempt_timeout,
+        first_token_timeout: chain
+            .first_token_timeout
+            .or(model.first_token_timeout)
+            .or(server.first_token_timeout)
+            .unwrap_or(attempt_timeout),
+        idle_timeout: chain.idle_timeout.or(model.idle_timeout).or(server.idle_timeout),
+        retry,
+        actions: chain.actions,
+    };
+    Target {
+        model,
+        policy: Arc::new(policy),
+    }
+}
+
+fn strategy(path: &str, spec: &raw::RawChainSpec) -> Result<Strategy, ConfigError> {
+    match spec.strategy.as_deref() {
+        None | Some("sequential") => Ok(Strategy::Sequential),
+        Some("race") => {
+            let k = spec.race_k.unwrap_or(spec.models.len());
+            if k < 1 {
+                return Err(ConfigError::at(&format!("{path}.race_k"), "must be at least 1"));
+            }
+            Ok(Strategy::Race { k: k.min(spec.models.len()) })
+        }
+        Some("hedge") => {
+            let delay = match spec.hedge_delay.as_deref() {
+                None => HedgeDelay::Fixed(Duration::from_millis(500)),
+                Some("p95") => HedgeDelay::P95,
+                Some(d) => HedgeDelay::Fixed(
+                    units::parse_duration(d).map_err(|e| ConfigError::at(&format!("{path}.hedge_delay"), e))?,
+                ),
+            };
+            Ok(Strategy::Hedge { delay })
+        }
+        Some(other) => Err(ConfigError::at(
+            &format!("{path}.strategy"),
+            format!("unknown strategy {other:?} (expected sequential, race or hedge)"),
+        )),
+    }
+}
+
+fn check_retry(path: &str, r: &RawRetry) -> Result<(), ConfigError> {
+    if let (Some(base), Some(cap)) = (r.base, r.cap) {
+        if cap < base {
+            return Err(ConfigError::at(&format!("{path}.cap"), "must not be smaller than base"));
+        }
+    }
+    Ok(())
+}
+
+fn ratio(path: &str, v: f64) -> Result<f64, ConfigError> {
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(ConfigError::at(path, "must be between 0 and 1"))
+    }
+}
+
+fn budget(path: &str, b: &RawBudget, (ratio_default, floor_default): (f64, f64)) -> Result<BudgetSettings, ConfigError> {
+    let min_per_second = b.min_per_second.unwrap_or(floor_default);
+    if !(min_per_second.is_finite() && min_per_second >= 0.0) {
+        return Err(ConfigError::at(&format!("{path}.min_per_second"), "must be a non-negative number"));
+    }
+    let r = b.ratio.unwrap_or(ratio_default);
+    if !(r.is_finite() && r >= 0.0) {
+        return Err(ConfigError::at(&format!("{path}.ratio"), "must be a non-negative number"));
+    }
+    Ok(BudgetSettings {
+        ratio: r,
+        min_per_second,
+        window: b.window.unwrap_or(Duration::from_secs(10)),
+    })
+}
+
+fn breaker_settings(path: &str, b: &RawBreaker, base: BreakerSettings) -> Result<BreakerSettings, ConfigError> {
+    let s = BreakerSettings {
+        consecutive_failures: b.consecutive_failures.unwrap_or(base.consecutive_failures),
+        failure_rate: b.failure_rate.map(|r| ratio(&format!("{path}.failure_rate"), r)).transpose()?.unwrap_or(base.failure_rate),
+        min_calls: b.min_calls.unwrap_or(base.min_calls),
+        window: b.window.unwrap_or(base.window),
+        cooldown: b.cooldown.unwrap_or(base.cooldown),
+        max_cooldown: b.max_cooldown.unwrap_or(base.max_cooldown),
+        half_open_probes: b.half_open_probes.unwrap_or(base.half_open_probes),
+        close_after: b.close_after.unwrap_or(base.close_after),
+    };
+    if s.consecutive_failures == 0 {
+        return Err(ConfigError::at(&format!("{path}.consecutive_failures"), "must be at least 1"));
+    }
+    if s.half_open_probes == 0 {
+        return Err(ConfigError::at(&format!("{path}.half_open_probes"), "must be at least 1"));
+    }
+    if s.max_cooldown < s.cooldown {
+        return Err(ConfigError::at(&format!("{path}.max_cooldown"), "must not be smaller than cooldown"));
+    }
+    Ok(s)
+}
+
+fn health_settings(h: &raw::RawHealth) -> Result<HealthSettings, ConfigError> {
+    let d = HealthSettings::default();
+    Ok(HealthSettings {
+        window: h.window.unwrap_or(d.window),
+        degraded_below: h
+            .degraded_below
+            .map(|r| ratio("health.degraded_below", r))
+            .transpose()?
+            .unwrap_or(d.degraded_below),
+        min_calls: h.min_calls.unwrap_or(d.min_calls),
+    })
+}
+
+fn chaos(path: &str, c: &raw::RawChaos) -> Result<Chaos, ConfigError> {
+    let class = match &c.class {
+        None => ErrorClass::Transient,
+        Some(name) => ErrorClass::from_name(name)
+            .ok_or_else(|| ConfigError::at(&format!("{path}.class"), format!("unknown error class {name:?}")))?,
+    };
+    Ok(Chaos {
+        rate: ratio(&format!("{path}.rate"), c.rate)?,
+        class,
+        latency: c.latency.unwrap_or(Duration::ZERO),
+        cut_stream: c.cut_stream.map(|r| ratio(&format!("{path}.cut_stream"), r)).transpose()?.unwrap_or(0.0),
     })
 }
 
@@ -343,6 +675,8 @@ fn validate_server(s: &raw::RawServer) -> Result<ServerSettings, ConfigError> {
         listen,
         request_timeout,
         attempt_timeout,
+        first_token_timeout: s.first_token_timeout,
+        idle_timeout: s.idle_timeout,
         max_body: usize::try_from(max_body).unwrap_or(usize::MAX),
         worker_threads: s.worker_threads,
     })

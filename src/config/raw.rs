@@ -22,6 +22,84 @@ pub struct RawConfig {
     /// Demo/bench only: start the built-in mock provider inside the gateway process.
     #[serde(default)]
     pub mock: Option<RawMock>,
+    #[serde(default)]
+    pub retry: RawRetry,
+    #[serde(default)]
+    pub retry_budget: RawBudget,
+    #[serde(default)]
+    pub hedge_budget: RawBudget,
+    #[serde(default)]
+    pub breaker: RawBreaker,
+    #[serde(default)]
+    pub health: RawHealth,
+}
+
+/// Retry settings; each level (global, model, chain) may set any subset.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetry {
+    pub max_retries: Option<u32>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub base: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub cap: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub max_retry_wait: Option<Duration>,
+    /// Seed for the backoff jitter (global only): makes waits reproducible.
+    pub seed: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBudget {
+    pub ratio: Option<f64>,
+    pub min_per_second: Option<f64>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub window: Option<Duration>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBreaker {
+    pub consecutive_failures: Option<u32>,
+    pub failure_rate: Option<f64>,
+    pub min_calls: Option<u64>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub window: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub cooldown: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub max_cooldown: Option<Duration>,
+    pub half_open_probes: Option<u32>,
+    pub close_after: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealth {
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub window: Option<Duration>,
+    pub degraded_below: Option<f64>,
+    pub min_calls: Option<u64>,
+}
+
+/// Fault injection for game days; off unless present.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawChaos {
+    pub rate: f64,
+    pub class: Option<String>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub latency: Option<Duration>,
+    pub cut_stream: Option<f64>,
+}
+
+/// What to do with a failure class: `retry | next | fail | { jump_to: MODEL }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RawAction {
+    Word(String),
+    Jump { jump_to: String },
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -32,6 +110,10 @@ pub struct RawServer {
     pub request_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "opt_duration")]
     pub attempt_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub first_token_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub idle_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "opt_size")]
     pub max_body: Option<u64>,
     pub worker_threads: Option<usize>,
@@ -83,9 +165,16 @@ pub struct RawModel {
     pub cost_per_1k_output: f64,
     #[serde(default, deserialize_with = "opt_duration")]
     pub attempt_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub first_token_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub idle_timeout: Option<Duration>,
     /// Models tried after this one when a request names this model directly.
     #[serde(default)]
     pub fallbacks: Vec<String>,
+    pub retry: Option<RawRetry>,
+    pub breaker: Option<RawBreaker>,
+    pub chaos: Option<RawChaos>,
 }
 
 /// Which YAML form a chain was written in; error paths follow the form the user wrote.
@@ -100,14 +189,33 @@ pub enum ChainForm {
 #[derive(Debug)]
 pub struct RawChain {
     pub form: ChainForm,
-    pub models: Vec<String>,
+    pub spec: RawChainSpec,
 }
 
-#[derive(Debug, Deserialize)]
+/// A chain in its long form; the short form fills only `models`.
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawChainLong {
-    models: Vec<String>,
+pub struct RawChainSpec {
+    pub models: Vec<String>,
+    pub strategy: Option<String>,
+    pub race_k: Option<usize>,
+    /// A duration, or "p95" (from the health window).
+    pub hedge_delay: Option<String>,
+    pub max_attempts: Option<u32>,
+    pub when_all_open: Option<String>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub request_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub attempt_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub first_token_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub idle_timeout: Option<Duration>,
+    #[serde(default)]
+    pub on: IndexMap<String, RawAction>,
+    pub retry: Option<RawRetry>,
 }
+
 
 impl<'de> Deserialize<'de> for RawChain {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -122,14 +230,17 @@ impl<'de> Deserialize<'de> for RawChain {
                     Vec::<String>::deserialize(de::value::SeqAccessDeserializer::new(seq))?;
                 Ok(RawChain {
                     form: ChainForm::Short,
-                    models,
+                    spec: RawChainSpec {
+                        models,
+                        ..Default::default()
+                    },
                 })
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawChain, A::Error> {
-                let long = RawChainLong::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                let spec = RawChainSpec::deserialize(de::value::MapAccessDeserializer::new(map))?;
                 Ok(RawChain {
                     form: ChainForm::Long,
-                    models: long.models,
+                    spec,
                 })
             }
         }

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::api::{ApiError, ChatRequest, Usage};
+use crate::api::{ChatRequest, Usage};
+pub use crate::classify::AttemptError;
 use crate::classify::ErrorClass;
 use crate::config::{Model, ProviderKind};
 
@@ -25,47 +26,19 @@ pub fn http_client() -> reqwest::Client {
         .unwrap_or_else(|_| reqwest::Client::new())
 }
 
-/// A failed attempt, classified once.
-#[derive(Debug, Clone)]
-pub struct AttemptError {
-    pub class: ErrorClass,
-    /// The upstream HTTP status, when there was one.
-    pub status: Option<u16>,
-    pub message: String,
-    pub retry_after: Option<Duration>,
-    /// For failures the caller must see as they are (fail-fast 4xx): the upstream error,
-    /// already in OpenAI shape.
-    pub client_error: Option<Box<ApiError>>,
-}
-
-impl AttemptError {
-    pub fn new(class: ErrorClass, message: impl Into<String>) -> Self {
-        AttemptError {
-            class,
-            status: None,
-            message: message.into(),
-            retry_after: None,
-            client_error: None,
-        }
+/// A transport error from reqwest, classified.
+pub(crate) fn transport_error(e: reqwest::Error) -> AttemptError {
+    let class = if e.is_timeout() { ErrorClass::Timeout } else { ErrorClass::Transient };
+    // Drop the URL: some providers' URLs identify accounts.
+    let e = e.without_url();
+    let mut msg = e.to_string();
+    let mut src = std::error::Error::source(&e);
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
     }
-
-    pub(crate) fn from_reqwest(e: reqwest::Error) -> Self {
-        let class = if e.is_timeout() {
-            ErrorClass::Timeout
-        } else {
-            ErrorClass::Transient
-        };
-        // Drop the URL: some providers' URLs identify accounts.
-        let e = e.without_url();
-        let mut msg = e.to_string();
-        let mut src = std::error::Error::source(&e);
-        while let Some(s) = src {
-            msg.push_str(": ");
-            msg.push_str(&s.to_string());
-            src = s.source();
-        }
-        AttemptError::new(class, msg)
-    }
+    AttemptError::new(class, msg)
 }
 
 /// A complete (non-streaming) answer, already in OpenAI format.

@@ -35,7 +35,7 @@ pub async fn call(
         value.set_sensitive(true);
         builder = builder.header(AUTHORIZATION, value);
     }
-    let resp = builder.send().await.map_err(AttemptError::from_reqwest)?;
+    let resp = builder.send().await.map_err(super::transport_error)?;
     let status = resp.status();
     if !status.is_success() {
         return Err(error_from_response(resp, model).await);
@@ -57,7 +57,7 @@ pub async fn call(
             model.model_id_json.clone(),
         )));
     }
-    let body = resp.bytes().await.map_err(AttemptError::from_reqwest)?;
+    let body = resp.bytes().await.map_err(super::transport_error)?;
     completion(body, model)
         .map(Reply::Complete)
         .map_err(|mut e| {
@@ -68,30 +68,22 @@ pub async fn call(
 
 /// Judges a 200 answer: malformed, empty, filtered or fine. Rewrites `model` to the target's id.
 fn completion(body: Bytes, model: &Model) -> Result<Completion, AttemptError> {
-    let view = CompletionView::parse(&body).map_err(|e| {
-        AttemptError::new(
-            ErrorClass::Transient,
-            format!("malformed upstream body: {e}"),
-        )
-    })?;
-    if view.finish_reason.as_deref() == Some("content_filter") {
-        return Err(AttemptError::new(
-            ErrorClass::ContentPolicy,
-            "the answer was filtered",
-        ));
-    }
-    if !view.has_content {
-        return Err(AttemptError::new(
-            ErrorClass::Empty,
-            "the upstream answer has no content and no tool calls",
-        ));
-    }
+    let view = CompletionView::parse(&body)
+        .map_err(|e| AttemptError::new(ErrorClass::Transient, format!("malformed upstream body: {e}")))?;
     let body = match view.model_span {
         Some(span) if body[span.clone()] != *model.model_id_json.as_bytes() => {
             splice(&body, span, model.model_id_json.as_bytes())
         }
         _ => body,
     };
+    if view.finish_reason.as_deref() == Some("content_filter") {
+        let mut e = AttemptError::new(ErrorClass::ContentPolicy, "the answer was filtered");
+        e.filtered = Some(vec![body]);
+        return Err(e);
+    }
+    if !view.has_content {
+        return Err(AttemptError::new(ErrorClass::Empty, "the upstream answer has no content and no tool calls"));
+    }
     Ok(Completion {
         body,
         usage: view.usage,
@@ -162,6 +154,8 @@ async fn error_from_response(resp: reqwest::Response, model: &Model) -> AttemptE
         message,
         retry_after: retry,
         client_error,
+        not_sent: false,
+        filtered: None,
     }
 }
 
@@ -214,7 +208,7 @@ impl ChunkStream {
                         self.eof = true;
                         continue;
                     }
-                    Err(e) => return Some(Err(AttemptError::from_reqwest(e))),
+                    Err(e) => return Some(Err(super::transport_error(e))),
                 }
             };
             let data = event.data;

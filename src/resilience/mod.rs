@@ -1,8 +1,25 @@
 //! Resilience: backoff, budgets, circuit breakers, health windows, and the tower
-//! layers that put them around each chain target. Knows no provider wire format.
+//! layers that wrap each chain target (retry -> circuit breaker -> timeout). Knows no
+//! provider wire format: the layers are generic over the request and response.
 
 pub mod backoff;
 pub mod breaker;
 pub mod budget;
+pub mod circuit;
 pub mod health;
+pub mod retry;
+pub mod timeout;
 pub mod window;
+
+use tokio::time::Instant;
+
+/// What the layers need to know about a request.
+pub trait Attempt: Clone + Send + 'static {
+    /// The request's deadline: no call or wait may pass it.
+    fn deadline(&self) -> Instant;
+    /// Takes one upstream call from the request's attempt budget (shared by the whole
+    /// chain, so a fallback hop never resets it). `false` when it is spent.
+    fn take_attempt(&self) -> bool;
+    /// Call through an open breaker (`when_all_open: try_soonest`).
+    fn force_breaker(&self) -> bool;
+}

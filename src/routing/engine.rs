@@ -1,21 +1,29 @@
-//! The engine: the one fallback loop. It walks a chain in order under one request
-//! deadline, records every attempt, and decides from each failure's class whether to
-//! move on or stop.
+//! The engine: the one fallback loop. It orders a chain's targets by health (open
+//! breakers skipped, degraded targets last), runs them by the chain's strategy
+//! (sequential, race or hedge) under one request deadline and one attempt budget, and
+//! decides from each failure's class whether to move on, jump, or stop.
+//! Retries happen inside each target's stack (`target.rs`), never here.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use http::StatusCode;
 use serde::Serialize;
-use tokio::time::{timeout_at, Instant};
+use tokio::time::Instant;
 
+use super::target::{run_stack, stack, Call, RequestCtx, StackShared};
 use crate::api::{ApiError, ChatRequest};
-use crate::classify::{Action, ErrorClass};
-use crate::config::{Chain, Model};
+use crate::classify::{Action, AttemptError, ErrorClass};
+use crate::config::{Chain, Config, HedgeDelay, Model, Strategy, WhenAllOpen};
 use crate::metrics::Metrics;
-use crate::providers::openai::{ChunkStream, StreamItem};
-use crate::providers::{self, AttemptError, Completion, Reply};
+use crate::providers::openai::ChunkStream;
+use crate::providers::Completion;
+use crate::resilience::backoff::Jitter;
+use crate::resilience::breaker::BreakerState;
+use crate::resilience::budget::Budget;
+use crate::resilience::retry::RetryShared;
 
 /// One upstream call, as reported in headers and error bodies.
 #[derive(Debug, Clone)]
@@ -29,11 +37,26 @@ pub struct AttemptRecord {
     pub retry_after: Option<Duration>,
 }
 
+impl AttemptRecord {
+    /// `ok`, the HTTP status of a failed call, or the class: the `x-cascade-trace` outcome.
+    pub fn outcome(&self) -> String {
+        match (self.class, self.status) {
+            (None, _) => "ok".into(),
+            (Some(_), Some(s)) if !(200..300).contains(&s) => s.to_string(),
+            (Some(c), _) => c.as_str().into(),
+        }
+    }
+}
+
 /// A stream that has passed its commit point: `head` holds the chunks received so far
-/// (the first content chunk last); `rest` continues from the upstream.
+/// (the first content chunk last); `rest` continues from the upstream, if anything is left.
 pub struct CommittedStream {
     pub head: Vec<Bytes>,
-    pub rest: ChunkStream,
+    pub rest: Option<ChunkStream>,
+    /// The longest gap allowed between chunks after the commit point.
+    pub idle_timeout: Option<Duration>,
+    /// Chaos: cut this stream after its head.
+    pub chaos_cut: bool,
 }
 
 pub enum Answer {
@@ -44,7 +67,7 @@ pub enum Answer {
 /// The result of running a request through its chain.
 pub struct Outcome {
     pub attempts: Vec<AttemptRecord>,
-    /// Chain positions moved past (0: the primary answered or failed alone).
+    /// Chain positions moved past (0: the first target tried answered or failed alone).
     pub fallbacks: usize,
     /// Time spent waiting on upstreams.
     pub upstream_time: Duration,
@@ -52,177 +75,353 @@ pub struct Outcome {
 }
 
 pub struct Engine {
-    http: reqwest::Client,
-    metrics: Arc<Metrics>,
+    shared: StackShared,
+    hedge_budget: Budget,
 }
 
+/// Targets to try, as chain positions in the order to try them.
+struct Plan {
+    order: Vec<usize>,
+    /// Every breaker was open: this target is called through its breaker.
+    forced: Option<usize>,
+}
+
+/// How a walk over the targets ended without an answer.
+struct Failure {
+    /// Index in the plan of the last target tried.
+    last: usize,
+    /// Set when the error goes back as it is (fail fast).
+    fail_fast: Option<ApiError>,
+    /// The last failure, when it was a content-filtered answer: returned as it is.
+    filtered: Option<(Arc<Model>, Vec<Bytes>)>,
+}
+
+type Walk = Result<(usize, Arc<Model>, Answer), Failure>;
+
 impl Engine {
-    pub fn new(http: reqwest::Client, metrics: Arc<Metrics>) -> Self {
-        Engine { http, metrics }
+    pub fn new(http: reqwest::Client, metrics: Arc<Metrics>, config: &Config) -> Self {
+        let jitter = Arc::new(Jitter::new(config.jitter_seed));
+        Engine {
+            shared: StackShared {
+                http,
+                retry: RetryShared {
+                    budget: Arc::new(Budget::new(config.retry_budget)),
+                    jitter: jitter.clone(),
+                    retries: metrics.retries_total.clone(),
+                    exhausted: metrics.retry_budget_exhausted.clone(),
+                },
+                metrics,
+                jitter,
+            },
+            hedge_budget: Budget::new(config.hedge_budget),
+        }
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
     }
 
     /// Runs `req` through `chain` until a target answers, a failure must be returned
-    /// as is, the chain is exhausted, or `deadline` passes.
-    pub async fn run(&self, chain: &Chain, req: &ChatRequest, deadline: Instant) -> Outcome {
-        let mut attempts = Vec::with_capacity(chain.targets.len());
-        let mut upstream_time = Duration::ZERO;
-        let mut deadline_hit = false;
-        let mut position = 0;
-
-        for (pos, target) in chain.targets.iter().enumerate() {
-            let now = Instant::now();
-            if now >= deadline {
-                deadline_hit = true;
-                break;
-            }
-            position = pos;
-            let attempt_deadline = deadline.min(now + target.attempt_timeout);
-            let result = match timeout_at(attempt_deadline, self.attempt(target, req)).await {
-                Ok(r) => r,
-                Err(_) => {
-                    deadline_hit = attempt_deadline == deadline;
-                    Err(AttemptError::new(
-                        ErrorClass::Timeout,
-                        format!(
-                            "no answer within {} ms",
-                            attempt_deadline.duration_since(now).as_millis()
-                        ),
-                    ))
-                }
-            };
-            let latency = now.elapsed();
-            upstream_time += latency;
-            self.metrics
-                .upstream_duration
-                .with_label_values(&[&target.name, &target.provider.name])
-                .observe(latency.as_secs_f64());
-
-            let err = match result {
-                Ok(answer) => {
-                    self.count_attempt(chain, target, "ok");
-                    attempts.push(AttemptRecord {
-                        model: target.clone(),
-                        status: Some(200),
-                        class: None,
-                        latency,
-                        retry_after: None,
-                    });
-                    return Outcome {
-                        attempts,
-                        fallbacks: pos,
-                        upstream_time,
-                        result: Ok((target.clone(), answer)),
-                    };
-                }
-                Err(e) => e,
-            };
-            self.count_attempt(chain, target, err.class.as_str());
-            tracing::debug!(chain = %chain.name, model = %target.name, class = err.class.as_str(), status = ?err.status, message = %err.message, "attempt failed");
-            attempts.push(AttemptRecord {
-                model: target.clone(),
-                status: err.status,
-                class: Some(err.class),
-                latency,
-                retry_after: err.retry_after,
-            });
-            if deadline_hit {
-                break;
-            }
-            if err.class.action() == Action::Fail {
-                let error = err
-                    .client_error
-                    .map(|e| *e)
-                    .unwrap_or_else(|| ApiError::invalid_request(err.message.clone()));
+    /// as is, the chain or the attempt budget is exhausted, or `deadline` passes.
+    pub async fn run(&self, chain: &Chain, req: Arc<ChatRequest>, deadline: Instant) -> Outcome {
+        let ctx = Arc::new(RequestCtx::new(deadline, chain.max_attempts));
+        let walk = match plan(chain) {
+            Ok(plan) => match chain.strategy {
+                Strategy::Sequential => self.sequential(chain, &plan, 0, &req, &ctx).await,
+                Strategy::Race { k } => self.race(chain, &plan, k, &req, &ctx).await,
+                Strategy::Hedge { delay } => self.hedge(chain, &plan, delay, &req, &ctx).await,
+            },
+            Err(e) => {
                 return Outcome {
-                    attempts,
-                    fallbacks: pos,
-                    upstream_time,
-                    result: Err(error),
-                };
+                    attempts: Vec::new(),
+                    fallbacks: 0,
+                    upstream_time: Duration::ZERO,
+                    result: Err(e),
+                }
             }
-            if let Some(next) = chain.targets.get(pos + 1) {
-                self.metrics
-                    .fallbacks_total
-                    .with_label_values(&[&chain.name, &target.name, &next.name, err.class.as_str()])
-                    .inc();
-            }
-        }
-
-        let error = all_failed(&attempts, deadline_hit);
+        };
+        let attempts = ctx.take_trace();
+        let upstream_time = attempts.iter().map(|a| a.latency).sum();
+        let (fallbacks, result) = match walk {
+            Ok((i, model, answer)) => (i, Ok((model, answer))),
+            Err(Failure {
+                last,
+                filtered: Some((model, chunks)),
+                ..
+            }) => (last, Ok((model, filtered_answer(chunks, req.stream)))),
+            Err(Failure {
+                last,
+                fail_fast: Some(e),
+                ..
+            }) => (last, Err(e)),
+            Err(Failure { last, .. }) => (last, Err(all_failed(&attempts, Instant::now() >= deadline))),
+        };
         Outcome {
             attempts,
-            fallbacks: position,
+            fallbacks,
             upstream_time,
-            result: Err(error),
+            result,
         }
     }
 
-    fn count_attempt(&self, chain: &Chain, target: &Model, outcome: &str) {
-        self.metrics
-            .attempts_total
-            .with_label_values(&[&chain.name, &target.name, &target.provider.name, outcome])
+    fn call(&self, chain: &Chain, pos: usize, plan: &Plan, req: &Arc<ChatRequest>, ctx: &Arc<RequestCtx>) -> impl std::future::Future<Output = Result<Answer, AttemptError>> + Send + 'static {
+        let target = &chain.targets[pos];
+        let svc = stack(&self.shared, &chain.name, target, req.stream);
+        run_stack(
+            svc,
+            Call {
+                req: req.clone(),
+                ctx: ctx.clone(),
+                force: plan.forced == Some(pos),
+            },
+        )
+    }
+
+    fn count_fallback(&self, chain: &Chain, from: usize, to: usize, class: ErrorClass) {
+        self.metrics()
+            .fallbacks_total
+            .with_label_values(&[
+                &chain.name,
+                &chain.targets[from].model.name,
+                &chain.targets[to].model.name,
+                class.as_str(),
+            ])
             .inc();
     }
 
-    /// One call to one target; a stream is returned only once it has committed.
-    async fn attempt(&self, target: &Model, req: &ChatRequest) -> Result<Answer, AttemptError> {
-        match providers::call(&self.http, target, req).await? {
-            Reply::Complete(c) => Ok(Answer::Complete(c)),
-            // The stream's HTTP status was 2xx; what fails before the commit point fails with it.
-            Reply::Stream(s) => until_commit(s).await.map(Answer::Stream).map_err(|mut e| {
-                e.status.get_or_insert(200);
-                e
-            }),
+    /// What to do after target `i` of the plan failed with `e`: `Ok(next index)` to go
+    /// on, `Err` to stop with a failure.
+    fn after_failure(&self, chain: &Chain, plan: &Plan, i: usize, e: AttemptError) -> Result<usize, Failure> {
+        let pos = plan.order[i];
+        let stop = |fail_fast, filtered| Failure {
+            last: i,
+            fail_fast,
+            filtered,
+        };
+        let next = match chain.targets[pos].policy.action(e.class) {
+            Action::Fail => {
+                let error = e
+                    .client_error
+                    .map(|b| *b)
+                    .unwrap_or_else(|| ApiError::invalid_request(e.message.clone()));
+                return Err(stop(Some(error), None));
+            }
+            Action::JumpTo(target) => plan.order.iter().position(|&p| p == target).filter(|&j| j > i).unwrap_or(i + 1),
+            Action::Retry | Action::Next => i + 1,
+        };
+        match plan.order.get(next) {
+            Some(&to) => {
+                self.count_fallback(chain, pos, to, e.class);
+                Ok(next)
+            }
+            // The end of the chain: a content-filtered answer goes back as it is.
+            None => Err(stop(
+                None,
+                e.filtered.filter(|_| e.class == ErrorClass::ContentPolicy).map(|f| (chain.targets[pos].model.clone(), f)),
+            )),
+        }
+    }
+
+    /// Tries targets one after another from plan index `from`.
+    async fn sequential(&self, chain: &Chain, plan: &Plan, from: usize, req: &Arc<ChatRequest>, ctx: &Arc<RequestCtx>) -> Walk {
+        let mut i = from;
+        let mut last = from.saturating_sub(1);
+        while i < plan.order.len() {
+            if Instant::now() >= ctx.deadline || ctx.attempts_left() == 0 {
+                break;
+            }
+            last = i;
+            let pos = plan.order[i];
+            match self.call(chain, pos, plan, req, ctx).await {
+                Ok(answer) => return Ok((i, chain.targets[pos].model.clone(), answer)),
+                Err(e) => i = self.after_failure(chain, plan, i, e)?,
+            }
+        }
+        Err(Failure {
+            last,
+            fail_fast: None,
+            filtered: None,
+        })
+    }
+
+    /// Starts the first `k` targets at once; the first answer wins and the others are
+    /// cancelled (dropped). If all of them fail, the rest of the chain runs in order.
+    async fn race(&self, chain: &Chain, plan: &Plan, k: usize, req: &Arc<ChatRequest>, ctx: &Arc<RequestCtx>) -> Walk {
+        let k = k.min(plan.order.len());
+        let mut racing: FuturesUnordered<_> = (0..k)
+            .map(|i| {
+                let fut = self.call(chain, plan.order[i], plan, req, ctx);
+                async move { (i, fut.await) }
+            })
+            .collect();
+        while let Some((i, result)) = racing.next().await {
+            match result {
+                Ok(answer) => return Ok((i, chain.targets[plan.order[i]].model.clone(), answer)),
+                Err(e) if chain.targets[plan.order[i]].policy.action(e.class) == Action::Fail => {
+                    return Err(self.after_failure(chain, plan, i, e).err().unwrap_or(Failure {
+                        last: i,
+                        fail_fast: None,
+                        filtered: None,
+                    }));
+                }
+                Err(e) if racing.is_empty() && k == plan.order.len() => {
+                    // Everyone raced and lost: the last failure decides what goes back.
+                    return Err(self.after_failure(chain, plan, plan.order.len() - 1, e).err().unwrap_or(Failure {
+                        last: i,
+                        fail_fast: None,
+                        filtered: None,
+                    }));
+                }
+                Err(_) => {}
+            }
+        }
+        self.sequential(chain, plan, k, req, ctx).await
+    }
+
+    /// Starts the first target; each time `delay` passes with no answer, starts the next
+    /// one as a hedge (within the gateway-wide hedge budget). The first answer wins.
+    /// A failure with nothing else in flight moves on to the next target at once.
+    async fn hedge(&self, chain: &Chain, plan: &Plan, delay: HedgeDelay, req: &Arc<ChatRequest>, ctx: &Arc<RequestCtx>) -> Walk {
+        let delay = match delay {
+            HedgeDelay::Fixed(d) => d,
+            HedgeDelay::P95 => chain.targets[plan.order[0]]
+                .model
+                .health
+                .snapshot()
+                .p95
+                .unwrap_or(Duration::from_secs(1)),
+        };
+        self.hedge_budget.deposit();
+        let hedges = &self.metrics().hedges_total;
+        let mut inflight = FuturesUnordered::new();
+        let launch = |i: usize, hedged: bool| {
+            let fut = self.call(chain, plan.order[i], plan, req, ctx);
+            async move { (i, hedged, fut.await) }
+        };
+        inflight.push(launch(0, false));
+        let mut next = 1;
+        let mut hedged_any = false;
+        let mut hedging = true;
+        let mut last = 0;
+        let mut next_hedge = Instant::now() + delay;
+        loop {
+            let can_hedge = hedging && next < plan.order.len();
+            tokio::select! {
+                Some((i, was_hedge, result)) = inflight.next() => match result {
+                    Ok(answer) => {
+                        if was_hedge {
+                            hedges.with_label_values(&[&chain.name, "won"]).inc();
+                        } else if hedged_any {
+                            hedges.with_label_values(&[&chain.name, "lost"]).inc();
+                        }
+                        return Ok((i, chain.targets[plan.order[i]].model.clone(), answer));
+                    }
+                    Err(e) => {
+                        last = last.max(i);
+                        let fail_fast = chain.targets[plan.order[i]].policy.action(e.class) == Action::Fail;
+                        let is_last = next >= plan.order.len() && inflight.is_empty();
+                        if fail_fast || is_last {
+                            return Err(self.after_failure(chain, plan, plan.order.len().max(i + 1) - 1, e).err().unwrap_or(Failure {
+                                last: i,
+                                fail_fast: None,
+                                filtered: None,
+                            }));
+                        }
+                        if inflight.is_empty() {
+                            if Instant::now() >= ctx.deadline || ctx.attempts_left() == 0 {
+                                break;
+                            }
+                            self.count_fallback(chain, plan.order[i], plan.order[next], e.class);
+                            inflight.push(launch(next, false));
+                            next += 1;
+                            next_hedge = Instant::now() + delay;
+                        }
+                    }
+                },
+                _ = tokio::time::sleep_until(next_hedge), if can_hedge => {
+                    if self.hedge_budget.try_withdraw() {
+                        hedges.with_label_values(&[&chain.name, "fired"]).inc();
+                        inflight.push(launch(next, true));
+                        hedged_any = true;
+                        next += 1;
+                        next_hedge = Instant::now() + delay;
+                    } else {
+                        hedges.with_label_values(&[&chain.name, "denied"]).inc();
+                        hedging = false;
+                    }
+                },
+                else => break,
+            }
+        }
+        Err(Failure {
+            last,
+            fail_fast: None,
+            filtered: None,
+        })
+    }
+}
+
+/// The order to try a chain's targets in: open breakers skipped, degraded targets last.
+fn plan(chain: &Chain) -> Result<Plan, ApiError> {
+    let mut order = Vec::with_capacity(chain.targets.len());
+    let mut degraded = Vec::new();
+    let mut open = Vec::new();
+    for (pos, t) in chain.targets.iter().enumerate() {
+        if t.model.breaker.state() == BreakerState::Open {
+            open.push(pos);
+        } else if t.model.health.is_degraded() {
+            degraded.push(pos);
+        } else {
+            order.push(pos);
+        }
+    }
+    order.extend(degraded);
+    if !order.is_empty() {
+        return Ok(Plan { order, forced: None });
+    }
+    let soonest = open
+        .iter()
+        .copied()
+        .min_by_key(|&p| chain.targets[p].model.breaker.retry_at())
+        .unwrap_or(0);
+    match chain.when_all_open {
+        WhenAllOpen::TrySoonest => Ok(Plan {
+            order: vec![soonest],
+            forced: Some(soonest),
+        }),
+        WhenAllOpen::Fail => {
+            let wait = chain.targets[soonest]
+                .model
+                .breaker
+                .retry_at()
+                .map(|t| t.saturating_duration_since(Instant::now()))
+                .unwrap_or_default();
+            let mut e = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "Every target in the chain has an open circuit breaker.",
+            )
+            .with_code("all_targets_open");
+            e.retry_after = Some(wait.as_secs_f64().ceil().max(1.0) as u64);
+            Err(e)
         }
     }
 }
 
-/// Reads a stream until its first content chunk. Anything that goes wrong before that
-/// is an ordinary attempt failure, so the chain can still fall back invisibly.
-async fn until_commit(mut stream: ChunkStream) -> Result<CommittedStream, AttemptError> {
-    let mut head = Vec::new();
-    loop {
-        match stream.next().await {
-            None => {
-                return Err(AttemptError::new(
-                    ErrorClass::Transient,
-                    "the upstream stream ended before any content",
-                ))
-            }
-            Some(Err(e)) => return Err(e),
-            Some(Ok(StreamItem::Done)) => {
-                return Err(AttemptError::new(
-                    ErrorClass::Empty,
-                    "the upstream stream had no content",
-                ))
-            }
-            Some(Ok(StreamItem::Chunk {
-                data,
-                has_content,
-                finish_reason,
-                ..
-            })) => {
-                if has_content {
-                    head.push(data);
-                    return Ok(CommittedStream { head, rest: stream });
-                }
-                match finish_reason.as_deref() {
-                    Some("content_filter") => {
-                        return Err(AttemptError::new(
-                            ErrorClass::ContentPolicy,
-                            "the answer was filtered",
-                        ))
-                    }
-                    Some(_) => {
-                        return Err(AttemptError::new(
-                            ErrorClass::Empty,
-                            "the upstream stream had no content",
-                        ))
-                    }
-                    None => head.push(data),
-                }
-            }
-        }
+fn filtered_answer(chunks: Vec<Bytes>, stream: bool) -> Answer {
+    if stream {
+        Answer::Stream(CommittedStream {
+            head: chunks,
+            rest: None,
+            idle_timeout: None,
+            chaos_cut: false,
+        })
+    } else {
+        Answer::Complete(Completion {
+            body: chunks.into_iter().next().unwrap_or_default(),
+            usage: None,
+            finish_reason: Some("content_filter".into()),
+        })
     }
 }
 
@@ -250,21 +449,10 @@ fn all_failed(attempts: &[AttemptRecord], deadline_hit: bool) -> ApiError {
         .collect();
     let summary = attempts
         .iter()
-        .map(|a| {
-            format!(
-                "{} ({})",
-                a.model.name,
-                a.status
-                    .map(|s| s.to_string())
-                    .unwrap_or_else(|| a.class.map_or("ok", ErrorClass::as_str).to_string())
-            )
-        })
+        .map(|a| format!("{} ({})", a.model.name, a.outcome()))
         .collect::<Vec<_>>()
         .join(", ");
-    let all_rate_limited = !attempts.is_empty()
-        && attempts
-            .iter()
-            .all(|a| a.class == Some(ErrorClass::RateLimited));
+    let all_rate_limited = !attempts.is_empty() && attempts.iter().all(|a| a.class == Some(ErrorClass::RateLimited));
 
     let mut error = if deadline_hit {
         ApiError::new(

@@ -1,6 +1,7 @@
 //! Chains and targets: resolving a request to a chain, and the engine that walks it.
 
 pub mod engine;
+pub mod target;
 
 use std::sync::Arc;
 

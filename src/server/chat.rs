@@ -14,7 +14,7 @@ use super::sse::{self, InflightGuard};
 use super::{error_response, AppState};
 use crate::api::{ApiError, ChatRequest};
 use crate::config::Chain;
-use crate::routing::engine::{Answer, Outcome};
+use crate::routing::engine::{Answer, AttemptRecord, Outcome};
 use crate::routing::resolve;
 
 const X_CHAIN: HeaderName = HeaderName::from_static("x-cascade-chain");
@@ -22,7 +22,9 @@ const X_MODEL: HeaderName = HeaderName::from_static("x-cascade-model");
 const X_PROVIDER: HeaderName = HeaderName::from_static("x-cascade-provider");
 const X_ATTEMPTS: HeaderName = HeaderName::from_static("x-cascade-attempts");
 const X_FALLBACKS: HeaderName = HeaderName::from_static("x-cascade-fallbacks");
+const X_TRACE: HeaderName = HeaderName::from_static("x-cascade-trace");
 const X_TASK: &str = "x-cascade-task";
+const X_TIMEOUT_MS: &str = "x-cascade-timeout-ms";
 /// Label used for requests rejected before a chain was known.
 const NO_CHAIN: &str = "none";
 
@@ -47,8 +49,13 @@ pub async fn chat_completions(
         Err(e) => return rejected(&app, &e),
     };
 
-    let deadline = start + app.config.server.request_timeout;
-    let outcome = app.engine.run(&chain, &req, deadline).await;
+    let timeout = match client_timeout(&headers) {
+        Ok(Some(t)) => t.min(chain.request_timeout),
+        Ok(None) => chain.request_timeout,
+        Err(e) => return rejected(&app, &e),
+    };
+    let deadline = start + timeout;
+    let outcome = app.engine.run(&chain, Arc::new(req), deadline).await;
     respond(&app, &chain, outcome, start, deadline, inflight)
 }
 
@@ -58,6 +65,42 @@ fn rejected(app: &AppState, e: &ApiError) -> Response<Body> {
         .with_label_values(&[NO_CHAIN, e.status.as_str()])
         .inc();
     error_response(e)
+}
+
+/// `x-cascade-timeout-ms`: a client may shorten the request's deadline, never lengthen it.
+fn client_timeout(headers: &HeaderMap) -> Result<Option<std::time::Duration>, ApiError> {
+    let Some(v) = headers.get(X_TIMEOUT_MS) else {
+        return Ok(None);
+    };
+    v.to_str()
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .filter(|&ms| ms > 0)
+        .map(|ms| Some(std::time::Duration::from_millis(ms)))
+        .ok_or_else(|| {
+            ApiError::invalid_request("Invalid 'x-cascade-timeout-ms' header: expected a positive whole number of milliseconds.")
+                .with_param(X_TIMEOUT_MS)
+                .with_code("invalid_value")
+        })
+}
+
+/// `x-cascade-trace`: `MODEL:OUTCOME:MS` per attempt, in order.
+fn trace(attempts: &[AttemptRecord]) -> Option<HeaderValue> {
+    if attempts.is_empty() {
+        return None;
+    }
+    let mut out = String::with_capacity(attempts.len() * 24);
+    for (i, a) in attempts.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&a.model.name);
+        out.push(':');
+        out.push_str(&a.outcome());
+        out.push(':');
+        out.push_str(&a.latency.as_millis().to_string());
+    }
+    HeaderValue::from_str(&out).ok()
 }
 
 /// Reads the body up to `limit` bytes; a larger one is a 413.
@@ -136,6 +179,9 @@ fn respond(
     }
     h.insert(X_ATTEMPTS, HeaderValue::from(outcome.attempts.len()));
     h.insert(X_FALLBACKS, HeaderValue::from(outcome.fallbacks));
+    if let Some(v) = trace(&outcome.attempts) {
+        h.insert(X_TRACE, v);
+    }
     if let Some(model) = answered_by {
         if let Ok(v) = HeaderValue::from_str(&model.name) {
             h.insert(X_MODEL, v);

@@ -32,8 +32,10 @@ impl Drop for InflightGuard {
 
 struct State {
     head: VecDeque<Bytes>,
-    rest: ChunkStream,
+    rest: Option<ChunkStream>,
     deadline: Instant,
+    idle_timeout: Option<std::time::Duration>,
+    chaos_cut: bool,
     saw_finish: bool,
     ended: bool,
     _inflight: InflightGuard,
@@ -75,6 +77,8 @@ pub fn body(
         head: committed.head.into(),
         rest: committed.rest,
         deadline,
+        idle_timeout: committed.idle_timeout,
+        chaos_cut: committed.chaos_cut,
         saw_finish: false,
         ended: false,
         _inflight: inflight,
@@ -86,7 +90,21 @@ pub fn body(
         if let Some(chunk) = s.head.pop_front() {
             return Some((Ok(event(&chunk)), s));
         }
-        let out = match timeout_at(s.deadline, s.rest.next()).await {
+        if s.chaos_cut {
+            s.ended = true;
+            let e = AttemptError::new(ErrorClass::Transient, "chaos: stream cut");
+            return Some((Ok(failure_event(&e)), s));
+        }
+        let Some(rest) = s.rest.as_mut() else {
+            // Nothing left upstream (a replayed, already complete answer).
+            s.ended = true;
+            return Some((Ok(Bytes::from_static(DONE)), s));
+        };
+        let limit = match s.idle_timeout {
+            Some(idle) => s.deadline.min(Instant::now() + idle),
+            None => s.deadline,
+        };
+        let out = match timeout_at(limit, rest.next()).await {
             Ok(Some(Ok(StreamItem::Chunk {
                 data,
                 finish_reason,
@@ -116,6 +134,16 @@ pub fn body(
                     "the upstream stream ended before it finished",
                 )
                 .with_code("stream_interrupted")
+                .sse_event()
+            }
+            Err(_) if limit < s.deadline => {
+                s.ended = true;
+                ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "timeout_error",
+                    "the upstream stream went idle for longer than idle_timeout",
+                )
+                .with_code("idle_timeout")
                 .sse_event()
             }
             Err(_) => {

@@ -24,11 +24,13 @@ impl Drop for Harness {
 }
 
 /// A three-target setup used by most tests: models `primary`, `secondary`, `tertiary`
-/// (model ids `p`, `s`, `t`) on one mock; chain `main` walks them in order.
+/// (model ids `p`, `s`, `t`) on one mock; chain `main` walks them in order. Same-target
+/// retries are off here, so each fallback trigger shows as exactly one call.
 pub const THREE: &str = r#"
 server:
   request_timeout: 60s
   attempt_timeout: 10s
+retry: { max_retries: 0, seed: 1 }
 providers:
   mock: { kind: openai, base_url: "{mock}", api_key: "sk-test-SECRET-123" }
 models:

@@ -29,6 +29,11 @@ server:
   listen: 127.0.0.1:{port}
   request_timeout: 20s
   attempt_timeout: 5s
+# One gateway serves every test: keep retries, breakers and health ordering out of the
+# way so each test sees exactly the calls it causes (tests/resilience.rs covers them).
+retry: {{ max_retries: 0 }}
+breaker: {{ consecutive_failures: 1000000, min_calls: 1000000 }}
+health: {{ min_calls: 1000000 }}
 mock:
   listen: 127.0.0.1:{mock_port}
 providers:

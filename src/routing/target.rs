@@ -1,0 +1,313 @@
+//! One chain target as a tower stack:
+//!
+//! `Retry -> Circuit -> Record -> Timeout -> Upstream`
+//!
+//! Retries wrap everything, so each try passes the breaker and gets its own timeout;
+//! `Record` sits outside `Timeout` so a timed-out call is still recorded.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tower::{Service, ServiceBuilder, ServiceExt};
+
+use super::engine::{Answer, AttemptRecord, CommittedStream};
+use crate::api::ChatRequest;
+use crate::classify::{AttemptError, ErrorClass};
+use crate::config::{Chaos, Model, Target};
+use crate::metrics::Metrics;
+use crate::providers::openai::{ChunkStream, StreamItem};
+use crate::providers::{self, Reply};
+use crate::resilience::backoff::Jitter;
+use crate::resilience::circuit::CircuitLayer;
+use crate::resilience::retry::{RetryLayer, RetryPolicy, RetryShared};
+use crate::resilience::timeout::TimeoutLayer;
+use crate::resilience::Attempt;
+
+/// State shared by every call made for one client request.
+#[derive(Debug)]
+pub struct RequestCtx {
+    pub deadline: Instant,
+    attempts_left: AtomicU32,
+    pub trace: Mutex<Vec<AttemptRecord>>,
+}
+
+impl RequestCtx {
+    pub fn new(deadline: Instant, max_attempts: u32) -> Self {
+        RequestCtx {
+            deadline,
+            attempts_left: AtomicU32::new(max_attempts),
+            trace: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn attempts_left(&self) -> u32 {
+        self.attempts_left.load(Ordering::Relaxed)
+    }
+
+    pub fn take_trace(&self) -> Vec<AttemptRecord> {
+        self.trace.lock().map(|mut t| std::mem::take(&mut *t)).unwrap_or_default()
+    }
+}
+
+/// The request type that flows through a target stack.
+#[derive(Clone)]
+pub struct Call {
+    pub req: Arc<ChatRequest>,
+    pub ctx: Arc<RequestCtx>,
+    pub force: bool,
+}
+
+impl Attempt for Call {
+    fn deadline(&self) -> Instant {
+        self.ctx.deadline
+    }
+
+    fn take_attempt(&self) -> bool {
+        self.ctx
+            .attempts_left
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    fn force_breaker(&self) -> bool {
+        self.force
+    }
+}
+
+/// Gateway-wide pieces every stack shares.
+#[derive(Clone)]
+pub struct StackShared {
+    pub http: reqwest::Client,
+    pub metrics: Arc<Metrics>,
+    pub retry: RetryShared,
+    pub jitter: Arc<Jitter>,
+}
+
+/// Builds the stack for `target` in chain `chain`, ready to take one `Call`.
+pub fn stack(
+    shared: &StackShared,
+    chain: &Arc<str>,
+    target: &Target,
+    streaming: bool,
+) -> impl Service<Call, Response = Answer, Error = AttemptError, Future: Send> + Send {
+    let p = &target.policy;
+    let limit = if streaming {
+        p.first_token_timeout.min(p.attempt_timeout)
+    } else {
+        p.attempt_timeout
+    };
+    let policy = RetryPolicy {
+        max_retries: p.retry.max_retries,
+        base: p.retry.base,
+        cap: p.retry.cap,
+        max_retry_wait: p.retry.max_retry_wait,
+        actions: p.actions,
+    };
+    ServiceBuilder::new()
+        .layer(RetryLayer::new(policy, shared.retry.clone(), target.model.name.clone()))
+        .layer(CircuitLayer::new(target.model.breaker.clone()))
+        .layer_fn(|inner| Record {
+            inner,
+            model: target.model.clone(),
+            chain: chain.clone(),
+            metrics: shared.metrics.clone(),
+        })
+        .layer(TimeoutLayer::new(limit))
+        .service(Upstream {
+            http: shared.http.clone(),
+            model: target.model.clone(),
+            idle_timeout: p.idle_timeout,
+            jitter: shared.jitter.clone(),
+        })
+}
+
+/// Runs one call through a stack.
+pub async fn run_stack<S>(stack: S, call: Call) -> Result<Answer, AttemptError>
+where
+    S: Service<Call, Response = Answer, Error = AttemptError>,
+{
+    stack.oneshot(call).await
+}
+
+/// The innermost service: one upstream call; a stream comes back once committed.
+#[derive(Clone)]
+pub struct Upstream {
+    http: reqwest::Client,
+    model: Arc<Model>,
+    idle_timeout: Option<Duration>,
+    jitter: Arc<Jitter>,
+}
+
+impl Service<Call> for Upstream {
+    type Response = Answer;
+    type Error = AttemptError;
+    type Future = Pin<Box<dyn Future<Output = Result<Answer, AttemptError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), AttemptError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, call: Call) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let mut cut_stream = false;
+            if let Some(chaos) = this.model.chaos {
+                if let Some(e) = inject(&chaos, &this.jitter).await {
+                    return Err(e);
+                }
+                cut_stream = chaos.cut_stream > 0.0 && this.jitter.next_unit() < chaos.cut_stream;
+            }
+            match providers::call(&this.http, &this.model, &call.req).await? {
+                Reply::Complete(c) => Ok(Answer::Complete(c)),
+                // The stream's status was 2xx; what fails before the commit point fails with it.
+                Reply::Stream(s) => until_commit(s, this.idle_timeout)
+                    .await
+                    .map(|mut c| {
+                        c.chaos_cut = cut_stream;
+                        Answer::Stream(c)
+                    })
+                    .map_err(|mut e| {
+                        e.status.get_or_insert(200);
+                        e
+                    }),
+            }
+        })
+    }
+}
+
+/// Chaos: with probability `rate`, wait `latency` and fail with `class`.
+async fn inject(chaos: &Chaos, jitter: &Jitter) -> Option<AttemptError> {
+    if jitter.next_unit() >= chaos.rate {
+        return None;
+    }
+    if !chaos.latency.is_zero() {
+        tokio::time::sleep(chaos.latency).await;
+    }
+    let mut e = AttemptError::new(chaos.class, format!("chaos: injected {}", chaos.class.as_str()));
+    if chaos.class == ErrorClass::RateLimited {
+        e.status = Some(429);
+    }
+    Some(e)
+}
+
+/// Reads a stream until its first content chunk. Anything that goes wrong before that
+/// is an ordinary attempt failure, so the chain can still fall back invisibly.
+async fn until_commit(mut stream: ChunkStream, idle_timeout: Option<Duration>) -> Result<CommittedStream, AttemptError> {
+    let mut head = Vec::new();
+    loop {
+        match stream.next().await {
+            None => {
+                return Err(AttemptError::new(
+                    ErrorClass::Transient,
+                    "the upstream stream ended before any content",
+                ))
+            }
+            Some(Err(e)) => return Err(e),
+            Some(Ok(StreamItem::Done)) => {
+                return Err(AttemptError::new(ErrorClass::Empty, "the upstream stream had no content"))
+            }
+            Some(Ok(StreamItem::Chunk {
+                data,
+                has_content,
+                finish_reason,
+                ..
+            })) => {
+                head.push(data);
+                if has_content {
+                    return Ok(CommittedStream {
+                        head,
+                        rest: Some(stream),
+                        idle_timeout,
+                        chaos_cut: false,
+                    });
+                }
+                match finish_reason.as_deref() {
+                    Some("content_filter") => {
+                        let mut e = AttemptError::new(ErrorClass::ContentPolicy, "the answer was filtered");
+                        e.filtered = Some(head);
+                        return Err(e);
+                    }
+                    Some(_) => {
+                        return Err(AttemptError::new(ErrorClass::Empty, "the upstream stream had no content"))
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+}
+
+/// Records every upstream call: the request's trace, metrics and the health window.
+#[derive(Clone)]
+pub struct Record<S> {
+    inner: S,
+    model: Arc<Model>,
+    chain: Arc<str>,
+    metrics: Arc<Metrics>,
+}
+
+impl<S> Service<Call> for Record<S>
+where
+    S: Service<Call, Response = Answer, Error = AttemptError>,
+    S::Future: Send + 'static,
+{
+    type Response = Answer;
+    type Error = AttemptError;
+    type Future = Pin<Box<dyn Future<Output = Result<Answer, AttemptError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), AttemptError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, call: Call) -> Self::Future {
+        let fut = self.inner.call(call.clone());
+        let model = self.model.clone();
+        let chain = self.chain.clone();
+        let metrics = self.metrics.clone();
+        Box::pin(async move {
+            let start = Instant::now();
+            let result = fut.await;
+            let latency = start.elapsed();
+            let labels = [&*model.name, &*model.provider.name];
+            metrics
+                .upstream_duration
+                .with_label_values(&labels)
+                .observe(latency.as_secs_f64());
+            let (status, class, retry_after, outcome) = match &result {
+                Ok(answer) => {
+                    let ttft = matches!(answer, Answer::Stream(_)).then_some(latency);
+                    if let Some(t) = ttft {
+                        metrics.ttft.with_label_values(&[&model.name]).observe(t.as_secs_f64());
+                    }
+                    model.health.record_success(latency, ttft);
+                    (Some(200), None, None, "ok")
+                }
+                Err(e) => {
+                    if crate::resilience::breaker::counts_against_target(e.class) {
+                        model.health.record_failure();
+                    }
+                    (e.status, Some(e.class), e.retry_after, e.class.as_str())
+                }
+            };
+            metrics
+                .attempts_total
+                .with_label_values(&[&chain, &model.name, &model.provider.name, outcome])
+                .inc();
+            if let Ok(mut trace) = call.ctx.trace.lock() {
+                trace.push(AttemptRecord {
+                    model: model.clone(),
+                    status,
+                    class,
+                    latency,
+                    retry_after,
+                });
+            }
+            result
+        })
+    }
+}
