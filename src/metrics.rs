@@ -1,8 +1,8 @@
 //! Prometheus metrics. Labels stay low-cardinality: chain, model, provider, outcome class.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -93,11 +93,16 @@ impl Metrics {
             .register(Box::new(inflight.clone()))
             .expect("unique metric");
         let circuit_state = IntGaugeVec::new(
-            Opts::new("cascade_circuit_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open."),
+            Opts::new(
+                "cascade_circuit_state",
+                "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
+            ),
             &["model"],
         )
         .expect("valid metric");
-        registry.register(Box::new(circuit_state.clone())).expect("unique metric");
+        registry
+            .register(Box::new(circuit_state.clone()))
+            .expect("unique metric");
         let retries_total = counter(
             "cascade_retries_total",
             "Same-target retries, by the failure class that caused them.",
@@ -119,7 +124,9 @@ impl Metrics {
             "Retries refused because the gateway-wide retry budget was spent.",
         )
         .expect("valid metric");
-        registry.register(Box::new(retry_budget_exhausted.clone())).expect("unique metric");
+        registry
+            .register(Box::new(retry_budget_exhausted.clone()))
+            .expect("unique metric");
         Metrics {
             registry,
             circuit_state,

@@ -174,9 +174,13 @@ impl TargetPolicy {
 pub enum Strategy {
     Sequential,
     /// Start the first `k` targets at once; the first valid answer wins.
-    Race { k: usize },
+    Race {
+        k: usize,
+    },
     /// Start the next target when no first token has come by the delay.
-    Hedge { delay: HedgeDelay },
+    Hedge {
+        delay: HedgeDelay,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -284,7 +288,10 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             )
         })?;
         if m.model_id.trim().is_empty() {
-            return Err(ConfigError::at(&format!("{path}.model_id"), "must not be empty"));
+            return Err(ConfigError::at(
+                &format!("{path}.model_id"),
+                "must not be empty",
+            ));
         }
         for (field, v) in [
             ("cost_per_1k_input", m.cost_per_1k_input),
@@ -356,7 +363,10 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         };
         let spec = &c.spec;
         if spec.models.is_empty() {
-            return Err(ConfigError::at(&list_path, "chain is empty: list at least one model"));
+            return Err(ConfigError::at(
+                &list_path,
+                "chain is empty: list at least one model",
+            ));
         }
         let members = spec
             .models
@@ -367,12 +377,16 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         if let Some(r) = &spec.retry {
             check_retry(&format!("{path}.retry"), r)?;
         }
-        let mut actions: [Action; ErrorClass::ALL.len()] = ErrorClass::ALL.map(ErrorClass::default_action);
+        let mut actions: [Action; ErrorClass::ALL.len()] =
+            ErrorClass::ALL.map(ErrorClass::default_action);
         for (class_name, action) in &spec.on {
             let apath = format!("{path}.on.{class_name}");
             let class = ErrorClass::from_name(class_name).ok_or_else(|| {
                 let names: Vec<&str> = ErrorClass::ALL.iter().map(|c| c.as_str()).collect();
-                ConfigError::at(&apath, format!("unknown error class (known: {})", names.join(", ")))
+                ConfigError::at(
+                    &apath,
+                    format!("unknown error class (known: {})", names.join(", ")),
+                )
             })?;
             actions[class.index()] = match action {
                 RawAction::Word(w) => match w.as_str() {
@@ -417,7 +431,10 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         };
         let max_attempts = spec.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS);
         if max_attempts == 0 {
-            return Err(ConfigError::at(&format!("{path}.max_attempts"), "must be at least 1"));
+            return Err(ConfigError::at(
+                &format!("{path}.max_attempts"),
+                "must be at least 1",
+            ));
         }
         chains.insert(
             name.clone(),
@@ -471,7 +488,12 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             m.listen
                 .parse()
                 .map(|listen| MockSettings { listen })
-                .map_err(|e| ConfigError::at("mock.listen", format!("invalid address {:?}: {e}", m.listen)))
+                .map_err(|e| {
+                    ConfigError::at(
+                        "mock.listen",
+                        format!("invalid address {:?}: {e}", m.listen),
+                    )
+                })
         })
         .transpose()?;
 
@@ -498,13 +520,26 @@ struct ChainLevel {
 }
 
 /// Resolves one chain target: chain beats model beats global.
-fn target(model: Arc<Model>, server: &ServerSettings, global_retry: &RawRetry, chain: &ChainLevel) -> Target {
-    let layers = [chain.retry.as_ref(), model.retry.as_ref(), Some(global_retry)];
+fn target(
+    model: Arc<Model>,
+    server: &ServerSettings,
+    global_retry: &RawRetry,
+    chain: &ChainLevel,
+) -> Target {
+    let layers = [
+        chain.retry.as_ref(),
+        model.retry.as_ref(),
+        Some(global_retry),
+    ];
     let pick = |f: &dyn Fn(&RawRetry) -> Option<Duration>, dflt: Duration| {
         layers.iter().flatten().find_map(|r| f(r)).unwrap_or(dflt)
     };
     let retry = RetrySettings {
-        max_retries: layers.iter().flatten().find_map(|r| r.max_retries).unwrap_or(2),
+        max_retries: layers
+            .iter()
+            .flatten()
+            .find_map(|r| r.max_retries)
+            .unwrap_or(2),
         base: pick(&|r| r.base, Duration::from_millis(200)),
         cap: pick(&|r| r.cap, Duration::from_secs(5)),
         max_retry_wait: pick(&|r| r.max_retry_wait, Duration::from_secs(10)),
@@ -520,7 +555,10 @@ fn target(model: Arc<Model>, server: &ServerSettings, global_retry: &RawRetry, c
             .or(model.first_token_timeout)
             .or(server.first_token_timeout)
             .unwrap_or(attempt_timeout),
-        idle_timeout: chain.idle_timeout.or(model.idle_timeout).or(server.idle_timeout),
+        idle_timeout: chain
+            .idle_timeout
+            .or(model.idle_timeout)
+            .or(server.idle_timeout),
         retry,
         actions: chain.actions,
     };
@@ -536,16 +574,22 @@ fn strategy(path: &str, spec: &raw::RawChainSpec) -> Result<Strategy, ConfigErro
         Some("race") => {
             let k = spec.race_k.unwrap_or(spec.models.len());
             if k < 1 {
-                return Err(ConfigError::at(&format!("{path}.race_k"), "must be at least 1"));
+                return Err(ConfigError::at(
+                    &format!("{path}.race_k"),
+                    "must be at least 1",
+                ));
             }
-            Ok(Strategy::Race { k: k.min(spec.models.len()) })
+            Ok(Strategy::Race {
+                k: k.min(spec.models.len()),
+            })
         }
         Some("hedge") => {
             let delay = match spec.hedge_delay.as_deref() {
                 None => HedgeDelay::Fixed(Duration::from_millis(500)),
                 Some("p95") => HedgeDelay::P95,
                 Some(d) => HedgeDelay::Fixed(
-                    units::parse_duration(d).map_err(|e| ConfigError::at(&format!("{path}.hedge_delay"), e))?,
+                    units::parse_duration(d)
+                        .map_err(|e| ConfigError::at(&format!("{path}.hedge_delay"), e))?,
                 ),
             };
             Ok(Strategy::Hedge { delay })
@@ -560,7 +604,10 @@ fn strategy(path: &str, spec: &raw::RawChainSpec) -> Result<Strategy, ConfigErro
 fn check_retry(path: &str, r: &RawRetry) -> Result<(), ConfigError> {
     if let (Some(base), Some(cap)) = (r.base, r.cap) {
         if cap < base {
-            return Err(ConfigError::at(&format!("{path}.cap"), "must not be smaller than base"));
+            return Err(ConfigError::at(
+                &format!("{path}.cap"),
+                "must not be smaller than base",
+            ));
         }
     }
     Ok(())
@@ -574,14 +621,24 @@ fn ratio(path: &str, v: f64) -> Result<f64, ConfigError> {
     }
 }
 
-fn budget(path: &str, b: &RawBudget, (ratio_default, floor_default): (f64, f64)) -> Result<BudgetSettings, ConfigError> {
+fn budget(
+    path: &str,
+    b: &RawBudget,
+    (ratio_default, floor_default): (f64, f64),
+) -> Result<BudgetSettings, ConfigError> {
     let min_per_second = b.min_per_second.unwrap_or(floor_default);
     if !(min_per_second.is_finite() && min_per_second >= 0.0) {
-        return Err(ConfigError::at(&format!("{path}.min_per_second"), "must be a non-negative number"));
+        return Err(ConfigError::at(
+            &format!("{path}.min_per_second"),
+            "must be a non-negative number",
+        ));
     }
     let r = b.ratio.unwrap_or(ratio_default);
     if !(r.is_finite() && r >= 0.0) {
-        return Err(ConfigError::at(&format!("{path}.ratio"), "must be a non-negative number"));
+        return Err(ConfigError::at(
+            &format!("{path}.ratio"),
+            "must be a non-negative number",
+        ));
     }
     Ok(BudgetSettings {
         ratio: r,
@@ -590,10 +647,18 @@ fn budget(path: &str, b: &RawBudget, (ratio_default, floor_default): (f64, f64))
     })
 }
 
-fn breaker_settings(path: &str, b: &RawBreaker, base: BreakerSettings) -> Result<BreakerSettings, ConfigError> {
+fn breaker_settings(
+    path: &str,
+    b: &RawBreaker,
+    base: BreakerSettings,
+) -> Result<BreakerSettings, ConfigError> {
     let s = BreakerSettings {
         consecutive_failures: b.consecutive_failures.unwrap_or(base.consecutive_failures),
-        failure_rate: b.failure_rate.map(|r| ratio(&format!("{path}.failure_rate"), r)).transpose()?.unwrap_or(base.failure_rate),
+        failure_rate: b
+            .failure_rate
+            .map(|r| ratio(&format!("{path}.failure_rate"), r))
+            .transpose()?
+            .unwrap_or(base.failure_rate),
         min_calls: b.min_calls.unwrap_or(base.min_calls),
         window: b.window.unwrap_or(base.window),
         cooldown: b.cooldown.unwrap_or(base.cooldown),
@@ -602,13 +667,22 @@ fn breaker_settings(path: &str, b: &RawBreaker, base: BreakerSettings) -> Result
         close_after: b.close_after.unwrap_or(base.close_after),
     };
     if s.consecutive_failures == 0 {
-        return Err(ConfigError::at(&format!("{path}.consecutive_failures"), "must be at least 1"));
+        return Err(ConfigError::at(
+            &format!("{path}.consecutive_failures"),
+            "must be at least 1",
+        ));
     }
     if s.half_open_probes == 0 {
-        return Err(ConfigError::at(&format!("{path}.half_open_probes"), "must be at least 1"));
+        return Err(ConfigError::at(
+            &format!("{path}.half_open_probes"),
+            "must be at least 1",
+        ));
     }
     if s.max_cooldown < s.cooldown {
-        return Err(ConfigError::at(&format!("{path}.max_cooldown"), "must not be smaller than cooldown"));
+        return Err(ConfigError::at(
+            &format!("{path}.max_cooldown"),
+            "must not be smaller than cooldown",
+        ));
     }
     Ok(s)
 }
@@ -629,14 +703,22 @@ fn health_settings(h: &raw::RawHealth) -> Result<HealthSettings, ConfigError> {
 fn chaos(path: &str, c: &raw::RawChaos) -> Result<Chaos, ConfigError> {
     let class = match &c.class {
         None => ErrorClass::Transient,
-        Some(name) => ErrorClass::from_name(name)
-            .ok_or_else(|| ConfigError::at(&format!("{path}.class"), format!("unknown error class {name:?}")))?,
+        Some(name) => ErrorClass::from_name(name).ok_or_else(|| {
+            ConfigError::at(
+                &format!("{path}.class"),
+                format!("unknown error class {name:?}"),
+            )
+        })?,
     };
     Ok(Chaos {
         rate: ratio(&format!("{path}.rate"), c.rate)?,
         class,
         latency: c.latency.unwrap_or(Duration::ZERO),
-        cut_stream: c.cut_stream.map(|r| ratio(&format!("{path}.cut_stream"), r)).transpose()?.unwrap_or(0.0),
+        cut_stream: c
+            .cut_stream
+            .map(|r| ratio(&format!("{path}.cut_stream"), r))
+            .transpose()?
+            .unwrap_or(0.0),
     })
 }
 

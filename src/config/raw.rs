@@ -216,7 +216,6 @@ pub struct RawChainSpec {
     pub retry: Option<RawRetry>,
 }
 
-
 impl<'de> Deserialize<'de> for RawChain {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct ChainVisitor;

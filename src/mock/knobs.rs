@@ -23,6 +23,11 @@ pub struct Knobs {
     pub code: Option<String>,
     /// Share of calls (0..=1) that fail, spread evenly and deterministically.
     pub error_rate: f64,
+    /// The first N calls fail (then the model recovers).
+    pub fail_first: u64,
+    /// Failing calls rotate through mixed faults (500, 429 with Retry-After, stall,
+    /// reset, empty answer, stream cut before the first token) instead of `status`.
+    pub mix: bool,
     /// Answer 200 with no content and no tool calls.
     pub empty: bool,
     /// Answer 200 with a body that is not valid JSON.
@@ -49,6 +54,8 @@ impl Default for Knobs {
             retry_after: None,
             code: None,
             error_rate: 0.0,
+            fail_first: 0,
+            mix: false,
             empty: false,
             malformed: false,
             cut_after: None,
@@ -60,7 +67,32 @@ impl Default for Knobs {
     }
 }
 
+/// One of the faults `mix` rotates through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    Status500,
+    RateLimited,
+    Stall,
+    Reset,
+    Empty,
+    CutBeforeFirstToken,
+}
+
+const MIX: [Fault; 6] = [
+    Fault::Status500,
+    Fault::RateLimited,
+    Fault::Stall,
+    Fault::Reset,
+    Fault::Empty,
+    Fault::CutBeforeFirstToken,
+];
+
 impl Knobs {
+    /// The fault for failing call `index`, when `mix` is on.
+    pub fn mixed_fault(&self, index: u64) -> Fault {
+        MIX[(index % MIX.len() as u64) as usize]
+    }
+
     pub fn parse(spec: &str) -> Result<Knobs, String> {
         let mut k = Knobs::default();
         for item in spec
@@ -88,6 +120,8 @@ impl Knobs {
                         .filter(|r| (0.0..=1.0).contains(r))
                         .ok_or_else(|| format!("knob error_rate: expected 0..=1, got {value:?}"))?
                 }
+                "fail_first" => k.fail_first = num(value)? as u64,
+                "mix" => k.mix = true,
                 "empty" => k.empty = true,
                 "malformed" => k.malformed = true,
                 "cut_after" => k.cut_after = Some(num(value)?),
@@ -103,7 +137,9 @@ impl Knobs {
 
     /// Whether call number `index` (0-based) of this model fails with an error status.
     pub fn fails(&self, index: u64) -> bool {
-        if self.error_rate > 0.0 {
+        if self.fail_first > 0 {
+            index < self.fail_first
+        } else if self.error_rate > 0.0 {
             let i = index as f64;
             ((i + 1.0) * self.error_rate).floor() > (i * self.error_rate).floor()
         } else {
@@ -125,6 +161,12 @@ mod tests {
         assert_eq!(k.ttft, Duration::from_millis(50));
         assert_eq!((k.chunks, k.cut_after, k.empty), (8, Some(3), true));
         assert!(Knobs::parse("bogus=1").is_err());
+
+        let k = Knobs::parse("fail_first=2").unwrap();
+        assert_eq!(
+            (0..5).map(|i| k.fails(i)).collect::<Vec<_>>(),
+            [true, true, false, false, false]
+        );
 
         let k = Knobs::parse("error_rate=0.3").unwrap();
         let fails = (0..100).filter(|&i| k.fails(i)).count();

@@ -39,6 +39,8 @@ pub struct MockState {
     /// Headers of the last request, for auth assertions.
     last_headers: Mutex<Option<http::HeaderMap>>,
     total: AtomicU64,
+    /// Streams whose client went away before the end.
+    cancelled: Arc<AtomicU64>,
 }
 
 /// A running mock; stops accepting when dropped.
@@ -82,6 +84,11 @@ impl MockServer {
 
     pub fn calls(&self, model: &str) -> u64 {
         self.state.calls(model)
+    }
+
+    /// Streams the client closed before they ended (a lost race, a cancelled hedge).
+    pub fn cancelled(&self) -> u64 {
+        self.state.cancelled.load(Ordering::Relaxed)
     }
 
     pub fn total_calls(&self) -> u64 {
@@ -168,10 +175,18 @@ pub async fn serve(listener: TcpListener, state: Arc<MockState>) {
         let _ = stream.set_nodelay(true);
         let state = state.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| handle(req, state.clone()));
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            // `reset` asks for this connection to be dropped with no answer.
+            let reset = Arc::new(tokio::sync::Notify::new());
+            let svc = {
+                let reset = reset.clone();
+                hyper::service::service_fn(move |req| handle(req, state.clone(), reset.clone()))
+            };
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::select! {
+                _ = conn => {}
+                _ = reset.notified() => {}
+            }
         });
     }
 }
@@ -212,6 +227,7 @@ fn full(
 async fn handle(
     req: Request<Incoming>,
     state: Arc<MockState>,
+    reset: Arc<tokio::sync::Notify>,
 ) -> Result<Response<MockBody>, BoxError> {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
@@ -280,7 +296,60 @@ async fn handle(
         Some(spec) => Knobs::parse(&spec).map_err(|e| -> BoxError { e.into() })?,
         None => state.knobs_for(&head.model),
     };
-    respond(&head, &knobs, index, body.len()).await
+    let knobs = if knobs.mix && knobs.fails(index) {
+        mixed(knobs, index)
+    } else {
+        knobs
+    };
+    if knobs.reset {
+        // Drop the connection without an answer (see `serve`).
+        reset.notify_one();
+        std::future::pending::<()>().await;
+    }
+    respond(&head, &knobs, index, body.len(), state.cancelled.clone()).await
+}
+
+/// Turns a failing call under `mix` into one concrete fault.
+fn mixed(mut k: Knobs, index: u64) -> Knobs {
+    k.error_rate = 0.0;
+    k.fail_first = 0;
+    k.status = None;
+    match k.mixed_fault(index) {
+        knobs::Fault::Status500 => k.status = Some(500),
+        knobs::Fault::RateLimited => {
+            k.status = Some(429);
+            k.retry_after = Some("1".into());
+        }
+        knobs::Fault::Stall => k.stall = true,
+        knobs::Fault::Reset => k.reset = true,
+        knobs::Fault::Empty => k.empty = true,
+        knobs::Fault::CutBeforeFirstToken => k.cut_after = Some(0),
+    }
+    if k.status.is_some() {
+        // `fails` must say yes for the status to be used.
+        k.fail_first = u64::MAX;
+    }
+    k
+}
+
+/// Counts a stream as cancelled if it is dropped before its last frame.
+struct StreamGuard {
+    done: bool,
+    cancelled: Arc<AtomicU64>,
+}
+
+impl StreamGuard {
+    fn finish(&mut self) {
+        self.done = true;
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if !self.done {
+            self.cancelled.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 async fn respond(
@@ -288,11 +357,8 @@ async fn respond(
     k: &Knobs,
     index: u64,
     body_len: usize,
+    cancelled: Arc<AtomicU64>,
 ) -> Result<Response<MockBody>, BoxError> {
-    if k.reset {
-        // An error from the service makes hyper drop the connection without an answer.
-        return Err("mock: reset".into());
-    }
     if k.stall {
         tokio::time::sleep(Duration::from_secs(3600)).await;
     }
@@ -382,16 +448,30 @@ async fn respond(
         }
     }
 
-    let stream = futures_util::stream::unfold(plan.into_iter(), |mut plan| async move {
-        let (wait, item) = plan.next()?;
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
-        }
-        let frame = item
-            .map(Frame::data)
-            .map_err(|_| -> BoxError { "mock: stream cut".into() });
-        Some((frame, plan))
-    });
+    let guard = StreamGuard {
+        done: false,
+        cancelled,
+    };
+    let stream = futures_util::stream::unfold(
+        (plan.into_iter(), guard),
+        |(mut plan, mut guard)| async move {
+            let Some((wait, item)) = plan.next() else {
+                guard.finish();
+                return None;
+            };
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+            if item.is_err() {
+                // A deliberate cut is not a client cancellation.
+                guard.finish();
+            }
+            let frame = item
+                .map(Frame::data)
+                .map_err(|_| -> BoxError { "mock: stream cut".into() });
+            Some((frame, (plan, guard)))
+        },
+    );
     let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
     r.headers_mut().insert(
         header::CONTENT_TYPE,

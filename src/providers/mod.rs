@@ -28,7 +28,11 @@ pub fn http_client() -> reqwest::Client {
 
 /// A transport error from reqwest, classified.
 pub(crate) fn transport_error(e: reqwest::Error) -> AttemptError {
-    let class = if e.is_timeout() { ErrorClass::Timeout } else { ErrorClass::Transient };
+    let class = if e.is_timeout() {
+        ErrorClass::Timeout
+    } else {
+        ErrorClass::Transient
+    };
     // Drop the URL: some providers' URLs identify accounts.
     let e = e.without_url();
     let mut msg = e.to_string();

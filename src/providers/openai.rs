@@ -68,8 +68,12 @@ pub async fn call(
 
 /// Judges a 200 answer: malformed, empty, filtered or fine. Rewrites `model` to the target's id.
 fn completion(body: Bytes, model: &Model) -> Result<Completion, AttemptError> {
-    let view = CompletionView::parse(&body)
-        .map_err(|e| AttemptError::new(ErrorClass::Transient, format!("malformed upstream body: {e}")))?;
+    let view = CompletionView::parse(&body).map_err(|e| {
+        AttemptError::new(
+            ErrorClass::Transient,
+            format!("malformed upstream body: {e}"),
+        )
+    })?;
     let body = match view.model_span {
         Some(span) if body[span.clone()] != *model.model_id_json.as_bytes() => {
             splice(&body, span, model.model_id_json.as_bytes())
@@ -82,7 +86,10 @@ fn completion(body: Bytes, model: &Model) -> Result<Completion, AttemptError> {
         return Err(e);
     }
     if !view.has_content {
-        return Err(AttemptError::new(ErrorClass::Empty, "the upstream answer has no content and no tool calls"));
+        return Err(AttemptError::new(
+            ErrorClass::Empty,
+            "the upstream answer has no content and no tool calls",
+        ));
     }
     Ok(Completion {
         body,

@@ -49,7 +49,11 @@ pub struct RetryLayer {
 
 impl RetryLayer {
     pub fn new(policy: RetryPolicy, shared: RetryShared, model: Arc<str>) -> Self {
-        RetryLayer { policy, shared, model }
+        RetryLayer {
+            policy,
+            shared,
+            model,
+        }
     }
 }
 
@@ -89,11 +93,18 @@ where
         let mut inner = self.inner.clone();
         let layer = self.layer.clone();
         Box::pin(async move {
-            let RetryLayer { policy, shared, model } = layer;
+            let RetryLayer {
+                policy,
+                shared,
+                model,
+            } = layer;
             let mut retry = 0u32;
             loop {
                 if !req.take_attempt() {
-                    let mut e = AttemptError::new(ErrorClass::Transient, "the request's attempt budget is spent");
+                    let mut e = AttemptError::new(
+                        ErrorClass::Transient,
+                        "the request's attempt budget is spent",
+                    );
                     e.not_sent = true;
                     return Err(e);
                 }
@@ -104,7 +115,10 @@ where
                     Ok(r) => return Ok(r),
                     Err(e) => e,
                 };
-                if err.not_sent || policy.actions[err.class.index()] != Action::Retry || retry >= policy.max_retries {
+                if err.not_sent
+                    || policy.actions[err.class.index()] != Action::Retry
+                    || retry >= policy.max_retries
+                {
                     return Err(err);
                 }
                 let wait = match err.retry_after {

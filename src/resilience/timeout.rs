@@ -61,7 +61,10 @@ where
                 Ok(r) => r,
                 Err(_) => Err(AttemptError::new(
                     ErrorClass::Timeout,
-                    format!("no answer within {} ms", deadline.duration_since(now).as_millis()),
+                    format!(
+                        "no answer within {} ms",
+                        deadline.duration_since(now).as_millis()
+                    ),
                 )),
             }
         })

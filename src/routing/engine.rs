@@ -61,7 +61,7 @@ pub struct CommittedStream {
 
 pub enum Answer {
     Complete(Completion),
-    Stream(CommittedStream),
+    Stream(Box<CommittedStream>),
 }
 
 /// The result of running a request through its chain.
@@ -91,7 +91,7 @@ struct Failure {
     /// Index in the plan of the last target tried.
     last: usize,
     /// Set when the error goes back as it is (fail fast).
-    fail_fast: Option<ApiError>,
+    fail_fast: Option<Box<ApiError>>,
     /// The last failure, when it was a content-filtered answer: returned as it is.
     filtered: Option<(Arc<Model>, Vec<Bytes>)>,
 }
@@ -153,8 +153,10 @@ impl Engine {
                 last,
                 fail_fast: Some(e),
                 ..
-            }) => (last, Err(e)),
-            Err(Failure { last, .. }) => (last, Err(all_failed(&attempts, Instant::now() >= deadline))),
+            }) => (last, Err(*e)),
+            Err(Failure { last, .. }) => {
+                (last, Err(all_failed(&attempts, Instant::now() >= deadline)))
+            }
         };
         Outcome {
             attempts,
@@ -164,7 +166,14 @@ impl Engine {
         }
     }
 
-    fn call(&self, chain: &Chain, pos: usize, plan: &Plan, req: &Arc<ChatRequest>, ctx: &Arc<RequestCtx>) -> impl std::future::Future<Output = Result<Answer, AttemptError>> + Send + 'static {
+    fn call(
+        &self,
+        chain: &Chain,
+        pos: usize,
+        plan: &Plan,
+        req: &Arc<ChatRequest>,
+        ctx: &Arc<RequestCtx>,
+    ) -> impl std::future::Future<Output = Result<Answer, AttemptError>> + Send + 'static {
         let target = &chain.targets[pos];
         let svc = stack(&self.shared, &chain.name, target, req.stream);
         run_stack(
@@ -191,7 +200,13 @@ impl Engine {
 
     /// What to do after target `i` of the plan failed with `e`: `Ok(next index)` to go
     /// on, `Err` to stop with a failure.
-    fn after_failure(&self, chain: &Chain, plan: &Plan, i: usize, e: AttemptError) -> Result<usize, Failure> {
+    fn after_failure(
+        &self,
+        chain: &Chain,
+        plan: &Plan,
+        i: usize,
+        e: AttemptError,
+    ) -> Result<usize, Failure> {
         let pos = plan.order[i];
         let stop = |fail_fast, filtered| Failure {
             last: i,
@@ -199,14 +214,15 @@ impl Engine {
             filtered,
         };
         let next = match chain.targets[pos].policy.action(e.class) {
-            Action::Fail => {
-                let error = e
-                    .client_error
-                    .map(|b| *b)
-                    .unwrap_or_else(|| ApiError::invalid_request(e.message.clone()));
-                return Err(stop(Some(error), None));
-            }
-            Action::JumpTo(target) => plan.order.iter().position(|&p| p == target).filter(|&j| j > i).unwrap_or(i + 1),
+            // The caller's own error goes back as the upstream said it; any other class
+            // configured to `fail` ends the walk with the usual aggregate error.
+            Action::Fail => return Err(stop(e.client_error, None)),
+            Action::JumpTo(target) => plan
+                .order
+                .iter()
+                .position(|&p| p == target)
+                .filter(|&j| j > i)
+                .unwrap_or(i + 1),
             Action::Retry | Action::Next => i + 1,
         };
         match plan.order.get(next) {
@@ -217,13 +233,22 @@ impl Engine {
             // The end of the chain: a content-filtered answer goes back as it is.
             None => Err(stop(
                 None,
-                e.filtered.filter(|_| e.class == ErrorClass::ContentPolicy).map(|f| (chain.targets[pos].model.clone(), f)),
+                e.filtered
+                    .filter(|_| e.class == ErrorClass::ContentPolicy)
+                    .map(|f| (chain.targets[pos].model.clone(), f)),
             )),
         }
     }
 
     /// Tries targets one after another from plan index `from`.
-    async fn sequential(&self, chain: &Chain, plan: &Plan, from: usize, req: &Arc<ChatRequest>, ctx: &Arc<RequestCtx>) -> Walk {
+    async fn sequential(
+        &self,
+        chain: &Chain,
+        plan: &Plan,
+        from: usize,
+        req: &Arc<ChatRequest>,
+        ctx: &Arc<RequestCtx>,
+    ) -> Walk {
         let mut i = from;
         let mut last = from.saturating_sub(1);
         while i < plan.order.len() {
@@ -246,7 +271,14 @@ impl Engine {
 
     /// Starts the first `k` targets at once; the first answer wins and the others are
     /// cancelled (dropped). If all of them fail, the rest of the chain runs in order.
-    async fn race(&self, chain: &Chain, plan: &Plan, k: usize, req: &Arc<ChatRequest>, ctx: &Arc<RequestCtx>) -> Walk {
+    async fn race(
+        &self,
+        chain: &Chain,
+        plan: &Plan,
+        k: usize,
+        req: &Arc<ChatRequest>,
+        ctx: &Arc<RequestCtx>,
+    ) -> Walk {
         let k = k.min(plan.order.len());
         let mut racing: FuturesUnordered<_> = (0..k)
             .map(|i| {
@@ -258,19 +290,25 @@ impl Engine {
             match result {
                 Ok(answer) => return Ok((i, chain.targets[plan.order[i]].model.clone(), answer)),
                 Err(e) if chain.targets[plan.order[i]].policy.action(e.class) == Action::Fail => {
-                    return Err(self.after_failure(chain, plan, i, e).err().unwrap_or(Failure {
-                        last: i,
-                        fail_fast: None,
-                        filtered: None,
-                    }));
+                    return Err(self
+                        .after_failure(chain, plan, i, e)
+                        .err()
+                        .unwrap_or(Failure {
+                            last: i,
+                            fail_fast: None,
+                            filtered: None,
+                        }));
                 }
                 Err(e) if racing.is_empty() && k == plan.order.len() => {
                     // Everyone raced and lost: the last failure decides what goes back.
-                    return Err(self.after_failure(chain, plan, plan.order.len() - 1, e).err().unwrap_or(Failure {
-                        last: i,
-                        fail_fast: None,
-                        filtered: None,
-                    }));
+                    return Err(self
+                        .after_failure(chain, plan, plan.order.len() - 1, e)
+                        .err()
+                        .unwrap_or(Failure {
+                            last: i,
+                            fail_fast: None,
+                            filtered: None,
+                        }));
                 }
                 Err(_) => {}
             }
@@ -281,7 +319,14 @@ impl Engine {
     /// Starts the first target; each time `delay` passes with no answer, starts the next
     /// one as a hedge (within the gateway-wide hedge budget). The first answer wins.
     /// A failure with nothing else in flight moves on to the next target at once.
-    async fn hedge(&self, chain: &Chain, plan: &Plan, delay: HedgeDelay, req: &Arc<ChatRequest>, ctx: &Arc<RequestCtx>) -> Walk {
+    async fn hedge(
+        &self,
+        chain: &Chain,
+        plan: &Plan,
+        delay: HedgeDelay,
+        req: &Arc<ChatRequest>,
+        ctx: &Arc<RequestCtx>,
+    ) -> Walk {
         let delay = match delay {
             HedgeDelay::Fixed(d) => d,
             HedgeDelay::P95 => chain.targets[plan.order[0]]
@@ -377,7 +422,10 @@ fn plan(chain: &Chain) -> Result<Plan, ApiError> {
     }
     order.extend(degraded);
     if !order.is_empty() {
-        return Ok(Plan { order, forced: None });
+        return Ok(Plan {
+            order,
+            forced: None,
+        });
     }
     let soonest = open
         .iter()
@@ -410,12 +458,12 @@ fn plan(chain: &Chain) -> Result<Plan, ApiError> {
 
 fn filtered_answer(chunks: Vec<Bytes>, stream: bool) -> Answer {
     if stream {
-        Answer::Stream(CommittedStream {
+        Answer::Stream(Box::new(CommittedStream {
             head: chunks,
             rest: None,
             idle_timeout: None,
             chaos_cut: false,
-        })
+        }))
     } else {
         Answer::Complete(Completion {
             body: chunks.into_iter().next().unwrap_or_default(),
@@ -452,7 +500,10 @@ fn all_failed(attempts: &[AttemptRecord], deadline_hit: bool) -> ApiError {
         .map(|a| format!("{} ({})", a.model.name, a.outcome()))
         .collect::<Vec<_>>()
         .join(", ");
-    let all_rate_limited = !attempts.is_empty() && attempts.iter().all(|a| a.class == Some(ErrorClass::RateLimited));
+    let all_rate_limited = !attempts.is_empty()
+        && attempts
+            .iter()
+            .all(|a| a.class == Some(ErrorClass::RateLimited));
 
     let mut error = if deadline_hit {
         ApiError::new(

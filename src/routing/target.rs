@@ -50,7 +50,10 @@ impl RequestCtx {
     }
 
     pub fn take_trace(&self) -> Vec<AttemptRecord> {
-        self.trace.lock().map(|mut t| std::mem::take(&mut *t)).unwrap_or_default()
+        self.trace
+            .lock()
+            .map(|mut t| std::mem::take(&mut *t))
+            .unwrap_or_default()
     }
 }
 
@@ -109,7 +112,11 @@ pub fn stack(
         actions: p.actions,
     };
     ServiceBuilder::new()
-        .layer(RetryLayer::new(policy, shared.retry.clone(), target.model.name.clone()))
+        .layer(RetryLayer::new(
+            policy,
+            shared.retry.clone(),
+            target.model.name.clone(),
+        ))
         .layer(CircuitLayer::new(target.model.breaker.clone()))
         .layer_fn(|inner| Record {
             inner,
@@ -169,7 +176,7 @@ impl Service<Call> for Upstream {
                     .await
                     .map(|mut c| {
                         c.chaos_cut = cut_stream;
-                        Answer::Stream(c)
+                        Answer::Stream(Box::new(c))
                     })
                     .map_err(|mut e| {
                         e.status.get_or_insert(200);
@@ -188,7 +195,10 @@ async fn inject(chaos: &Chaos, jitter: &Jitter) -> Option<AttemptError> {
     if !chaos.latency.is_zero() {
         tokio::time::sleep(chaos.latency).await;
     }
-    let mut e = AttemptError::new(chaos.class, format!("chaos: injected {}", chaos.class.as_str()));
+    let mut e = AttemptError::new(
+        chaos.class,
+        format!("chaos: injected {}", chaos.class.as_str()),
+    );
     if chaos.class == ErrorClass::RateLimited {
         e.status = Some(429);
     }
@@ -197,7 +207,10 @@ async fn inject(chaos: &Chaos, jitter: &Jitter) -> Option<AttemptError> {
 
 /// Reads a stream until its first content chunk. Anything that goes wrong before that
 /// is an ordinary attempt failure, so the chain can still fall back invisibly.
-async fn until_commit(mut stream: ChunkStream, idle_timeout: Option<Duration>) -> Result<CommittedStream, AttemptError> {
+async fn until_commit(
+    mut stream: ChunkStream,
+    idle_timeout: Option<Duration>,
+) -> Result<CommittedStream, AttemptError> {
     let mut head = Vec::new();
     loop {
         match stream.next().await {
@@ -209,7 +222,10 @@ async fn until_commit(mut stream: ChunkStream, idle_timeout: Option<Duration>) -
             }
             Some(Err(e)) => return Err(e),
             Some(Ok(StreamItem::Done)) => {
-                return Err(AttemptError::new(ErrorClass::Empty, "the upstream stream had no content"))
+                return Err(AttemptError::new(
+                    ErrorClass::Empty,
+                    "the upstream stream had no content",
+                ))
             }
             Some(Ok(StreamItem::Chunk {
                 data,
@@ -228,12 +244,16 @@ async fn until_commit(mut stream: ChunkStream, idle_timeout: Option<Duration>) -
                 }
                 match finish_reason.as_deref() {
                     Some("content_filter") => {
-                        let mut e = AttemptError::new(ErrorClass::ContentPolicy, "the answer was filtered");
+                        let mut e =
+                            AttemptError::new(ErrorClass::ContentPolicy, "the answer was filtered");
                         e.filtered = Some(head);
                         return Err(e);
                     }
                     Some(_) => {
-                        return Err(AttemptError::new(ErrorClass::Empty, "the upstream stream had no content"))
+                        return Err(AttemptError::new(
+                            ErrorClass::Empty,
+                            "the upstream stream had no content",
+                        ))
                     }
                     None => {}
                 }
@@ -282,7 +302,10 @@ where
                 Ok(answer) => {
                     let ttft = matches!(answer, Answer::Stream(_)).then_some(latency);
                     if let Some(t) = ttft {
-                        metrics.ttft.with_label_values(&[&model.name]).observe(t.as_secs_f64());
+                        metrics
+                            .ttft
+                            .with_label_values(&[&model.name])
+                            .observe(t.as_secs_f64());
                     }
                     model.health.record_success(latency, ttft);
                     (Some(200), None, None, "ok")

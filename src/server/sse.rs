@@ -69,7 +69,7 @@ fn failure_event(e: &AttemptError) -> Bytes {
 
 /// The body stream for a committed upstream stream.
 pub fn body(
-    committed: CommittedStream,
+    committed: Box<CommittedStream>,
     deadline: Instant,
     inflight: InflightGuard,
 ) -> impl futures_util::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send {
