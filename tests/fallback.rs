@@ -254,3 +254,47 @@ async fn metrics_count_attempts_and_fallbacks() {
     );
     assert!(!m.contains("SECRET"));
 }
+
+#[tokio::test]
+async fn json_mode_answers_that_do_not_parse_fall_back() {
+    let h = start(THREE).await;
+    h.mock.set("s", r#"content={"ok":true}"#);
+    let mut body = common::chat_body("main", false);
+    body["response_format"] = serde_json::json!({"type": "json_object"});
+    let r = h.post_raw(body.to_string(), &[]).await;
+    assert_eq!(r.header("x-cascade-model"), Some("secondary"), "{}", r.text);
+    assert_eq!(
+        r.json()["choices"][0]["message"]["content"],
+        r#"{"ok":true}"#
+    );
+    assert!(r
+        .header("x-cascade-trace")
+        .unwrap()
+        .starts_with("primary:invalid_output:"));
+    // Without JSON mode the same text is a fine answer.
+    let r = h.chat("main", &[]).await;
+    assert_eq!(r.header("x-cascade-model"), Some("primary"));
+}
+
+#[tokio::test]
+async fn preflight_estimate_skips_models_whose_window_is_too_small() {
+    let yaml = THREE.replace(
+        "primary:   { provider: mock, model_id: p, max_tokens: 100, context_window: 8000,",
+        "primary:   { provider: mock, model_id: p, max_tokens: 100, context_window: 500,",
+    );
+    let h = start(&yaml).await;
+    let long = "lorem ipsum ".repeat(400); // ~1200 tokens
+    let body =
+        serde_json::json!({"model": "main", "messages": [{"role": "user", "content": long}]});
+    let r = h.post_raw(body.to_string(), &[]).await;
+    assert_eq!(r.header("x-cascade-model"), Some("secondary"));
+    assert_eq!(h.mock.calls("p"), 0, "no call that could only overflow");
+    // Too big for every model: a 400 the caller can act on, with no upstream call.
+    let huge = "lorem ipsum ".repeat(4000);
+    let body =
+        serde_json::json!({"model": "main", "messages": [{"role": "user", "content": huge}]});
+    let r = h.post_raw(body.to_string(), &[]).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["code"], "context_length_exceeded");
+    assert_eq!(h.mock.total_calls(), 1);
+}

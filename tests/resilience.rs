@@ -554,3 +554,47 @@ async fn mixed_faults_never_fail_a_request_while_a_target_can_answer() {
         "{calls} calls for {requests} requests"
     );
 }
+
+async fn wait_for_cancel(h: &common::Harness, n: u64) {
+    for _ in 0..100 {
+        if h.mock.cancelled() >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(h.mock.cancelled(), n);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_leaves_cancels_the_upstream_call() {
+    let h = start(&config("retry: { max_retries: 0 }", "")).await;
+    h.mock.set("p", "chunks=10,gap=1s");
+    let mut resp = h
+        .http
+        .post(h.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(common::chat_body("main", true).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.chunk().await.unwrap().is_some());
+    drop(resp);
+    wait_for_cancel(&h, 1).await;
+    let m = h.get("/metrics").await.text;
+    assert_eq!(metric(&m, "cascade_inflight_requests"), 0.0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn chaos_can_cut_committed_streams() {
+    let yaml = config("retry: { max_retries: 0 }", "").replace(
+        "primary:   { provider: mock, model_id: p }",
+        "primary:   { provider: mock, model_id: p, chaos: { rate: 0.0, cut_stream: 1.0 } }",
+    );
+    let h = start(&yaml).await;
+    h.mock.set("p", "chunks=6,gap=10ms");
+    let r = h.chat_stream("main", &[]).await;
+    assert_eq!(r.header("x-cascade-model"), Some("primary"));
+    let last = r.events().last().cloned().unwrap();
+    assert!(last.contains("chaos: stream cut"), "{last}");
+    wait_for_cancel(&h, 1).await;
+}

@@ -160,6 +160,28 @@ impl ChatRequest {
         })
     }
 
+    /// A rough, cheap upper estimate of the prompt's tokens: about four bytes of JSON per
+    /// token, not counting inline `data:` URLs (images are priced by the provider in
+    /// other ways). Used to skip targets whose context window cannot fit the prompt.
+    pub fn estimated_prompt_tokens(&self) -> u64 {
+        let body = &self.body[..];
+        let mut counted = 0usize;
+        let mut i = 0;
+        while i < body.len() {
+            if body[i] == b'"' && body[i + 1..].starts_with(b"data:") {
+                // Skip to the closing quote of the data URL.
+                match body[i + 1..].iter().position(|&b| b == b'"') {
+                    Some(end) => i += end + 2,
+                    None => break,
+                }
+                continue;
+            }
+            counted += 1;
+            i += 1;
+        }
+        (counted / 4) as u64
+    }
+
     /// The body for an OpenAI-format upstream: the original bytes with `model` set to
     /// `model_id_json` (an already-encoded JSON string). No re-serialisation.
     pub fn body_for_model(&self, model_id_json: &str) -> Bytes {
@@ -263,6 +285,23 @@ mod tests {
         assert_eq!(e.param.as_deref(), Some("model"));
         let e = parse(r#"[1,2]"#).unwrap_err();
         assert_eq!(e.code.as_deref(), Some("invalid_json"));
+    }
+
+    #[test]
+    fn estimates_prompt_tokens_without_inline_images() {
+        let text = "x".repeat(4000);
+        let r = parse(&format!(
+            r#"{{"model":"m","messages":[{{"role":"user","content":"{text}"}}]}}"#
+        ))
+        .unwrap();
+        let plain = r.estimated_prompt_tokens();
+        assert!((1000..1030).contains(&plain), "{plain}");
+        let img = "A".repeat(100_000);
+        let r = parse(&format!(
+            r#"{{"model":"m","messages":[{{"role":"user","content":[{{"type":"text","text":"{text}"}},{{"type":"image_url","image_url":{{"url":"data:image/png;base64,{img}"}}}}]}}]}}"#
+        ))
+        .unwrap();
+        assert!(r.estimated_prompt_tokens() < plain + 40);
     }
 
     #[test]

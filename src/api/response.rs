@@ -36,6 +36,15 @@ impl Text {
     }
 }
 
+/// JSON answers sometimes come wrapped in a Markdown code fence; accept those.
+fn strip_fence(t: &str) -> &str {
+    let t = t.trim();
+    t.strip_prefix("```json")
+        .or_else(|| t.strip_prefix("```"))
+        .and_then(|rest| rest.strip_suffix("```"))
+        .unwrap_or(t)
+}
+
 fn has_text(t: &Option<Text>) -> bool {
     t.as_ref().is_some_and(Text::has_content)
 }
@@ -67,6 +76,9 @@ pub struct CompletionView {
     pub has_content: bool,
     pub finish_reason: Option<String>,
     pub usage: Option<Usage>,
+    /// Some choice answered with text that is not valid JSON (only meaningful when the
+    /// request asked for JSON); a tool call or refusal is not judged.
+    pub text_not_json: bool,
 }
 
 #[derive(Deserialize)]
@@ -88,11 +100,19 @@ impl CompletionView {
                     || has_text(&m.refusal)
             })
         });
+        let text_not_json = w.choices.iter().any(|c| {
+            c.message.as_ref().is_some_and(|m| {
+                !non_empty(&m.tool_calls)
+                    && matches!(&m.content, Some(Text::Str(t))
+                        if serde_json::from_str::<IgnoredAny>(strip_fence(t)).is_err())
+            })
+        });
         Ok(CompletionView {
             model_span: w.model.map(|m| span_in(body, m)),
             has_content,
             finish_reason: w.choices.first().and_then(|c| c.finish_reason.clone()),
             usage: w.usage,
+            text_not_json,
         })
     }
 }
@@ -182,6 +202,10 @@ mod tests {
         assert!(!CompletionView::parse(empty).unwrap().has_content);
         let tools = br#"{"model":"m","choices":[{"message":{"role":"assistant","content":null,"tool_calls":[{"id":"c","type":"function","function":{"name":"f","arguments":"{}"}}]},"finish_reason":"tool_calls"}]}"#;
         assert!(CompletionView::parse(tools).unwrap().has_content);
+        assert!(!CompletionView::parse(tools).unwrap().text_not_json);
+        assert!(CompletionView::parse(full).unwrap().text_not_json);
+        let json = br#"{"model":"m","choices":[{"message":{"role":"assistant","content":"```json\n{\"a\":1}\n```"},"finish_reason":"stop"}]}"#;
+        assert!(!CompletionView::parse(json).unwrap().text_not_json);
     }
 
     #[test]

@@ -58,7 +58,7 @@ pub async fn call(
         )));
     }
     let body = resp.bytes().await.map_err(super::transport_error)?;
-    completion(body, model)
+    completion(body, model, req.wants_json)
         .map(Reply::Complete)
         .map_err(|mut e| {
             e.status = Some(status.as_u16());
@@ -67,7 +67,7 @@ pub async fn call(
 }
 
 /// Judges a 200 answer: malformed, empty, filtered or fine. Rewrites `model` to the target's id.
-fn completion(body: Bytes, model: &Model) -> Result<Completion, AttemptError> {
+fn completion(body: Bytes, model: &Model, wants_json: bool) -> Result<Completion, AttemptError> {
     let view = CompletionView::parse(&body).map_err(|e| {
         AttemptError::new(
             ErrorClass::Transient,
@@ -89,6 +89,12 @@ fn completion(body: Bytes, model: &Model) -> Result<Completion, AttemptError> {
         return Err(AttemptError::new(
             ErrorClass::Empty,
             "the upstream answer has no content and no tool calls",
+        ));
+    }
+    if wants_json && view.text_not_json {
+        return Err(AttemptError::new(
+            ErrorClass::InvalidOutput,
+            "JSON was asked for and the answer does not parse",
         ));
     }
     Ok(Completion {

@@ -125,7 +125,7 @@ impl Engine {
     /// as is, the chain or the attempt budget is exhausted, or `deadline` passes.
     pub async fn run(&self, chain: &Chain, req: Arc<ChatRequest>, deadline: Instant) -> Outcome {
         let ctx = Arc::new(RequestCtx::new(deadline, chain.max_attempts));
-        let walk = match plan(chain) {
+        let walk = match plan(chain, &req) {
             Ok(plan) => match chain.strategy {
                 Strategy::Sequential => self.sequential(chain, &plan, 0, &req, &ctx).await,
                 Strategy::Race { k } => self.race(chain, &plan, k, &req, &ctx).await,
@@ -406,13 +406,26 @@ impl Engine {
     }
 }
 
-/// The order to try a chain's targets in: open breakers skipped, degraded targets last.
-fn plan(chain: &Chain) -> Result<Plan, ApiError> {
+/// The order to try a chain's targets in: open breakers skipped, degraded targets
+/// last, and targets whose context window cannot hold the prompt left out.
+fn plan(chain: &Chain, req: &ChatRequest) -> Result<Plan, ApiError> {
+    let needs_estimate = chain
+        .targets
+        .iter()
+        .any(|t| t.model.context_window.is_some());
+    let prompt_tokens = if needs_estimate {
+        req.estimated_prompt_tokens()
+    } else {
+        0
+    };
     let mut order = Vec::with_capacity(chain.targets.len());
     let mut degraded = Vec::new();
     let mut open = Vec::new();
+    let mut too_small = 0;
     for (pos, t) in chain.targets.iter().enumerate() {
-        if t.model.breaker.state() == BreakerState::Open {
+        if t.model.context_window.is_some_and(|w| prompt_tokens > w) {
+            too_small += 1;
+        } else if t.model.breaker.state() == BreakerState::Open {
             open.push(pos);
         } else if t.model.health.is_degraded() {
             degraded.push(pos);
@@ -426,6 +439,14 @@ fn plan(chain: &Chain) -> Result<Plan, ApiError> {
             order,
             forced: None,
         });
+    }
+    if too_small == chain.targets.len() {
+        return Err(ApiError::invalid_request(format!(
+            "The prompt (about {prompt_tokens} tokens) is larger than the context window of every model in chain `{}`.",
+            chain.name
+        ))
+        .with_param("messages")
+        .with_code("context_length_exceeded"));
     }
     let soonest = open
         .iter()
