@@ -1,5 +1,6 @@
 //! The OpenAI-compatible types cascade accepts and returns. Knows nothing about providers.
 
+pub mod chat;
 pub mod error;
 pub mod request;
 pub mod response;

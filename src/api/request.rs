@@ -21,6 +21,8 @@ pub struct ChatRequest {
     pub max_tokens: Option<u64>,
     pub wants_json: bool,
     pub messages: usize,
+    /// The typed request, parsed on first use by a translating upstream.
+    typed: std::sync::OnceLock<Result<super::chat::TypedChat, String>>,
 }
 
 #[derive(Deserialize)]
@@ -156,8 +158,17 @@ impl ChatRequest {
                 .response_format
                 .is_some_and(|f| f.kind == "json_object" || f.kind == "json_schema"),
             messages: messages.len(),
+            typed: std::sync::OnceLock::new(),
             body,
         })
+    }
+
+    /// The whole request, typed, for upstreams that translate it. Parsed once.
+    pub fn typed(&self) -> Result<&super::chat::TypedChat, String> {
+        self.typed
+            .get_or_init(|| serde_json::from_slice(&self.body).map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(Clone::clone)
     }
 
     /// A rough, cheap upper estimate of the prompt's tokens: about four bytes of JSON per

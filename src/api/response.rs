@@ -9,14 +9,82 @@ use serde_json::value::RawValue;
 
 use super::span_in;
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+/// Token usage, normalised to OpenAI's `usage` (cached prompt tokens and reasoning
+/// tokens are subsets of prompt and completion tokens).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
-    #[serde(default)]
     pub prompt_tokens: u64,
-    #[serde(default)]
     pub completion_tokens: u64,
-    #[serde(default)]
     pub total_tokens: u64,
+    pub cached_tokens: u64,
+    pub reasoning_tokens: u64,
+}
+
+#[derive(Deserialize, Serialize, Default)]
+struct UsageWire {
+    #[serde(default)]
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
+    #[serde(default)]
+    total_tokens: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    prompt_tokens_details: Option<PromptDetails>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    completion_tokens_details: Option<CompletionDetails>,
+    /// DeepSeek's name for cached prompt tokens.
+    #[serde(default, skip_serializing)]
+    prompt_cache_hit_tokens: Option<u64>,
+}
+
+#[derive(Deserialize, Serialize, Default)]
+struct PromptDetails {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
+}
+
+#[derive(Deserialize, Serialize, Default)]
+struct CompletionDetails {
+    #[serde(default)]
+    reasoning_tokens: Option<u64>,
+}
+
+impl<'de> Deserialize<'de> for Usage {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let w = UsageWire::deserialize(d)?;
+        Ok(Usage {
+            prompt_tokens: w.prompt_tokens,
+            completion_tokens: w.completion_tokens,
+            total_tokens: w.total_tokens.max(w.prompt_tokens + w.completion_tokens),
+            cached_tokens: w
+                .prompt_tokens_details
+                .and_then(|p| p.cached_tokens)
+                .or(w.prompt_cache_hit_tokens)
+                .unwrap_or(0),
+            reasoning_tokens: w
+                .completion_tokens_details
+                .and_then(|c| c.reasoning_tokens)
+                .unwrap_or(0),
+        })
+    }
+}
+
+impl Serialize for Usage {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        UsageWire {
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            total_tokens: self.total_tokens,
+            prompt_tokens_details: Some(PromptDetails {
+                cached_tokens: Some(self.cached_tokens),
+            }),
+            completion_tokens_details: Some(CompletionDetails {
+                reasoning_tokens: Some(self.reasoning_tokens),
+            }),
+            prompt_cache_hit_tokens: None,
+        }
+        .serialize(s)
+    }
 }
 
 /// Text that some servers send as a string and others as content parts.
@@ -153,6 +221,9 @@ pub struct ChunkView {
     pub finish_reason: Option<String>,
     pub usage: Option<Usage>,
     pub error: Option<StreamErrorView>,
+    /// Carries nothing for the client: no choices and no usage (Azure's filter-results
+    /// chunks), or only choices without a delta or finish (Azure annotations).
+    pub skippable: bool,
 }
 
 #[derive(Deserialize)]
@@ -177,12 +248,18 @@ impl ChunkView {
                     || has_text(&d.reasoning_content)
             })
         });
+        let finish_reason = w.choices.iter().find_map(|c| c.finish_reason.clone());
+        let skippable = w.error.is_none()
+            && w.usage.is_none()
+            && finish_reason.is_none()
+            && w.choices.iter().all(|c| c.delta.is_none());
         Ok(ChunkView {
             model_span: w.model.map(|m| span_in(data, m)),
             has_content,
-            finish_reason: w.choices.iter().find_map(|c| c.finish_reason.clone()),
+            finish_reason,
             usage: w.usage,
             error: w.error,
+            skippable,
         })
     }
 }
@@ -216,5 +293,10 @@ mod tests {
         assert!(ChunkView::parse(text).unwrap().has_content);
         let err = br#"{"error":{"message":"overloaded","type":"server_error"}}"#;
         assert!(ChunkView::parse(err).unwrap().error.is_some());
+        assert!(!ChunkView::parse(role).unwrap().skippable);
+        let azure_filter = br#"{"id":"","object":"","created":0,"model":"","choices":[],"prompt_filter_results":[]}"#;
+        assert!(ChunkView::parse(azure_filter).unwrap().skippable);
+        let annotation = br#"{"id":"x","choices":[{"index":0,"finish_reason":null,"content_filter_results":{}}]}"#;
+        assert!(ChunkView::parse(annotation).unwrap().skippable);
     }
 }

@@ -109,6 +109,17 @@ pub struct Provider {
     pub chat_url: String,
     pub api_key: Option<Secret>,
     pub extra_headers: HeaderMap,
+    pub drop_params: Vec<String>,
+    pub extra_body: Option<serde_json::Map<String, serde_json::Value>>,
+    /// `azure_openai`: `api-version`; `anthropic`: `anthropic-version`.
+    pub api_version: String,
+}
+
+impl Provider {
+    /// Whether forwarded OpenAI bodies must be rewritten beyond `model`.
+    pub fn rewrites_body(&self) -> bool {
+        !self.drop_params.is_empty() || self.extra_body.is_some()
+    }
 }
 
 /// One entry of the model pool: a callable target.
@@ -123,6 +134,7 @@ pub struct Model {
     pub context_window: Option<u64>,
     pub cost_per_1k_input: f64,
     pub cost_per_1k_output: f64,
+    pub cost_per_1k_cached_input: f64,
     pub fallbacks: Vec<String>,
     pub chaos: Option<Chaos>,
     /// Runtime state shared by every chain that uses this model.
@@ -296,6 +308,10 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         for (field, v) in [
             ("cost_per_1k_input", m.cost_per_1k_input),
             ("cost_per_1k_output", m.cost_per_1k_output),
+            (
+                "cost_per_1k_cached_input",
+                m.cost_per_1k_cached_input.unwrap_or(0.0),
+            ),
         ] {
             if !(v.is_finite() && v >= 0.0) {
                 return Err(ConfigError::at(
@@ -330,6 +346,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 context_window: m.context_window,
                 cost_per_1k_input: m.cost_per_1k_input,
                 cost_per_1k_output: m.cost_per_1k_output,
+                cost_per_1k_cached_input: m.cost_per_1k_cached_input.unwrap_or(m.cost_per_1k_input),
                 fallbacks: m.fallbacks.clone(),
                 chaos,
                 breaker: Arc::new(Breaker::new(breaker)),
@@ -782,18 +799,32 @@ fn validate_provider(
         ));
     }
     let base = p.base_url.trim_end_matches('/');
-    let chat_url = match p.kind {
-        ProviderKind::Openai | ProviderKind::OpenaiCompatible => format!("{base}/chat/completions"),
-        ProviderKind::AzureOpenai | ProviderKind::Anthropic | ProviderKind::Gemini => {
-            return Err(ConfigError::at(
-                &format!("{path}.kind"),
-                format!(
-                    "kind {:?} is not supported by this build yet (supported: openai, openai_compatible)",
-                    p.kind.as_str()
-                ),
-            ))
+    let (chat_url, api_version) = match p.kind {
+        ProviderKind::Openai | ProviderKind::OpenaiCompatible => {
+            (format!("{base}/chat/completions"), String::new())
         }
+        // The deployment (the model's `model_id`) and api-version are added per call.
+        ProviderKind::AzureOpenai => (
+            format!("{base}/openai/deployments/"),
+            p.api_version.clone().unwrap_or_else(|| "2024-10-21".into()),
+        ),
+        ProviderKind::Anthropic => (
+            format!("{base}/v1/messages"),
+            p.api_version.clone().unwrap_or_else(|| "2023-06-01".into()),
+        ),
+        // The model and method are added per call.
+        ProviderKind::Gemini => (format!("{base}/v1beta/models/"), String::new()),
     };
+    if !matches!(
+        p.kind,
+        ProviderKind::Openai | ProviderKind::OpenaiCompatible | ProviderKind::AzureOpenai
+    ) && (!p.drop_params.is_empty() || p.extra_body.is_some())
+    {
+        return Err(ConfigError::at(
+            &format!("{path}.drop_params"),
+            "drop_params and extra_body apply to OpenAI-format providers only",
+        ));
+    }
     let mut extra_headers = HeaderMap::new();
     for (k, v) in &p.extra_headers {
         let hpath = format!("{path}.extra_headers.{k}");
@@ -814,6 +845,9 @@ fn validate_provider(
             .filter(|k| !k.is_empty())
             .map(|k| Secret::new(k.clone())),
         extra_headers,
+        drop_params: p.drop_params.clone(),
+        extra_body: p.extra_body.clone(),
+        api_version,
     })
 }
 

@@ -150,6 +150,14 @@ pub struct RawProvider {
     /// Extra headers sent with every upstream call (e.g. OpenRouter's `HTTP-Referer`).
     #[serde(default)]
     pub extra_headers: IndexMap<String, String>,
+    /// Request fields removed before forwarding (servers that reject them, e.g. Groq's `logprobs`).
+    #[serde(default)]
+    pub drop_params: Vec<String>,
+    /// Fields merged into every forwarded request body.
+    #[serde(default)]
+    pub extra_body: Option<serde_json::Map<String, serde_json::Value>>,
+    /// `azure_openai`: the `api-version` query parameter. `anthropic`: the `anthropic-version` header.
+    pub api_version: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -163,6 +171,8 @@ pub struct RawModel {
     pub cost_per_1k_input: f64,
     #[serde(default)]
     pub cost_per_1k_output: f64,
+    /// Price of cached prompt tokens; the input price when absent.
+    pub cost_per_1k_cached_input: Option<f64>,
     #[serde(default, deserialize_with = "opt_duration")]
     pub attempt_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "opt_duration")]

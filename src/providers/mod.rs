@@ -1,18 +1,26 @@
-//! Upstream providers: translation to each wire format plus the client that sends it.
-//! Every outcome leaves this module already classified (`AttemptError::class`);
-//! the provider never decides about fallback.
+//! Upstream providers: one file per wire format (pure translation functions) plus the
+//! client that sends them. Every outcome leaves this module already classified
+//! (`AttemptError::class`); a provider never decides about fallback.
 
+pub mod anthropic;
+pub mod errors;
+pub mod gemini;
 pub mod openai;
+pub mod output;
 pub mod sse;
+pub mod stream;
 
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::header::CONTENT_TYPE;
+use http::HeaderValue;
 
-use crate::api::{ChatRequest, Usage};
+use crate::api::{splice, ChatRequest, CompletionView, Usage};
 pub use crate::classify::AttemptError;
 use crate::classify::ErrorClass;
 use crate::config::{Model, ProviderKind};
+pub use stream::{ChunkStream, StreamItem};
 
 /// The shared HTTP client: one connection pool, `TCP_NODELAY`, never retries on its own.
 pub fn http_client() -> reqwest::Client {
@@ -56,40 +64,137 @@ pub struct Completion {
 /// What an upstream call produced.
 pub enum Reply {
     Complete(Completion),
-    Stream(openai::ChunkStream),
+    Stream(ChunkStream),
 }
 
-/// One call to `model`'s provider. Translation and classification happen in here.
+/// One upstream HTTP request, built by a wire format's translator.
+pub struct Outgoing {
+    pub url: String,
+    pub body: Bytes,
+    pub headers: http::HeaderMap,
+}
+
+/// One call to `model`'s provider: translate, send, classify, translate back.
 pub async fn call(
     http: &reqwest::Client,
     model: &Model,
     req: &ChatRequest,
 ) -> Result<Reply, AttemptError> {
-    match model.provider.kind {
-        ProviderKind::Openai | ProviderKind::OpenaiCompatible => {
-            openai::call(http, model, req).await
+    let kind = model.provider.kind;
+    let out = match kind {
+        ProviderKind::Openai | ProviderKind::OpenaiCompatible | ProviderKind::AzureOpenai => {
+            openai::request(model, req)?
         }
-        kind => Err(AttemptError::new(
-            ErrorClass::NotFound,
-            format!(
-                "provider kind {} is not supported by this build",
-                kind.as_str()
-            ),
-        )),
+        ProviderKind::Anthropic => anthropic::request(model, req)?,
+        ProviderKind::Gemini => gemini::request(model, req)?,
+    };
+    let mut builder = http
+        .post(out.url)
+        .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+        .headers(model.provider.extra_headers.clone())
+        .headers(out.headers)
+        .body(out.body);
+    if req.stream && kind == ProviderKind::Anthropic {
+        builder = builder.header(
+            http::header::ACCEPT,
+            HeaderValue::from_static("text/event-stream"),
+        );
     }
+    let resp = builder.send().await.map_err(transport_error)?;
+    let status = resp.status();
+    if !status.is_success() {
+        return Err(errors::from_response(resp, model).await);
+    }
+    if req.stream {
+        let is_sse = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        if !is_sse {
+            return Err(AttemptError::new(
+                ErrorClass::Transient,
+                "upstream answered a streaming request without an event stream",
+            ));
+        }
+        return Ok(Reply::Stream(ChunkStream::new(resp, model, req)));
+    }
+    let body = resp.bytes().await.map_err(transport_error)?;
+    let translated = match kind {
+        ProviderKind::Openai | ProviderKind::OpenaiCompatible | ProviderKind::AzureOpenai => {
+            Ok(body)
+        }
+        ProviderKind::Anthropic => anthropic::completion(&body, model),
+        ProviderKind::Gemini => gemini::completion(&body, model),
+    };
+    translated
+        .and_then(|body| judge(body, model, req.wants_json))
+        .map(Reply::Complete)
+        .map_err(|mut e| {
+            e.status.get_or_insert(status.as_u16());
+            e
+        })
 }
 
-/// Reads at most `limit` bytes of an error body; the rest is dropped.
-pub(crate) async fn read_limited(mut resp: reqwest::Response, limit: usize) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Ok(Some(chunk)) = resp.chunk().await {
-        let room = limit.saturating_sub(out.len());
-        out.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        if out.len() >= limit {
-            break;
+/// Judges a 200 answer in OpenAI format: malformed, filtered, empty, not the JSON asked
+/// for, or fine. Sets `model` to the target's id.
+pub fn judge(body: Bytes, model: &Model, wants_json: bool) -> Result<Completion, AttemptError> {
+    let view = CompletionView::parse(&body).map_err(|e| {
+        AttemptError::new(
+            ErrorClass::Transient,
+            format!("malformed upstream body: {e}"),
+        )
+    })?;
+    let body = match view.model_span {
+        Some(span) if body[span.clone()] != *model.model_id_json.as_bytes() => {
+            splice(&body, span, model.model_id_json.as_bytes())
         }
+        _ => body,
+    };
+    if view.finish_reason.as_deref() == Some("content_filter") {
+        let mut e = AttemptError::new(ErrorClass::ContentPolicy, "the answer was filtered");
+        e.filtered = Some(vec![body]);
+        return Err(e);
     }
-    out
+    if !view.has_content {
+        return Err(AttemptError::new(
+            ErrorClass::Empty,
+            "the upstream answer has no content and no tool calls",
+        ));
+    }
+    if wants_json && view.text_not_json {
+        return Err(AttemptError::new(
+            ErrorClass::InvalidOutput,
+            "JSON was asked for and the answer does not parse",
+        ));
+    }
+    Ok(Completion {
+        body,
+        usage: view.usage,
+        finish_reason: view.finish_reason,
+    })
+}
+
+/// The typed request, or a classified error if it cannot be translated.
+pub(crate) fn typed(req: &ChatRequest) -> Result<&crate::api::chat::TypedChat, AttemptError> {
+    req.typed().map_err(|e| {
+        AttemptError::new(
+            ErrorClass::BadRequest,
+            format!("cannot translate the request: {e}"),
+        )
+    })
+}
+
+/// A header value holding a secret: marked sensitive so it never prints.
+pub(crate) fn secret_header(value: &str) -> Result<HeaderValue, AttemptError> {
+    let mut v = HeaderValue::from_str(value).map_err(|_| {
+        AttemptError::new(
+            ErrorClass::Auth,
+            "the provider's api_key is not a valid header value",
+        )
+    })?;
+    v.set_sensitive(true);
+    Ok(v)
 }
 
 /// Removes any provider key from text that may reach a client or a log.

@@ -18,7 +18,7 @@ use crate::api::{ApiError, ChatRequest};
 use crate::classify::{Action, AttemptError, ErrorClass};
 use crate::config::{Chain, Config, HedgeDelay, Model, Strategy, WhenAllOpen};
 use crate::metrics::Metrics;
-use crate::providers::openai::ChunkStream;
+use crate::providers::ChunkStream;
 use crate::providers::Completion;
 use crate::resilience::backoff::Jitter;
 use crate::resilience::breaker::BreakerState;

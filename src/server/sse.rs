@@ -10,8 +10,8 @@ use tokio::time::{timeout_at, Instant};
 
 use crate::api::ApiError;
 use crate::classify::ErrorClass;
-use crate::providers::openai::{ChunkStream, StreamItem};
 use crate::providers::AttemptError;
+use crate::providers::{ChunkStream, StreamItem};
 use crate::routing::engine::CommittedStream;
 
 /// Decrements the in-flight gauge when the request (or its stream) ends.

@@ -1,0 +1,143 @@
+//! Writes OpenAI-format answers and stream chunks for translated upstreams, so every
+//! translator emits the same shapes (same `id`, `created` and `model` in every chunk).
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::api::Usage;
+
+/// A whole answer assembled from another wire format.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Assembled {
+    pub content: Option<String>,
+    pub reasoning: Option<String>,
+    /// (id, name, arguments as a JSON string)
+    pub tool_calls: Vec<(String, String, String)>,
+    pub finish_reason: &'static str,
+    pub usage: Option<Usage>,
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The `chat.completion` body for an assembled answer.
+pub fn completion(id: &str, model_id: &str, a: &Assembled) -> Bytes {
+    let mut message = json!({"role": "assistant", "content": a.content, "refusal": null});
+    if let Some(r) = &a.reasoning {
+        message["reasoning_content"] = Value::String(r.clone());
+    }
+    if !a.tool_calls.is_empty() {
+        message["tool_calls"] = a
+            .tool_calls
+            .iter()
+            .map(|(id, name, args)| json!({"id": id, "type": "function", "function": {"name": name, "arguments": args}}))
+            .collect();
+    }
+    let mut body = json!({
+        "id": id,
+        "object": "chat.completion",
+        "created": now_secs(),
+        "model": model_id,
+        "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": a.finish_reason}],
+    });
+    if let Some(u) = &a.usage {
+        body["usage"] = serde_json::to_value(u).unwrap_or(Value::Null);
+    }
+    serde_json::to_vec(&body).unwrap_or_default().into()
+}
+
+/// Writes the chunks of one stream.
+#[derive(Debug, Clone)]
+pub struct ChunkWriter {
+    pub id: String,
+    pub created: u64,
+    pub model_id: String,
+    /// The client asked for `stream_options.include_usage`: every chunk carries
+    /// `"usage": null` and a last chunk carries the totals.
+    pub include_usage: bool,
+}
+
+#[derive(Serialize)]
+struct Chunk<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: Vec<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Value>,
+}
+
+impl ChunkWriter {
+    pub fn new(id: String, model_id: String, include_usage: bool) -> Self {
+        ChunkWriter {
+            id,
+            created: now_secs(),
+            model_id,
+            include_usage,
+        }
+    }
+
+    fn write(&self, delta: Value, finish: Option<&str>) -> Bytes {
+        let chunk = Chunk {
+            id: &self.id,
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: &self.model_id,
+            choices: vec![
+                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}),
+            ],
+            usage: self.include_usage.then_some(Value::Null),
+        };
+        serde_json::to_vec(&chunk).unwrap_or_default().into()
+    }
+
+    pub fn role(&self) -> Bytes {
+        self.write(json!({"role": "assistant", "content": ""}), None)
+    }
+
+    pub fn content(&self, text: &str) -> Bytes {
+        self.write(json!({"content": text}), None)
+    }
+
+    pub fn reasoning(&self, text: &str) -> Bytes {
+        self.write(json!({"reasoning_content": text}), None)
+    }
+
+    /// The first delta of tool call `index`: id, type and name.
+    pub fn tool_start(&self, index: usize, id: &str, name: &str, arguments: &str) -> Bytes {
+        self.write(
+            json!({"tool_calls": [{"index": index, "id": id, "type": "function", "function": {"name": name, "arguments": arguments}}]}),
+            None,
+        )
+    }
+
+    pub fn tool_arguments(&self, index: usize, fragment: &str) -> Bytes {
+        self.write(
+            json!({"tool_calls": [{"index": index, "function": {"arguments": fragment}}]}),
+            None,
+        )
+    }
+
+    pub fn finish(&self, reason: &str) -> Bytes {
+        self.write(json!({}), Some(reason))
+    }
+
+    /// The final usage chunk: `choices` empty, totals in `usage`.
+    pub fn usage(&self, usage: &Usage) -> Bytes {
+        let chunk = Chunk {
+            id: &self.id,
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: &self.model_id,
+            choices: Vec::new(),
+            usage: serde_json::to_value(usage).ok(),
+        };
+        serde_json::to_vec(&chunk).unwrap_or_default().into()
+    }
+}

@@ -1,0 +1,124 @@
+//! An upstream SSE stream decoded into OpenAI chunks, whatever the wire format.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+
+use super::sse::{SseDecoder, SseEvent};
+use super::{anthropic, gemini, openai, AttemptError};
+use crate::api::{ChatRequest, Usage};
+use crate::config::{Model, ProviderKind};
+
+/// One item of an upstream stream, already in OpenAI chunk format.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StreamItem {
+    Chunk {
+        /// The JSON of one `chat.completion.chunk`.
+        data: Bytes,
+        /// Text, a tool call, a refusal or reasoning: the first such chunk commits.
+        has_content: bool,
+        finish_reason: Option<String>,
+        usage: Option<Usage>,
+    },
+    /// The stream is complete.
+    Done,
+}
+
+/// Turns one upstream event into OpenAI stream items.
+pub(crate) enum Dialect {
+    OpenAi(openai::StreamState),
+    Anthropic(anthropic::StreamState),
+    Gemini(gemini::StreamState),
+}
+
+impl Dialect {
+    pub(crate) fn for_model(model: &Model, req: &ChatRequest) -> Dialect {
+        match model.provider.kind {
+            ProviderKind::Anthropic => {
+                Dialect::Anthropic(anthropic::StreamState::new(model, req.include_usage))
+            }
+            ProviderKind::Gemini => {
+                Dialect::Gemini(gemini::StreamState::new(model, req.include_usage))
+            }
+            _ => Dialect::OpenAi(openai::StreamState::new(model)),
+        }
+    }
+
+    pub(crate) fn on_event(&mut self, ev: &SseEvent) -> Result<Vec<StreamItem>, AttemptError> {
+        match self {
+            Dialect::OpenAi(s) => s.on_event(ev),
+            Dialect::Anthropic(s) => s.on_event(ev),
+            Dialect::Gemini(s) => s.on_event(ev),
+        }
+    }
+
+    /// Items owed at the end of the upstream stream (formats with no terminator).
+    pub(crate) fn at_eof(&mut self) -> Vec<StreamItem> {
+        match self {
+            Dialect::Gemini(s) => s.at_eof(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// An upstream stream, decoded and translated.
+pub struct ChunkStream {
+    resp: reqwest::Response,
+    decoder: SseDecoder,
+    dialect: Dialect,
+    pending: VecDeque<StreamItem>,
+    eof: bool,
+    drained: bool,
+}
+
+impl ChunkStream {
+    pub(crate) fn new(resp: reqwest::Response, model: &Model, req: &ChatRequest) -> Self {
+        ChunkStream {
+            resp,
+            decoder: SseDecoder::new(),
+            dialect: Dialect::for_model(model, req),
+            pending: VecDeque::new(),
+            eof: false,
+            drained: false,
+        }
+    }
+
+    /// The next item; `None` when the upstream closed the connection.
+    pub async fn next(&mut self) -> Option<Result<StreamItem, AttemptError>> {
+        loop {
+            if let Some(item) = self.pending.pop_front() {
+                return Some(Ok(item));
+            }
+            let event = if let Some(ev) = self.decoder.next_event() {
+                ev
+            } else if self.eof {
+                match self.decoder.finish() {
+                    Some(ev) => ev,
+                    None if !self.drained => {
+                        self.drained = true;
+                        let tail = self.dialect.at_eof();
+                        self.pending.extend(tail);
+                        continue;
+                    }
+                    None => return None,
+                }
+            } else {
+                match self.resp.chunk().await {
+                    Ok(Some(bytes)) => {
+                        self.decoder.push(&bytes);
+                        continue;
+                    }
+                    Ok(None) => {
+                        self.eof = true;
+                        continue;
+                    }
+                    Err(e) => return Some(Err(super::transport_error(e))),
+                }
+            };
+            match self.dialect.on_event(&event) {
+                Ok(items) => self.pending.extend(items),
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
+}
