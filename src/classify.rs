@@ -44,6 +44,8 @@ pub struct AttemptError {
     pub client_error: Option<Box<ApiError>>,
     /// No upstream call was made (an open breaker turned it away).
     pub not_sent: bool,
+    /// Cut short by the request's own deadline: not the target's fault.
+    pub deadline_cut: bool,
     /// A content-filtered answer, in OpenAI format (the body, or a stream's chunks), kept
     /// so that the last target's refusal can be returned as it is.
     pub filtered: Option<Vec<Bytes>>,
@@ -58,6 +60,7 @@ impl AttemptError {
             retry_after: None,
             client_error: None,
             not_sent: false,
+            deadline_cut: false,
             filtered: None,
         }
     }
@@ -172,7 +175,9 @@ pub fn classify_status(
         401 | 403 => ErrorClass::Auth,
         404 => ErrorClass::NotFound,
         408 => ErrorClass::Timeout,
-        400 | 413 | 422 => {
+        // Too big for this target; another may take it.
+        413 => ErrorClass::ContextOverflow,
+        400 | 422 => {
             let lower = message.to_ascii_lowercase();
             if code_or_type(CONTEXT_CODES) || CONTEXT_MESSAGES.iter().any(|m| lower.contains(m)) {
                 ErrorClass::ContextOverflow
@@ -184,9 +189,21 @@ pub fn classify_status(
         }
         409 | 425 => ErrorClass::Transient,
         s if s >= 500 => ErrorClass::Transient,
-        // Any other 4xx is the caller's problem.
-        _ => ErrorClass::BadRequest,
+        // Any other status (410 Gone, 405, 415...) says this target cannot serve the
+        // request as sent: move on. Only 400/422 are the caller's fault.
+        _ => ErrorClass::NotFound,
     }
+}
+
+/// The longest wait a server hint is taken at; anything longer is read as this.
+pub const MAX_HINT: Duration = Duration::from_secs(24 * 3600);
+
+/// Seconds as a duration, never panicking, capped at `MAX_HINT`.
+fn capped(secs: f64) -> Option<Duration> {
+    if secs > MAX_HINT.as_secs_f64() {
+        return Some(MAX_HINT);
+    }
+    Duration::try_from_secs_f64(secs).ok()
 }
 
 /// The server's hint for when to try again: `retry-after-ms`, `retry-after` (seconds or
@@ -200,13 +217,13 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     };
     if let Some(ms) = get("retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
         if ms.is_finite() && ms >= 0.0 {
-            return Some(Duration::from_secs_f64(ms / 1000.0));
+            return capped(ms / 1000.0);
         }
     }
     if let Some(v) = get("retry-after") {
         if let Ok(secs) = v.parse::<f64>() {
             if secs.is_finite() && secs >= 0.0 {
-                return Some(Duration::from_secs_f64(secs));
+                return capped(secs);
             }
         }
         if let Ok(when) = httpdate_parse(v) {
@@ -251,7 +268,7 @@ pub fn parse_go_duration(s: &str) -> Option<Duration> {
         total += value * scale;
         rest = &rest[unit_end..];
     }
-    Some(Duration::from_secs_f64(total))
+    capped(total)
 }
 
 #[cfg(test)]
@@ -277,6 +294,12 @@ mod tests {
             ErrorClass::BadRequest
         );
         assert_eq!(classify_status(422, None, None, ""), ErrorClass::BadRequest);
+        assert_eq!(classify_status(410, None, None, ""), ErrorClass::NotFound);
+        assert_eq!(classify_status(415, None, None, ""), ErrorClass::NotFound);
+        assert_eq!(
+            classify_status(413, None, None, ""),
+            ErrorClass::ContextOverflow
+        );
         assert_eq!(
             classify_status(400, Some("context_length_exceeded"), None, ""),
             ErrorClass::ContextOverflow
@@ -315,5 +338,9 @@ mod tests {
         assert_eq!(retry_after(&h), Some(Duration::from_secs(360)));
         assert_eq!(parse_go_duration("12ms"), Some(Duration::from_millis(12)));
         assert_eq!(parse_go_duration("x"), None);
+        let mut h = HeaderMap::new();
+        h.insert("retry-after", "1e20".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(MAX_HINT), "no panic on absurd values");
+        assert_eq!(parse_go_duration("99999999999999999999h"), Some(MAX_HINT));
     }
 }

@@ -1,8 +1,8 @@
 //! Prometheus metrics. Labels stay low-cardinality: chain, model, provider, outcome class.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -19,6 +19,8 @@ pub struct Metrics {
     pub hedges_total: IntCounterVec,
     pub ttft: HistogramVec,
     pub retry_budget_exhausted: IntCounter,
+    pub tokens_total: IntCounterVec,
+    pub cost_usd_total: CounterVec,
 }
 
 const DURATION_BUCKETS: &[f64] = &[
@@ -127,8 +129,26 @@ impl Metrics {
         registry
             .register(Box::new(retry_budget_exhausted.clone()))
             .expect("unique metric");
+        let tokens_total = counter(
+            "cascade_tokens_total",
+            "Tokens reported by upstreams, by kind (prompt, completion, cached).",
+            &["model", "kind"],
+        );
+        let cost_usd_total = CounterVec::new(
+            Opts::new(
+                "cascade_cost_usd_total",
+                "Cost of answers in US dollars, from the pool's prices.",
+            ),
+            &["model"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(cost_usd_total.clone()))
+            .expect("unique metric");
         Metrics {
             registry,
+            tokens_total,
+            cost_usd_total,
             circuit_state,
             retries_total,
             hedges_total,

@@ -45,6 +45,8 @@ async fn primary_answers_without_fallback() {
     let sent = &h.mock.bodies("p")[0];
     assert_eq!(sent["model"], "p");
     assert_eq!(sent["messages"][1]["content"], "hello");
+    // The model's max_tokens is the default output cap (OpenAI's newer field name).
+    assert_eq!(sent["max_completion_tokens"], 100);
     // And our key, as a bearer token.
     let auth = h.mock.last_headers().unwrap();
     assert_eq!(auth["authorization"], "Bearer sk-test-SECRET-123");
@@ -70,6 +72,12 @@ async fn falls_back_on_401_403_404() {
     falls_back_on("status=401").await;
     falls_back_on("status=403").await;
     falls_back_on("status=404").await;
+}
+
+#[tokio::test]
+async fn falls_back_on_other_4xx_like_410() {
+    falls_back_on("status=410").await;
+    falls_back_on("status=413").await;
 }
 
 #[tokio::test]

@@ -177,6 +177,11 @@ async fn breaker_opens_skips_and_recovers_through_half_open() {
     let r = h.chat("main", &[]).await;
     assert_eq!(r.header("x-cascade-model"), Some("secondary"));
     assert_eq!(r.header("x-cascade-attempts"), Some("1"));
+    assert_eq!(
+        r.header("x-cascade-fallbacks"),
+        Some("1"),
+        "chain positions, not plan positions"
+    );
     assert_eq!(h.mock.calls("p"), 3);
     assert!(t0.elapsed() < Duration::from_millis(5));
     let health = h.get("/admin/health").await.json();
@@ -597,4 +602,61 @@ async fn chaos_can_cut_committed_streams() {
     let last = r.events().last().cloned().unwrap();
     assert!(last.contains("chaos: stream cut"), "{last}");
     wait_for_cancel(&h, 1).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_callers_own_deadline_never_opens_a_breaker() {
+    let top = "retry: { max_retries: 0 }\nbreaker: { consecutive_failures: 2 }";
+    let h = start(&config(top, "  solo: [primary]")).await;
+    h.mock.set("p", "latency=500ms");
+    for _ in 0..4 {
+        let r = h.chat("solo", &[("x-cascade-timeout-ms", "10")]).await;
+        assert_eq!(r.status, 504);
+    }
+    assert_eq!(
+        h.get("/admin/health").await.json()["targets"][0]["state"],
+        "closed"
+    );
+    let r = h.chat("solo", &[]).await;
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test(start_paused = true)]
+async fn failures_after_the_commit_point_count_against_the_target() {
+    let top = "retry: { max_retries: 0 }\nbreaker: { consecutive_failures: 2, cooldown: 30s }";
+    let h = start(&config(top, "")).await;
+    h.mock.set("p", "chunks=5,cut_after=2");
+    for _ in 0..2 {
+        let r = h.chat_stream("main", &[]).await;
+        assert_eq!(r.header("x-cascade-model"), Some("primary"));
+        assert!(r.events().last().unwrap().contains("\"error\""));
+    }
+    assert_eq!(
+        h.get("/admin/health").await.json()["targets"][0]["state"],
+        "open"
+    );
+    let r = h.chat_stream("main", &[]).await;
+    assert_eq!(r.header("x-cascade-model"), Some("secondary"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_race_is_recorded_as_cancelled() {
+    let h = start(&config(
+        "retry: { max_retries: 0 }",
+        "    strategy: race\n    race_k: 2",
+    ))
+    .await;
+    h.mock.set("p", "latency=5s");
+    let r = h.chat("main", &[]).await;
+    assert_eq!(r.header("x-cascade-model"), Some("secondary"));
+    assert_eq!(
+        r.header("x-cascade-attempts"),
+        Some("2"),
+        "both upstream calls were made"
+    );
+    let trace = r.header("x-cascade-trace").unwrap();
+    assert!(
+        trace.contains("secondary:ok:") && trace.contains("primary:cancelled:"),
+        "{trace}"
+    );
 }

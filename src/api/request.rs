@@ -196,6 +196,24 @@ impl ChatRequest {
     /// The body for an OpenAI-format upstream: the original bytes with `model` set to
     /// `model_id_json` (an already-encoded JSON string). No re-serialisation.
     pub fn body_for_model(&self, model_id_json: &str) -> Bytes {
+        self.body_for(model_id_json, None)
+    }
+
+    /// Like `body_for_model`, also adding `"FIELD":N` (the model's default output cap)
+    /// when the request sets neither `max_tokens` nor `max_completion_tokens`.
+    pub fn body_for(&self, model_id_json: &str, default_max: Option<(&str, u64)>) -> Bytes {
+        let body = self.body_with_model(model_id_json);
+        match default_max {
+            Some((field, n)) if self.max_tokens.is_none() => {
+                let open = body.iter().position(|&b| b == b'{').unwrap_or(0);
+                let insert = format!("\"{field}\":{n},");
+                splice(&body, open + 1..open + 1, insert.as_bytes())
+            }
+            _ => body,
+        }
+    }
+
+    fn body_with_model(&self, model_id_json: &str) -> Bytes {
         match &self.model_span {
             Some(span) if &self.body[span.clone()] == model_id_json.as_bytes() => self.body.clone(),
             Some(span) => splice(&self.body, span.clone(), model_id_json.as_bytes()),
@@ -263,6 +281,23 @@ mod tests {
         );
         // Same model: the very same bytes come back.
         assert_eq!(r.body_for_model("\"fast\""), r.body);
+    }
+
+    #[test]
+    fn adds_the_default_output_cap_only_when_absent() {
+        let r = parse(r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&r.body_for("\"x\"", Some(("max_tokens", 77)))).unwrap();
+        assert_eq!(
+            (v["max_tokens"].as_u64(), v["model"].as_str()),
+            (Some(77), Some("x"))
+        );
+        let r =
+            parse(r#"{"model":"m","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}"#)
+                .unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&r.body_for("\"x\"", Some(("max_tokens", 77)))).unwrap();
+        assert_eq!(v["max_tokens"], 5);
     }
 
     #[test]

@@ -147,6 +147,18 @@ pub struct Model {
     retry: Option<RawRetry>,
 }
 
+impl Model {
+    /// The price of an answer: cached prompt tokens at the cached price (the input
+    /// price unless set), the rest of the prompt at the input price, output at the output price.
+    pub fn cost_usd(&self, u: &crate::api::Usage) -> f64 {
+        let cached = u.cached_tokens.min(u.prompt_tokens);
+        ((u.prompt_tokens - cached) as f64 * self.cost_per_1k_input
+            + cached as f64 * self.cost_per_1k_cached_input
+            + u.completion_tokens as f64 * self.cost_per_1k_output)
+            / 1000.0
+    }
+}
+
 /// An ordered fallback chain.
 #[derive(Debug)]
 pub struct Chain {
@@ -323,6 +335,14 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         if let Some(r) = &m.retry {
             check_retry(&format!("{path}.retry"), r)?;
         }
+        positive(
+            &path,
+            &[
+                ("attempt_timeout", m.attempt_timeout),
+                ("first_token_timeout", m.first_token_timeout),
+                ("idle_timeout", m.idle_timeout),
+            ],
+        )?;
         let breaker = match &m.breaker {
             Some(b) => breaker_settings(&format!("{path}.breaker"), b, global_breaker)?,
             None => global_breaker,
@@ -394,6 +414,15 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         if let Some(r) = &spec.retry {
             check_retry(&format!("{path}.retry"), r)?;
         }
+        positive(
+            &path,
+            &[
+                ("request_timeout", spec.request_timeout),
+                ("attempt_timeout", spec.attempt_timeout),
+                ("first_token_timeout", spec.first_token_timeout),
+                ("idle_timeout", spec.idle_timeout),
+            ],
+        )?;
         let mut actions: [Action; ErrorClass::ALL.len()] =
             ErrorClass::ALL.map(ErrorClass::default_action);
         for (class_name, action) in &spec.on {
@@ -616,6 +645,19 @@ fn strategy(path: &str, spec: &raw::RawChainSpec) -> Result<Strategy, ConfigErro
             format!("unknown strategy {other:?} (expected sequential, race or hedge)"),
         )),
     }
+}
+
+/// Durations that must be greater than zero when set.
+fn positive(path: &str, fields: &[(&str, Option<Duration>)]) -> Result<(), ConfigError> {
+    for (name, d) in fields {
+        if d.is_some_and(|d| d.is_zero()) {
+            return Err(ConfigError::at(
+                &format!("{path}.{name}"),
+                "must be greater than zero",
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn check_retry(path: &str, r: &RawRetry) -> Result<(), ConfigError> {

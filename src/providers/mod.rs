@@ -64,7 +64,7 @@ pub struct Completion {
 /// What an upstream call produced.
 pub enum Reply {
     Complete(Completion),
-    Stream(ChunkStream),
+    Stream(Box<ChunkStream>),
 }
 
 /// One upstream HTTP request, built by a wire format's translator.
@@ -117,7 +117,7 @@ pub async fn call(
                 "upstream answered a streaming request without an event stream",
             ));
         }
-        return Ok(Reply::Stream(ChunkStream::new(resp, model, req)));
+        return Ok(Reply::Stream(Box::new(ChunkStream::new(resp, model, req))));
     }
     let body = resp.bytes().await.map_err(transport_error)?;
     let translated = match kind {

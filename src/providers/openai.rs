@@ -19,10 +19,18 @@ const API_KEY: HeaderName = HeaderName::from_static("api-key");
 
 pub fn request(model: &Model, req: &ChatRequest) -> Result<Outgoing, AttemptError> {
     let p = &model.provider;
-    let body = if p.rewrites_body() {
-        rewrite(model, req)?
+    // The model's `max_tokens` is the default output cap. OpenAI itself takes the newer
+    // name; Azure (older api-versions) and compatible servers know `max_tokens`.
+    let cap_field = if p.kind == ProviderKind::Openai {
+        "max_completion_tokens"
     } else {
-        req.body_for_model(&model.model_id_json)
+        "max_tokens"
+    };
+    let default_max = model.max_tokens.map(|n| (cap_field, u64::from(n)));
+    let body = if p.rewrites_body() {
+        rewrite(model, req, default_max)?
+    } else {
+        req.body_for(&model.model_id_json, default_max)
     };
     let mut headers = HeaderMap::new();
     let url = if p.kind == ProviderKind::AzureOpenai {
@@ -49,7 +57,11 @@ pub fn request(model: &Model, req: &ChatRequest) -> Result<Outgoing, AttemptErro
 }
 
 /// The body with the provider's `drop_params` removed and `extra_body` merged in.
-fn rewrite(model: &Model, req: &ChatRequest) -> Result<Bytes, AttemptError> {
+fn rewrite(
+    model: &Model,
+    req: &ChatRequest,
+    default_max: Option<(&str, u64)>,
+) -> Result<Bytes, AttemptError> {
     let mut map: serde_json::Map<String, Value> =
         serde_json::from_slice(&req.body).map_err(|e| {
             AttemptError::new(
@@ -66,6 +78,9 @@ fn rewrite(model: &Model, req: &ChatRequest) -> Result<Bytes, AttemptError> {
         }
     }
     map.insert("model".into(), Value::String(model.model_id.clone()));
+    if let Some((field, n)) = default_max.filter(|_| req.max_tokens.is_none()) {
+        map.insert(field.into(), Value::from(n));
+    }
     serde_json::to_vec(&map)
         .map(Bytes::from)
         .map_err(|e| AttemptError::new(ErrorClass::BadRequest, e.to_string()))

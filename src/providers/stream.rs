@@ -69,6 +69,8 @@ pub struct ChunkStream {
     pending: VecDeque<StreamItem>,
     eof: bool,
     drained: bool,
+    /// To scrub from in-stream error messages.
+    key: Option<crate::secret::Secret>,
 }
 
 impl ChunkStream {
@@ -80,6 +82,7 @@ impl ChunkStream {
             pending: VecDeque::new(),
             eof: false,
             drained: false,
+            key: model.provider.api_key.clone(),
         }
     }
 
@@ -117,7 +120,12 @@ impl ChunkStream {
             };
             match self.dialect.on_event(&event) {
                 Ok(items) => self.pending.extend(items),
-                Err(e) => return Some(Err(e)),
+                Err(mut e) => {
+                    if let Some(k) = self.key.as_ref().filter(|k| k.expose().len() >= 4) {
+                        e.message = e.message.replace(k.expose(), "***");
+                    }
+                    return Some(Err(e));
+                }
             }
         }
     }

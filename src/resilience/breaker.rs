@@ -78,6 +78,9 @@ pub enum Admission {
     Probe,
     /// Open (or out of probes) until this instant.
     Rejected { until: Instant },
+    /// Called through an open breaker (`when_all_open: try_soonest`): a success moves
+    /// it to half-open, a failure re-opens it for longer.
+    Forced,
 }
 
 /// The outcome of an admitted call, as the breaker sees it.
@@ -197,14 +200,10 @@ impl Breaker {
 
     /// Forces a call through whatever the state (for `when_all_open: try_soonest`).
     pub fn force(&self) -> Admission {
-        let mut g = self.lock();
-        if g.state != BreakerState::Closed {
-            // The forced call acts as a half-open probe.
-            g.state = BreakerState::HalfOpen;
-            g.probes_in_flight += 1;
-            Admission::Probe
-        } else {
+        if self.lock().state == BreakerState::Closed {
             Admission::Allowed
+        } else {
+            Admission::Forced
         }
     }
 
@@ -212,9 +211,14 @@ impl Breaker {
     pub fn record(&self, admission: Admission, result: CallResult) {
         let mut g = self.lock();
         let now = Instant::now();
-        let probe = admission == Admission::Probe;
-        if probe {
+        if admission == Admission::Probe {
             g.probes_in_flight = g.probes_in_flight.saturating_sub(1);
+        }
+        let forced = admission == Admission::Forced;
+        if forced && result == CallResult::Success && g.state == BreakerState::Open {
+            g.state = BreakerState::HalfOpen;
+            g.probes_in_flight = 0;
+            g.probe_successes = 0;
         }
         match result {
             CallResult::Neutral => {}
@@ -236,11 +240,12 @@ impl Breaker {
                 let (ok, failed) = g.window.totals(now);
                 let calls = ok + failed;
                 let trip = g.state == BreakerState::HalfOpen
+                    || forced
                     || g.consecutive >= self.settings.consecutive_failures
                     || (calls >= self.settings.min_calls
                         && calls > 0
                         && failed as f64 / calls as f64 >= self.settings.failure_rate);
-                if trip && g.state != BreakerState::Open {
+                if trip && (g.state != BreakerState::Open || forced) {
                     let factor = 1u32.checked_shl(g.reopenings.min(16)).unwrap_or(u32::MAX);
                     let cooldown = self
                         .settings
@@ -254,7 +259,8 @@ impl Breaker {
                 }
                 if g.state == BreakerState::Open {
                     if let Some(ra) = retry_after {
-                        g.open_until = g.open_until.max(now + ra);
+                        // Capped: a hostile or broken hint must not park a target for years.
+                        g.open_until = g.open_until.max(now + ra.min(self.settings.max_cooldown));
                     }
                 }
             }
@@ -355,13 +361,24 @@ mod tests {
         assert_eq!(b.retry_at(), Some(Instant::now() + Duration::from_secs(90)));
         // A shorter hint later does not bring it forward (the breaker is open: force a call).
         let a = b.force();
-        b.record(
-            a,
-            CallResult::Failure {
-                retry_after: Some(Duration::from_secs(5)),
-            },
-        );
+        assert_eq!(a, Admission::Forced);
+        let fail = |secs| CallResult::Failure {
+            retry_after: Some(Duration::from_secs(secs)),
+        };
+        b.record(a, fail(5));
         assert_eq!(b.retry_at(), Some(Instant::now() + Duration::from_secs(90)));
+        // A neutral forced call changes nothing; the cooldown still holds.
+        b.record(b.force(), CallResult::Neutral);
+        assert_eq!(b.state(), BreakerState::Open);
+        // A huge hint is capped at max_cooldown.
+        b.record(b.force(), fail(10_000_000));
+        assert_eq!(
+            b.retry_at(),
+            Some(Instant::now() + Duration::from_secs(100))
+        );
+        // A forced success moves it to half-open.
+        b.record(b.force(), CallResult::Success);
+        assert_eq!(b.state(), BreakerState::HalfOpen);
     }
 
     #[tokio::test(start_paused = true)]

@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 use tower::{Layer, Service};
 
 use super::breaker::{Admission, Breaker, CallResult};
-use super::Attempt;
+use super::{Attempt, Settled};
 use crate::classify::{AttemptError, ErrorClass};
 
 #[derive(Debug, Clone)]
@@ -44,7 +44,7 @@ where
     S: Service<Req, Response = R, Error = AttemptError>,
     S::Future: Send + 'static,
     Req: Attempt,
-    R: Send + 'static,
+    R: Settled + Send + 'static,
 {
     type Response = R;
     type Error = AttemptError;
@@ -76,7 +76,10 @@ where
             };
             let result = fut.await;
             let outcome = match &result {
-                Ok(_) => CallResult::Success,
+                Ok(r) if r.settled() => CallResult::Success,
+                // A stream that has only started reports its end itself.
+                Ok(_) => CallResult::Neutral,
+                Err(e) if e.deadline_cut => CallResult::Neutral,
                 Err(e) => CallResult::of(Some(e.class), e.retry_after),
             };
             if let Some(a) = guard.admission.take() {

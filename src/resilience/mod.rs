@@ -20,6 +20,14 @@ pub trait Attempt: Clone + Send + 'static {
     /// Takes one upstream call from the request's attempt budget (shared by the whole
     /// chain, so a fallback hop never resets it). `false` when it is spent.
     fn take_attempt(&self) -> bool;
+    /// Gives back an attempt that made no upstream call.
+    fn refund_attempt(&self);
     /// Call through an open breaker (`when_all_open: try_soonest`).
     fn force_breaker(&self) -> bool;
+}
+
+/// Whether a successful response is the call's final outcome. A stream that has only
+/// passed its commit point is not: whoever consumes it reports how it ended.
+pub trait Settled {
+    fn settled(&self) -> bool;
 }

@@ -99,6 +99,7 @@ where
                 model,
             } = layer;
             let mut retry = 0u32;
+            let mut last: Option<AttemptError> = None;
             loop {
                 if !req.take_attempt() {
                     let mut e = AttemptError::new(
@@ -106,18 +107,29 @@ where
                         "the request's attempt budget is spent",
                     );
                     e.not_sent = true;
-                    return Err(e);
+                    return Err(last.unwrap_or(e));
+                }
+                let err = match inner.call(req.clone()).await {
+                    Ok(r) => {
+                        if retry == 0 {
+                            shared.budget.deposit();
+                        }
+                        return Ok(r);
+                    }
+                    Err(e) => e,
+                };
+                if err.not_sent {
+                    // Turned away before any call (an open breaker): the attempt is not
+                    // spent, and a retry reports the failure that caused it.
+                    req.refund_attempt();
+                    return Err(last.unwrap_or(err));
                 }
                 if retry == 0 {
                     shared.budget.deposit();
                 }
-                let err = match inner.call(req.clone()).await {
-                    Ok(r) => return Ok(r),
-                    Err(e) => e,
-                };
-                if err.not_sent
-                    || policy.actions[err.class.index()] != Action::Retry
+                if policy.actions[err.class.index()] != Action::Retry
                     || retry >= policy.max_retries
+                    || err.deadline_cut
                 {
                     return Err(err);
                 }
@@ -140,6 +152,7 @@ where
                     .inc();
                 tokio::time::sleep(wait).await;
                 retry += 1;
+                last = Some(err);
             }
         })
     }

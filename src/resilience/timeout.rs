@@ -54,18 +54,24 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         let now = Instant::now();
-        let deadline = req.deadline().min(now + self.limit);
+        let own_limit = now + self.limit;
+        let deadline = req.deadline().min(own_limit);
+        let cut_by_request = req.deadline() < own_limit;
         let fut = self.inner.call(req);
         Box::pin(async move {
             match timeout_at(deadline, fut).await {
                 Ok(r) => r,
-                Err(_) => Err(AttemptError::new(
-                    ErrorClass::Timeout,
-                    format!(
-                        "no answer within {} ms",
-                        deadline.duration_since(now).as_millis()
-                    ),
-                )),
+                Err(_) => {
+                    let mut e = AttemptError::new(
+                        ErrorClass::Timeout,
+                        format!(
+                            "no answer within {} ms",
+                            deadline.duration_since(now).as_millis()
+                        ),
+                    );
+                    e.deadline_cut = cut_by_request;
+                    Err(e)
+                }
             }
         })
     }

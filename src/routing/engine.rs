@@ -35,11 +35,16 @@ pub struct AttemptRecord {
     pub latency: Duration,
     /// The upstream's hint for when to try again.
     pub retry_after: Option<Duration>,
+    /// Dropped before it ended (a race or hedge lost, the client left).
+    pub cancelled: bool,
 }
 
 impl AttemptRecord {
     /// `ok`, the HTTP status of a failed call, or the class: the `x-cascade-trace` outcome.
     pub fn outcome(&self) -> String {
+        if self.cancelled {
+            return "cancelled".into();
+        }
         match (self.class, self.status) {
             (None, _) => "ok".into(),
             (Some(_), Some(s)) if !(200..300).contains(&s) => s.to_string(),
@@ -52,16 +57,24 @@ impl AttemptRecord {
 /// (the first content chunk last); `rest` continues from the upstream, if anything is left.
 pub struct CommittedStream {
     pub head: Vec<Bytes>,
-    pub rest: Option<ChunkStream>,
+    pub rest: Option<Box<ChunkStream>>,
     /// The longest gap allowed between chunks after the commit point.
     pub idle_timeout: Option<Duration>,
     /// Chaos: cut this stream after its head.
     pub chaos_cut: bool,
+    /// A head chunk already carried a `finish_reason`.
+    pub head_finished: bool,
 }
 
 pub enum Answer {
     Complete(Completion),
     Stream(Box<CommittedStream>),
+}
+
+impl crate::resilience::Settled for Answer {
+    fn settled(&self) -> bool {
+        matches!(self, Answer::Complete(_))
+    }
 }
 
 /// The result of running a request through its chain.
@@ -125,12 +138,15 @@ impl Engine {
     /// as is, the chain or the attempt budget is exhausted, or `deadline` passes.
     pub async fn run(&self, chain: &Chain, req: Arc<ChatRequest>, deadline: Instant) -> Outcome {
         let ctx = Arc::new(RequestCtx::new(deadline, chain.max_attempts));
-        let walk = match plan(chain, &req) {
-            Ok(plan) => match chain.strategy {
-                Strategy::Sequential => self.sequential(chain, &plan, 0, &req, &ctx).await,
-                Strategy::Race { k } => self.race(chain, &plan, k, &req, &ctx).await,
-                Strategy::Hedge { delay } => self.hedge(chain, &plan, delay, &req, &ctx).await,
-            },
+        let (walk, plan_order) = match plan(chain, &req) {
+            Ok(plan) => {
+                let walk = match chain.strategy {
+                    Strategy::Sequential => self.sequential(chain, &plan, 0, &req, &ctx).await,
+                    Strategy::Race { k } => self.race(chain, &plan, k, &req, &ctx).await,
+                    Strategy::Hedge { delay } => self.hedge(chain, &plan, delay, &req, &ctx).await,
+                };
+                (walk, plan.order)
+            }
             Err(e) => {
                 return Outcome {
                     attempts: Vec::new(),
@@ -142,13 +158,18 @@ impl Engine {
         };
         let attempts = ctx.take_trace();
         let upstream_time = attempts.iter().map(|a| a.latency).sum();
+        // `x-cascade-fallbacks` counts chain positions, whatever order the plan used.
+        let position = |i: usize| plan_order.get(i).copied().unwrap_or(0);
         let (fallbacks, result) = match walk {
-            Ok((i, model, answer)) => (i, Ok((model, answer))),
+            Ok((i, model, answer)) => (position(i), Ok((model, answer))),
             Err(Failure {
                 last,
                 filtered: Some((model, chunks)),
                 ..
-            }) => (last, Ok((model, filtered_answer(chunks, req.stream)))),
+            }) => (
+                position(last),
+                Ok((model, filtered_answer(chunks, req.stream))),
+            ),
             Err(Failure {
                 last,
                 fail_fast: Some(e),
@@ -198,45 +219,51 @@ impl Engine {
             .inc();
     }
 
-    /// What to do after target `i` of the plan failed with `e`: `Ok(next index)` to go
-    /// on, `Err` to stop with a failure.
-    fn after_failure(
+    /// What to do after target `i` of the plan failed with `e`: `Ok(j)` to go on with
+    /// plan index `j` (never below `at_least`), `Err` to stop. At the end of the chain a
+    /// content-filtered answer is kept to be returned as it is.
+    fn next_after(
         &self,
         chain: &Chain,
         plan: &Plan,
         i: usize,
         e: AttemptError,
+        at_least: usize,
     ) -> Result<usize, Failure> {
         let pos = plan.order[i];
-        let stop = |fail_fast, filtered| Failure {
-            last: i,
-            fail_fast,
-            filtered,
-        };
-        let next = match chain.targets[pos].policy.action(e.class) {
+        let action = chain.targets[pos].policy.action(e.class);
+        if action == Action::Fail {
             // The caller's own error goes back as the upstream said it; any other class
             // configured to `fail` ends the walk with the usual aggregate error.
-            Action::Fail => return Err(stop(e.client_error, None)),
+            return Err(Failure {
+                last: i,
+                fail_fast: e.client_error,
+                filtered: None,
+            });
+        }
+        let next = match action {
             Action::JumpTo(target) => plan
                 .order
                 .iter()
                 .position(|&p| p == target)
                 .filter(|&j| j > i)
                 .unwrap_or(i + 1),
-            Action::Retry | Action::Next => i + 1,
-        };
+            _ => i + 1,
+        }
+        .max(at_least);
         match plan.order.get(next) {
             Some(&to) => {
                 self.count_fallback(chain, pos, to, e.class);
                 Ok(next)
             }
-            // The end of the chain: a content-filtered answer goes back as it is.
-            None => Err(stop(
-                None,
-                e.filtered
+            None => Err(Failure {
+                last: i,
+                fail_fast: None,
+                filtered: e
+                    .filtered
                     .filter(|_| e.class == ErrorClass::ContentPolicy)
                     .map(|f| (chain.targets[pos].model.clone(), f)),
-            )),
+            }),
         }
     }
 
@@ -259,7 +286,7 @@ impl Engine {
             let pos = plan.order[i];
             match self.call(chain, pos, plan, req, ctx).await {
                 Ok(answer) => return Ok((i, chain.targets[pos].model.clone(), answer)),
-                Err(e) => i = self.after_failure(chain, plan, i, e)?,
+                Err(e) => i = self.next_after(chain, plan, i, e, 0)?,
             }
         }
         Err(Failure {
@@ -286,34 +313,27 @@ impl Engine {
                 async move { (i, fut.await) }
             })
             .collect();
+        let mut resume = k;
         while let Some((i, result)) = racing.next().await {
-            match result {
+            let e = match result {
                 Ok(answer) => return Ok((i, chain.targets[plan.order[i]].model.clone(), answer)),
-                Err(e) if chain.targets[plan.order[i]].policy.action(e.class) == Action::Fail => {
-                    return Err(self
-                        .after_failure(chain, plan, i, e)
-                        .err()
-                        .unwrap_or(Failure {
-                            last: i,
-                            fail_fast: None,
-                            filtered: None,
-                        }));
-                }
-                Err(e) if racing.is_empty() && k == plan.order.len() => {
-                    // Everyone raced and lost: the last failure decides what goes back.
-                    return Err(self
-                        .after_failure(chain, plan, plan.order.len() - 1, e)
-                        .err()
-                        .unwrap_or(Failure {
-                            last: i,
-                            fail_fast: None,
-                            filtered: None,
-                        }));
-                }
-                Err(_) => {}
+                Err(e) => e,
+            };
+            if racing.is_empty() {
+                // The last racer decides where the chain goes on (or how it ends).
+                resume = self.next_after(chain, plan, i, e, k)?;
+            } else if chain.targets[plan.order[i]].policy.action(e.class) == Action::Fail {
+                return Err(self
+                    .next_after(chain, plan, i, e, k)
+                    .err()
+                    .unwrap_or(Failure {
+                        last: i,
+                        fail_fast: None,
+                        filtered: None,
+                    }));
             }
         }
-        self.sequential(chain, plan, k, req, ctx).await
+        self.sequential(chain, plan, resume, req, ctx).await
     }
 
     /// Starts the first target; each time `delay` passes with no answer, starts the next
@@ -350,7 +370,7 @@ impl Engine {
         let mut last = 0;
         let mut next_hedge = Instant::now() + delay;
         loop {
-            let can_hedge = hedging && next < plan.order.len();
+            let can_hedge = hedging && next < plan.order.len() && next_hedge < ctx.deadline;
             tokio::select! {
                 Some((i, was_hedge, result)) = inflight.next() => match result {
                     Ok(answer) => {
@@ -363,23 +383,20 @@ impl Engine {
                     }
                     Err(e) => {
                         last = last.max(i);
-                        let fail_fast = chain.targets[plan.order[i]].policy.action(e.class) == Action::Fail;
-                        let is_last = next >= plan.order.len() && inflight.is_empty();
-                        if fail_fast || is_last {
-                            return Err(self.after_failure(chain, plan, plan.order.len().max(i + 1) - 1, e).err().unwrap_or(Failure {
-                                last: i,
-                                fail_fast: None,
-                                filtered: None,
-                            }));
-                        }
                         if inflight.is_empty() {
                             if Instant::now() >= ctx.deadline || ctx.attempts_left() == 0 {
                                 break;
                             }
-                            self.count_fallback(chain, plan.order[i], plan.order[next], e.class);
-                            inflight.push(launch(next, false));
-                            next += 1;
+                            let j = self.next_after(chain, plan, i, e, next)?;
+                            inflight.push(launch(j, false));
+                            next = j + 1;
                             next_hedge = Instant::now() + delay;
+                        } else if chain.targets[plan.order[i]].policy.action(e.class) == Action::Fail {
+                            return Err(self.next_after(chain, plan, i, e, next).err().unwrap_or(Failure {
+                                last: i,
+                                fail_fast: None,
+                                filtered: None,
+                            }));
                         }
                     }
                 },
@@ -484,6 +501,7 @@ fn filtered_answer(chunks: Vec<Bytes>, stream: bool) -> Answer {
             rest: None,
             idle_timeout: None,
             chaos_cut: false,
+            head_finished: true,
         }))
     } else {
         Answer::Complete(Completion {
@@ -512,7 +530,11 @@ fn all_failed(attempts: &[AttemptRecord], deadline_hit: bool) -> ApiError {
             model: &a.model.name,
             provider: &a.model.provider.name,
             status: a.status,
-            class: a.class.map_or("ok", ErrorClass::as_str),
+            class: if a.cancelled {
+                "cancelled"
+            } else {
+                a.class.map_or("ok", ErrorClass::as_str)
+            },
             latency_ms: a.latency.as_millis() as u64,
         })
         .collect();

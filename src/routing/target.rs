@@ -77,6 +77,10 @@ impl Attempt for Call {
             .is_ok()
     }
 
+    fn refund_attempt(&self) {
+        self.ctx.attempts_left.fetch_add(1, Ordering::AcqRel);
+    }
+
     fn force_breaker(&self) -> bool {
         self.force
     }
@@ -208,7 +212,7 @@ async fn inject(chaos: &Chaos, jitter: &Jitter) -> Option<AttemptError> {
 /// Reads a stream until its first content chunk. Anything that goes wrong before that
 /// is an ordinary attempt failure, so the chain can still fall back invisibly.
 async fn until_commit(
-    mut stream: ChunkStream,
+    mut stream: Box<ChunkStream>,
     idle_timeout: Option<Duration>,
 ) -> Result<CommittedStream, AttemptError> {
     let mut head = Vec::new();
@@ -240,6 +244,7 @@ async fn until_commit(
                         rest: Some(stream),
                         idle_timeout,
                         chaos_cut: false,
+                        head_finished: finish_reason.is_some(),
                     });
                 }
                 match finish_reason.as_deref() {
@@ -286,51 +291,95 @@ where
 
     fn call(&mut self, call: Call) -> Self::Future {
         let fut = self.inner.call(call.clone());
-        let model = self.model.clone();
-        let chain = self.chain.clone();
-        let metrics = self.metrics.clone();
+        let mut recorder = Recorder {
+            model: self.model.clone(),
+            chain: self.chain.clone(),
+            metrics: self.metrics.clone(),
+            ctx: call.ctx,
+            start: Instant::now(),
+            done: false,
+        };
         Box::pin(async move {
-            let start = Instant::now();
             let result = fut.await;
-            let latency = start.elapsed();
-            let labels = [&*model.name, &*model.provider.name];
-            metrics
-                .upstream_duration
-                .with_label_values(&labels)
-                .observe(latency.as_secs_f64());
-            let (status, class, retry_after, outcome) = match &result {
-                Ok(answer) => {
-                    let ttft = matches!(answer, Answer::Stream(_)).then_some(latency);
-                    if let Some(t) = ttft {
-                        metrics
-                            .ttft
-                            .with_label_values(&[&model.name])
-                            .observe(t.as_secs_f64());
-                    }
-                    model.health.record_success(latency, ttft);
-                    (Some(200), None, None, "ok")
-                }
-                Err(e) => {
-                    if crate::resilience::breaker::counts_against_target(e.class) {
-                        model.health.record_failure();
-                    }
-                    (e.status, Some(e.class), e.retry_after, e.class.as_str())
-                }
-            };
-            metrics
-                .attempts_total
-                .with_label_values(&[&chain, &model.name, &model.provider.name, outcome])
-                .inc();
-            if let Ok(mut trace) = call.ctx.trace.lock() {
-                trace.push(AttemptRecord {
-                    model: model.clone(),
-                    status,
-                    class,
-                    latency,
-                    retry_after,
-                });
-            }
+            recorder.finish(&result);
             result
         })
+    }
+}
+
+/// Writes one call's record when it ends, or, if the call is dropped first (a race or
+/// hedge lost, the client left), a `cancelled` record.
+struct Recorder {
+    model: Arc<Model>,
+    chain: Arc<str>,
+    metrics: Arc<Metrics>,
+    ctx: Arc<RequestCtx>,
+    start: Instant,
+    done: bool,
+}
+
+impl Recorder {
+    fn finish(&mut self, result: &Result<Answer, AttemptError>) {
+        self.done = true;
+        let latency = self.start.elapsed();
+        let model = &self.model;
+        self.metrics
+            .upstream_duration
+            .with_label_values(&[&model.name, &model.provider.name])
+            .observe(latency.as_secs_f64());
+        let (status, class, retry_after, outcome) = match result {
+            Ok(answer) => {
+                let ttft = matches!(answer, Answer::Stream(_)).then_some(latency);
+                if let Some(t) = ttft {
+                    self.metrics
+                        .ttft
+                        .with_label_values(&[&model.name])
+                        .observe(t.as_secs_f64());
+                }
+                model.health.record_success(latency, ttft);
+                (Some(200), None, None, "ok")
+            }
+            Err(e) => {
+                if crate::resilience::breaker::counts_against_target(e.class) && !e.deadline_cut {
+                    model.health.record_failure();
+                }
+                (e.status, Some(e.class), e.retry_after, e.class.as_str())
+            }
+        };
+        self.push(status, class, retry_after, outcome, false, latency);
+    }
+
+    fn push(
+        &self,
+        status: Option<u16>,
+        class: Option<ErrorClass>,
+        retry_after: Option<Duration>,
+        outcome: &str,
+        cancelled: bool,
+        latency: Duration,
+    ) {
+        let model = &self.model;
+        self.metrics
+            .attempts_total
+            .with_label_values(&[&self.chain, &model.name, &model.provider.name, outcome])
+            .inc();
+        if let Ok(mut trace) = self.ctx.trace.lock() {
+            trace.push(AttemptRecord {
+                model: model.clone(),
+                status,
+                class,
+                latency,
+                retry_after,
+                cancelled,
+            });
+        }
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        if !self.done {
+            self.push(None, None, None, "cancelled", true, self.start.elapsed());
+        }
     }
 }

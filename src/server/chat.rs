@@ -23,6 +23,7 @@ const X_PROVIDER: HeaderName = HeaderName::from_static("x-cascade-provider");
 const X_ATTEMPTS: HeaderName = HeaderName::from_static("x-cascade-attempts");
 const X_FALLBACKS: HeaderName = HeaderName::from_static("x-cascade-fallbacks");
 const X_TRACE: HeaderName = HeaderName::from_static("x-cascade-trace");
+const X_COST: HeaderName = HeaderName::from_static("x-cascade-cost-usd");
 const X_TASK: &str = "x-cascade-task";
 const X_TIMEOUT_MS: &str = "x-cascade-timeout-ms";
 /// Label used for requests rejected before a chain was known.
@@ -82,6 +83,15 @@ fn client_timeout(headers: &HeaderMap) -> Result<Option<std::time::Duration>, Ap
                 .with_param(X_TIMEOUT_MS)
                 .with_code("invalid_value")
         })
+}
+
+/// Dollars with enough digits for a single cheap call, without trailing zeros.
+fn format_cost(usd: f64) -> String {
+    let s = format!("{usd:.10}");
+    let s = s.trim_end_matches('0');
+    s.strip_suffix('.')
+        .map(|t| format!("{t}.0"))
+        .unwrap_or_else(|| s.to_string())
 }
 
 /// `x-cascade-trace`: `MODEL:OUTCOME:MS` per attempt, in order.
@@ -148,15 +158,30 @@ fn respond(
 
     let (mut resp, answered_by) = match outcome.result {
         Ok((model, Answer::Complete(c))) => {
+            let cost = c.usage.map(|u| {
+                sse::record_usage(&app.metrics, &model, &u);
+                model.cost_usd(&u)
+            });
             let mut r = Response::new(Body::from(c.body));
-            r.headers_mut().insert(
+            let h = r.headers_mut();
+            h.insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
             );
+            if let Some(v) = cost.and_then(|c| HeaderValue::from_str(&format_cost(c)).ok()) {
+                h.insert(X_COST, v);
+            }
             (r, Some(model))
         }
         Ok((model, Answer::Stream(committed))) => {
-            let mut r = Response::new(Body::from_stream(sse::body(committed, deadline, inflight)));
+            let body = sse::body(
+                *committed,
+                model.clone(),
+                app.metrics.clone(),
+                deadline,
+                inflight,
+            );
+            let mut r = Response::new(Body::from_stream(body));
             let h = r.headers_mut();
             h.insert(
                 header::CONTENT_TYPE,

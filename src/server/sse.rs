@@ -2,16 +2,20 @@
 //! rest of the upstream, ending in `data: [DONE]` or, on failure, an error event.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::StatusCode;
 use prometheus::IntGauge;
 use tokio::time::{timeout_at, Instant};
 
-use crate::api::ApiError;
+use crate::api::{ApiError, Usage};
 use crate::classify::ErrorClass;
+use crate::config::Model;
+use crate::metrics::Metrics;
 use crate::providers::AttemptError;
 use crate::providers::{ChunkStream, StreamItem};
+use crate::resilience::breaker::{Admission, CallResult};
 use crate::routing::engine::CommittedStream;
 
 /// Decrements the in-flight gauge when the request (or its stream) ends.
@@ -32,13 +36,64 @@ impl Drop for InflightGuard {
 
 struct State {
     head: VecDeque<Bytes>,
-    rest: Option<ChunkStream>,
+    rest: Option<Box<ChunkStream>>,
     deadline: Instant,
     idle_timeout: Option<std::time::Duration>,
     chaos_cut: bool,
     saw_finish: bool,
     ended: bool,
+    /// The last usage the upstream reported, counted when the stream ends.
+    usage: Option<Usage>,
+    model: Arc<Model>,
+    metrics: Arc<Metrics>,
     _inflight: InflightGuard,
+}
+
+impl State {
+    /// The stream completed: count its tokens and cost.
+    fn complete(&mut self) -> Bytes {
+        self.ended = true;
+        if let Some(u) = self.usage.take() {
+            record_usage(&self.metrics, &self.model, &u);
+        }
+        self.model
+            .breaker
+            .record(Admission::Allowed, CallResult::Success);
+        Bytes::from_static(DONE)
+    }
+
+    /// The upstream failed after the commit point: the target's breaker and health
+    /// window hear of it, and the client gets an error event.
+    fn fail(&mut self, event: Bytes) -> Bytes {
+        self.ended = true;
+        self.model.breaker.record(
+            Admission::Allowed,
+            CallResult::Failure { retry_after: None },
+        );
+        self.model.health.record_failure();
+        event
+    }
+}
+
+/// Counts tokens and cost for an answer of `model`.
+pub fn record_usage(metrics: &Metrics, model: &Model, u: &Usage) {
+    let name = &*model.name;
+    let tokens = &metrics.tokens_total;
+    tokens
+        .with_label_values(&[name, "prompt"])
+        .inc_by(u.prompt_tokens);
+    tokens
+        .with_label_values(&[name, "completion"])
+        .inc_by(u.completion_tokens);
+    if u.cached_tokens > 0 {
+        tokens
+            .with_label_values(&[name, "cached"])
+            .inc_by(u.cached_tokens);
+    }
+    metrics
+        .cost_usd_total
+        .with_label_values(&[name])
+        .inc_by(model.cost_usd(u));
 }
 
 fn event(data: &[u8]) -> Bytes {
@@ -69,7 +124,9 @@ fn failure_event(e: &AttemptError) -> Bytes {
 
 /// The body stream for a committed upstream stream.
 pub fn body(
-    committed: Box<CommittedStream>,
+    committed: CommittedStream,
+    model: Arc<Model>,
+    metrics: Arc<Metrics>,
     deadline: Instant,
     inflight: InflightGuard,
 ) -> impl futures_util::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send {
@@ -79,8 +136,11 @@ pub fn body(
         deadline,
         idle_timeout: committed.idle_timeout,
         chaos_cut: committed.chaos_cut,
-        saw_finish: false,
+        saw_finish: committed.head_finished,
         ended: false,
+        usage: None,
+        model,
+        metrics,
         _inflight: inflight,
     };
     futures_util::stream::unfold(state, |mut s| async move {
@@ -91,14 +151,14 @@ pub fn body(
             return Some((Ok(event(&chunk)), s));
         }
         if s.chaos_cut {
-            s.ended = true;
             let e = AttemptError::new(ErrorClass::Transient, "chaos: stream cut");
-            return Some((Ok(failure_event(&e)), s));
+            let out = s.fail(failure_event(&e));
+            return Some((Ok(out), s));
         }
         let Some(rest) = s.rest.as_mut() else {
-            // Nothing left upstream (a replayed, already complete answer).
-            s.ended = true;
-            return Some((Ok(Bytes::from_static(DONE)), s));
+            // Nothing left upstream (an answer returned whole, such as a refusal).
+            let out = s.complete();
+            return Some((Ok(out), s));
         };
         let limit = match s.idle_timeout {
             Some(idle) => s.deadline.min(Instant::now() + idle),
@@ -108,45 +168,39 @@ pub fn body(
             Ok(Some(Ok(StreamItem::Chunk {
                 data,
                 finish_reason,
+                usage,
                 ..
             }))) => {
                 s.saw_finish |= finish_reason.is_some();
+                if usage.is_some() {
+                    s.usage = usage;
+                }
                 event(&data)
             }
-            Ok(Some(Ok(StreamItem::Done))) => {
-                s.ended = true;
-                Bytes::from_static(DONE)
-            }
-            Ok(Some(Err(e))) => {
-                s.ended = true;
-                failure_event(&e)
-            }
-            Ok(None) if s.saw_finish => {
-                // Some servers close after the finish chunk without `[DONE]`.
-                s.ended = true;
-                Bytes::from_static(DONE)
-            }
-            Ok(None) => {
-                s.ended = true;
+            Ok(Some(Ok(StreamItem::Done))) => s.complete(),
+            Ok(Some(Err(e))) => s.fail(failure_event(&e)),
+            // Some servers close after the finish chunk without `[DONE]`.
+            Ok(None) if s.saw_finish => s.complete(),
+            Ok(None) => s.fail(
                 ApiError::new(
                     StatusCode::BAD_GATEWAY,
                     "server_error",
                     "the upstream stream ended before it finished",
                 )
                 .with_code("stream_interrupted")
-                .sse_event()
-            }
-            Err(_) if limit < s.deadline => {
-                s.ended = true;
+                .sse_event(),
+            ),
+            Err(_) if limit < s.deadline => s.fail(
                 ApiError::new(
                     StatusCode::GATEWAY_TIMEOUT,
                     "timeout_error",
                     "the upstream stream went idle for longer than idle_timeout",
                 )
                 .with_code("idle_timeout")
-                .sse_event()
-            }
+                .sse_event(),
+            ),
             Err(_) => {
+                // The request's own deadline: not the target's fault.
                 s.ended = true;
                 ApiError::new(
                     StatusCode::GATEWAY_TIMEOUT,
