@@ -40,7 +40,15 @@ pub struct Knobs {
     pub reset: bool,
     /// The answer text; defaults to one naming the model.
     pub content: Option<String>,
-    pub finish_reason: String,
+    /// In OpenAI's words (stop, length, tool_calls, content_filter); each format maps it.
+    pub finish_reason: Option<String>,
+    /// Answer with a call to this tool (arguments `{"city":"Paris"}`).
+    pub tool: Option<String>,
+    /// Gemini: block the prompt (no candidates, `promptFeedback.blockReason`); other
+    /// formats answer empty with `content_filter`.
+    pub blocked: bool,
+    /// Streams: an in-stream error event after this many content chunks.
+    pub error_event_after: Option<usize>,
 }
 
 impl Default for Knobs {
@@ -62,7 +70,10 @@ impl Default for Knobs {
             stall: false,
             reset: false,
             content: None,
-            finish_reason: "stop".into(),
+            finish_reason: None,
+            tool: None,
+            blocked: false,
+            error_event_after: None,
         }
     }
 }
@@ -128,7 +139,10 @@ impl Knobs {
                 "stall" => k.stall = true,
                 "reset" => k.reset = true,
                 "content" => k.content = Some(value.to_string()),
-                "finish_reason" => k.finish_reason = value.to_string(),
+                "finish_reason" => k.finish_reason = Some(value.to_string()),
+                "tool" => k.tool = Some(value.to_string()),
+                "blocked" => k.blocked = true,
+                "error_event_after" => k.error_event_after = Some(num(value)?),
                 other => return Err(format!("unknown mock knob {other:?}")),
             }
         }

@@ -5,6 +5,7 @@
 //! Knobs come from, in order of precedence: the URL (`/k/<knobs>/v1/chat/completions`),
 //! the per-model table (`MockServer::set` or `POST /_mock/knobs/<model>`), the defaults.
 
+pub mod formats;
 pub mod knobs;
 
 use std::collections::HashMap;
@@ -14,8 +15,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use formats::{Answer, Format, Step, ToolPlan};
+
 use bytes::Bytes;
-use http::{header, Method, Request, Response, StatusCode};
+use http::{header, HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
@@ -191,7 +194,7 @@ pub async fn serve(listener: TcpListener, state: Arc<MockState>) {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 struct RequestHead {
     #[serde(default)]
     model: String,
@@ -224,12 +227,63 @@ fn full(
     r
 }
 
+fn json_response(status: u16, body: &serde_json::Value) -> Response<MockBody> {
+    full(
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        "application/json",
+        body.to_string(),
+    )
+}
+
+/// The API a path belongs to, with the model and streaming flag when the path says them
+/// (Gemini puts both in the URL).
+fn route(path: &str) -> Option<(Format, Option<(String, bool)>)> {
+    if path == "/v1/chat/completions" || path == "/chat/completions" {
+        return Some((Format::OpenAi, None));
+    }
+    if path == "/v1/messages" {
+        return Some((Format::Anthropic, None));
+    }
+    let rest = path.strip_prefix("/v1beta/models/")?;
+    let (model, method) = rest.rsplit_once(':')?;
+    let stream = match method {
+        "generateContent" => false,
+        "streamGenerateContent" => true,
+        _ => return None,
+    };
+    Some((Format::Gemini, Some((model.to_string(), stream))))
+}
+
+/// The credentials each API expects, checked the way the real services do.
+fn auth_error(format: Format, headers: &HeaderMap, query: &str) -> Option<Response<MockBody>> {
+    let has = |name: &str| headers.get(name).is_some_and(|v| !v.is_empty());
+    match format {
+        Format::OpenAi => None,
+        Format::Anthropic if !has("x-api-key") || !has("anthropic-version") => Some(json_response(
+            401,
+            &json!({"type": "error", "error": {"type": "authentication_error",
+                    "message": "mock: x-api-key and anthropic-version headers are required"}}),
+        )),
+        Format::Anthropic => None,
+        Format::Gemini if query.split('&').any(|kv| kv.starts_with("key=")) => Some(json_response(
+            400,
+            &json!({"error": {"code": 400, "message": "mock: the API key must not be in the URL", "status": "INVALID_ARGUMENT"}}),
+        )),
+        Format::Gemini if !has("x-goog-api-key") => Some(json_response(
+            403,
+            &json!({"error": {"code": 403, "message": "mock: x-goog-api-key header is required", "status": "PERMISSION_DENIED"}}),
+        )),
+        Format::Gemini => None,
+    }
+}
+
 async fn handle(
     req: Request<Incoming>,
     state: Arc<MockState>,
     reset: Arc<tokio::sync::Notify>,
 ) -> Result<Response<MockBody>, BoxError> {
     let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or_default().to_string();
     let method = req.method().clone();
     let headers = req.headers().clone();
     let body = req.into_body().collect().await?.to_bytes();
@@ -272,25 +326,27 @@ async fn handle(
         },
         None => (None, path.clone()),
     };
-    if method != Method::POST || !(rest == "/v1/chat/completions" || rest == "/chat/completions") {
-        return Ok(full(
-            StatusCode::NOT_FOUND,
-            "application/json",
-            r#"{"error":{"message":"mock: unknown route","type":"invalid_request_error","param":null,"code":null}}"#,
+    let Some((format, from_path)) = route(&rest).filter(|_| method == Method::POST) else {
+        return Ok(json_response(
+            404,
+            &json!({"error": {"message": "mock: unknown route", "type": "invalid_request_error", "param": null, "code": null}}),
         ));
-    }
-
-    let head: RequestHead = match serde_json::from_slice(&body) {
-        Ok(h) => h,
-        Err(e) => {
-            let msg = json!({"error":{"message": format!("mock: invalid JSON: {e}"),"type":"invalid_request_error","param":null,"code":null}});
-            return Ok(full(
-                StatusCode::BAD_REQUEST,
-                "application/json",
-                msg.to_string(),
-            ));
-        }
     };
+    if let Some(denied) = auth_error(format, &headers, &query) {
+        return Ok(denied);
+    }
+    let mut head: RequestHead = match serde_json::from_slice(&body) {
+        Ok(h) => h,
+        Err(e) if format != Format::Gemini => {
+            let msg = json!({"error": {"message": format!("mock: invalid JSON: {e}"), "type": "invalid_request_error", "param": null, "code": null}});
+            return Ok(json_response(400, &msg));
+        }
+        Err(_) => RequestHead::default(),
+    };
+    if let Some((model, stream)) = from_path {
+        head.model = model;
+        head.stream = stream;
+    }
     let index = state.record(&head.model, &body, &headers);
     let knobs = match path_knobs {
         Some(spec) => Knobs::parse(&spec).map_err(|e| -> BoxError { e.into() })?,
@@ -306,7 +362,15 @@ async fn handle(
         reset.notify_one();
         std::future::pending::<()>().await;
     }
-    respond(&head, &knobs, index, body.len(), state.cancelled.clone()).await
+    respond(
+        format,
+        &head,
+        &knobs,
+        index,
+        body.len(),
+        state.cancelled.clone(),
+    )
+    .await
 }
 
 /// Turns a failing call under `mix` into one concrete fault.
@@ -352,7 +416,71 @@ impl Drop for StreamGuard {
     }
 }
 
+/// The format-neutral answer the knobs ask for.
+fn plan_answer(
+    format: Format,
+    head: &RequestHead,
+    k: &Knobs,
+    index: u64,
+    body_len: usize,
+) -> Answer {
+    let content = if k.empty || k.blocked {
+        String::new()
+    } else {
+        k.content.clone().unwrap_or_else(|| {
+            if k.tool.is_some() {
+                String::new()
+            } else {
+                format!("Hello from {}! This is a mock answer.", head.model)
+            }
+        })
+    };
+    let pieces = split_pieces(&content, k.chunks);
+    let tool = k
+        .tool
+        .as_ref()
+        .filter(|_| !k.empty && !k.blocked)
+        .map(|name| ToolPlan {
+            id: format!("call_mock{index}"),
+            name: name.clone(),
+            fragments: vec!["{\"city\":".into(), " \"Par".into(), "is\"}".into()],
+        });
+    let finish = k.finish_reason.clone().unwrap_or_else(|| {
+        if k.blocked {
+            "content_filter".into()
+        } else if tool.is_some() {
+            "tool_calls".into()
+        } else {
+            "stop".into()
+        }
+    });
+    let id = match format {
+        Format::OpenAi => format!("chatcmpl-mock{index}"),
+        Format::Anthropic => format!("msg_mock{index}"),
+        Format::Gemini => format!("mockresp{index}"),
+    };
+    Answer {
+        id,
+        model: head.model.clone(),
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        completion_tokens: (pieces.len() + usize::from(tool.is_some())) as u64,
+        pieces,
+        tool,
+        finish,
+        prompt_tokens: (body_len / 4).max(1) as u64,
+        include_usage: head
+            .stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage),
+        blocked: k.blocked,
+    }
+}
+
 async fn respond(
+    format: Format,
     head: &RequestHead,
     k: &Knobs,
     index: u64,
@@ -366,11 +494,19 @@ async fn respond(
         tokio::time::sleep(k.latency).await;
     }
     if k.fails(index) {
-        return Ok(error_response(
-            k.status.unwrap_or(500),
-            k.retry_after.as_deref(),
-            k.code.as_deref(),
-        ));
+        let status = k.status.unwrap_or(500);
+        let mut r = json_response(
+            status,
+            &formats::error_body(format, status, k.code.as_deref()),
+        );
+        if let Some(ra) = k
+            .retry_after
+            .as_deref()
+            .and_then(|v| header::HeaderValue::from_str(v).ok())
+        {
+            r.headers_mut().insert(header::RETRY_AFTER, ra);
+        }
+        return Ok(r);
     }
     if k.malformed && !head.stream {
         return Ok(full(
@@ -379,73 +515,63 @@ async fn respond(
             r#"{"id":"chatcmpl-mock","choices":[{"#,
         ));
     }
-
-    let created = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let content = if k.empty {
-        String::new()
-    } else {
-        k.content
-            .clone()
-            .unwrap_or_else(|| format!("Hello from {}! This is a mock answer.", head.model))
-    };
-    let prompt_tokens = (body_len / 4).max(1) as u64;
-    let pieces = split_pieces(&content, k.chunks);
-    let completion_tokens = pieces.len() as u64;
-    let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens});
-    let id = format!("chatcmpl-mock{index}");
-
+    let answer = plan_answer(format, head, k, index, body_len);
     if !head.stream {
-        let body = json!({
-            "id": id, "object": "chat.completion", "created": created, "model": head.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content, "refusal": null}, "logprobs": null, "finish_reason": k.finish_reason}],
-            "usage": usage,
-        });
-        return Ok(full(
-            StatusCode::OK,
-            "application/json",
-            serde_json::to_vec(&body)?,
-        ));
+        return Ok(json_response(200, &formats::body(format, &answer)));
     }
 
-    let include_usage = head
-        .stream_options
-        .as_ref()
-        .is_some_and(|o| o.include_usage);
-    let chunk = |delta: serde_json::Value, finish: Option<&str>| -> Bytes {
-        let mut c = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": head.model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]});
-        if include_usage {
-            c["usage"] = serde_json::Value::Null;
-        }
-        Bytes::from(format!("data: {c}\n\n"))
-    };
-    let mut plan: Vec<(Duration, Result<Bytes, ()>)> = vec![(
-        Duration::ZERO,
-        Ok(chunk(json!({"role": "assistant", "content": ""}), None)),
-    )];
+    // The stream as steps, each with the wait before it.
+    let mut steps: Vec<(Duration, Step)> = vec![(Duration::ZERO, Step::Start)];
+    let mut cut = false;
     if k.malformed {
-        plan.push((k.ttft, Ok(Bytes::from_static(b"data: {\"id\": oops\n\n"))));
+        cut = true;
+    }
+    for i in 0..answer.pieces.len() {
+        if k.cut_after == Some(i) || k.error_event_after == Some(i) {
+            cut = true;
+            break;
+        }
+        steps.push((if i == 0 { k.ttft } else { k.gap }, Step::Piece(i)));
+    }
+    if !cut {
+        if let Some(t) = &answer.tool {
+            steps.push((
+                if answer.pieces.is_empty() {
+                    k.ttft
+                } else {
+                    k.gap
+                },
+                Step::ToolStart,
+            ));
+            for i in 0..t.fragments.len() {
+                steps.push((k.gap, Step::ToolFragment(i)));
+            }
+        }
+        if k.cut_after == Some(answer.pieces.len()) && answer.pieces.is_empty() {
+            cut = true;
+        } else {
+            steps.push((k.gap, Step::Finish));
+        }
+    }
+    let mut frames: Vec<(Duration, Result<Bytes, ()>)> = steps
+        .iter()
+        .filter_map(|(wait, step)| formats::event(format, &answer, step).map(|b| (*wait, Ok(b))))
+        .collect();
+    if k.malformed {
+        frames.push((k.ttft, Ok(Bytes::from_static(b"data: {\"id\": oops\n\n"))));
+    } else if k.error_event_after.is_some() && cut {
+        if let Some(b) = formats::event(format, &answer, &Step::Error) {
+            frames.push((k.gap, Ok(b)));
+        }
+    } else if cut {
+        // The pause lets hyper flush what was sent before the connection drops.
+        frames.push((k.gap.max(Duration::from_millis(1)), Err(())));
     } else {
-        for (i, piece) in pieces.iter().enumerate() {
-            if k.cut_after == Some(i) {
-                // The pause lets hyper flush what was sent before the connection drops.
-                plan.push((k.gap.max(Duration::from_millis(1)), Err(())));
-                break;
-            }
-            let wait = if i == 0 { k.ttft } else { k.gap };
-            plan.push((wait, Ok(chunk(json!({"content": piece}), None))));
-        }
-        if plan.last().is_some_and(|(_, p)| p.is_ok()) {
-            plan.push((k.gap, Ok(chunk(json!({}), Some(&k.finish_reason)))));
-            if include_usage {
-                let u = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": head.model, "choices": [], "usage": usage});
-                plan.push((Duration::ZERO, Ok(Bytes::from(format!("data: {u}\n\n")))));
-            }
-            plan.push((Duration::ZERO, Ok(Bytes::from_static(b"data: [DONE]\n\n"))));
-        }
+        frames.extend(
+            formats::tail(format, &answer)
+                .into_iter()
+                .map(|b| (Duration::ZERO, Ok(b))),
+        );
     }
 
     let guard = StreamGuard {
@@ -453,9 +579,9 @@ async fn respond(
         cancelled,
     };
     let stream = futures_util::stream::unfold(
-        (plan.into_iter(), guard),
-        |(mut plan, mut guard)| async move {
-            let Some((wait, item)) = plan.next() else {
+        (frames.into_iter(), guard),
+        |(mut frames, mut guard)| async move {
+            let Some((wait, item)) = frames.next() else {
                 guard.finish();
                 return None;
             };
@@ -469,7 +595,7 @@ async fn respond(
             let frame = item
                 .map(Frame::data)
                 .map_err(|_| -> BoxError { "mock: stream cut".into() });
-            Some((frame, (plan, guard)))
+            Some((frame, (frames, guard)))
         },
     );
     let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
@@ -488,56 +614,4 @@ fn split_pieces(text: &str, n: usize) -> Vec<String> {
     }
     let size = chars.len().div_ceil(n.max(1));
     chars.chunks(size).map(|c| c.iter().collect()).collect()
-}
-
-fn error_response(
-    status: u16,
-    retry_after: Option<&str>,
-    code_override: Option<&str>,
-) -> Response<MockBody> {
-    let (kind, code, message) = match status {
-        400 => (
-            "invalid_request_error",
-            "invalid_value",
-            "mock: the request is invalid",
-        ),
-        401 => (
-            "invalid_request_error",
-            "invalid_api_key",
-            "mock: incorrect API key provided",
-        ),
-        403 => (
-            "invalid_request_error",
-            "forbidden",
-            "mock: no access to this model",
-        ),
-        404 => (
-            "invalid_request_error",
-            "model_not_found",
-            "mock: the model does not exist",
-        ),
-        422 => (
-            "invalid_request_error",
-            "unprocessable_entity",
-            "mock: unprocessable request",
-        ),
-        429 => (
-            "rate_limit_error",
-            "rate_limit_exceeded",
-            "mock: rate limit reached",
-        ),
-        _ => (
-            "server_error",
-            "server_error",
-            "mock: the server had an error",
-        ),
-    };
-    let code = code_override.unwrap_or(code);
-    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let body = json!({"error": {"message": message, "type": kind, "param": null, "code": code}});
-    let mut r = full(status, "application/json", body.to_string());
-    if let Some(ra) = retry_after.and_then(|v| header::HeaderValue::from_str(v).ok()) {
-        r.headers_mut().insert(header::RETRY_AFTER, ra);
-    }
-    r
 }
