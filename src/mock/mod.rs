@@ -235,14 +235,34 @@ fn json_response(status: u16, body: &serde_json::Value) -> Response<MockBody> {
     )
 }
 
-/// The API a path belongs to, with the model and streaming flag when the path says them
-/// (Gemini puts both in the URL).
-fn route(path: &str) -> Option<(Format, Option<(String, bool)>)> {
+/// Where a path puts what the body would otherwise say.
+struct FromPath {
+    model: Option<String>,
+    stream: Option<bool>,
+}
+
+/// The API a path belongs to. Gemini puts the model and the streaming flag in the URL;
+/// Azure puts the deployment (the model) there.
+fn route(path: &str) -> Option<(Format, FromPath)> {
+    let none = FromPath {
+        model: None,
+        stream: None,
+    };
     if path == "/v1/chat/completions" || path == "/chat/completions" {
-        return Some((Format::OpenAi, None));
+        return Some((Format::OpenAi, none));
     }
     if path == "/v1/messages" {
-        return Some((Format::Anthropic, None));
+        return Some((Format::Anthropic, none));
+    }
+    if let Some((_, rest)) = path.split_once("/openai/deployments/") {
+        let deployment = rest.strip_suffix("/chat/completions")?;
+        return Some((
+            Format::OpenAi,
+            FromPath {
+                model: Some(deployment.to_string()),
+                stream: None,
+            },
+        ));
     }
     let rest = path.strip_prefix("/v1beta/models/")?;
     let (model, method) = rest.rsplit_once(':')?;
@@ -251,7 +271,13 @@ fn route(path: &str) -> Option<(Format, Option<(String, bool)>)> {
         "streamGenerateContent" => true,
         _ => return None,
     };
-    Some((Format::Gemini, Some((model.to_string(), stream))))
+    Some((
+        Format::Gemini,
+        FromPath {
+            model: Some(model.to_string()),
+            stream: Some(stream),
+        },
+    ))
 }
 
 /// The credentials each API expects, checked the way the real services do.
@@ -332,6 +358,12 @@ async fn handle(
             &json!({"error": {"message": "mock: unknown route", "type": "invalid_request_error", "param": null, "code": null}}),
         ));
     };
+    if from_path.model.is_some() && format == Format::OpenAi && !query.contains("api-version=") {
+        return Ok(json_response(
+            404,
+            &json!({"error": {"code": "404", "message": "mock: Azure needs an api-version query parameter"}}),
+        ));
+    }
     if let Some(denied) = auth_error(format, &headers, &query) {
         return Ok(denied);
     }
@@ -343,8 +375,10 @@ async fn handle(
         }
         Err(_) => RequestHead::default(),
     };
-    if let Some((model, stream)) = from_path {
+    if let Some(model) = from_path.model {
         head.model = model;
+    }
+    if let Some(stream) = from_path.stream {
         head.stream = stream;
     }
     let index = state.record(&head.model, &body, &headers);
