@@ -408,7 +408,7 @@ struct StartMessage {
 }
 
 /// Translates Anthropic stream events into OpenAI chunks.
-pub(crate) struct StreamState {
+pub struct StreamState {
     writer: ChunkWriter,
     /// Anthropic block index -> OpenAI tool-call index.
     tool_index: HashMap<u64, usize>,

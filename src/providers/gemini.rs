@@ -411,7 +411,7 @@ pub fn completion(body: &[u8], model: &Model) -> Result<Bytes, AttemptError> {
 
 /// Translates Gemini stream events (each a partial `GenerateContentResponse`) into
 /// OpenAI chunks. Gemini has no terminator: the end of the upstream body ends it.
-pub(crate) struct StreamState {
+pub struct StreamState {
     writer: ChunkWriter,
     started: bool,
     tools: usize,

@@ -70,7 +70,7 @@ fn rewrite(
             )
         })?;
     for name in &model.provider.drop_params {
-        map.remove(name);
+        map.shift_remove(name);
     }
     if let Some(extra) = &model.provider.extra_body {
         for (k, v) in extra {
@@ -88,7 +88,7 @@ fn rewrite(
 
 /// OpenAI chunks pass through; `model` is set to the target's id, in-stream errors are
 /// classified, and chunks that carry nothing for the client are dropped.
-pub(crate) struct StreamState {
+pub struct StreamState {
     model_id_json: Box<str>,
 }
 

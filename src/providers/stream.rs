@@ -25,7 +25,7 @@ pub enum StreamItem {
 }
 
 /// Turns one upstream event into OpenAI stream items.
-pub(crate) enum Dialect {
+pub enum Dialect {
     OpenAi(openai::StreamState),
     Anthropic(anthropic::StreamState),
     Gemini(gemini::StreamState),
