@@ -28,7 +28,11 @@ fn golden(path: PathBuf, actual: &Value) {
         std::fs::write(&path, serde_json::to_string_pretty(actual).unwrap() + "\n").unwrap();
         return;
     }
-    assert!(path.exists(), "missing snapshot {} (run with UPDATE_GOLDEN=1)", path.display());
+    assert!(
+        path.exists(),
+        "missing snapshot {} (run with UPDATE_GOLDEN=1)",
+        path.display()
+    );
     let expected = read(&path);
     assert_eq!(
         &expected,
@@ -56,7 +60,13 @@ fn openai_requests_to_anthropic() {
         let chat: TypedChat = serde_json::from_value(case["request"].clone()).unwrap();
         let stream = case["request"]["stream"].as_bool().unwrap_or(false);
         let out = anthropic::to_anthropic(&chat, "claude-x", Some(4096), stream).unwrap();
-        golden(fixtures().join(format!("anthropic/requests/{}.json", case["name"].as_str().unwrap())), &out);
+        golden(
+            fixtures().join(format!(
+                "anthropic/requests/{}.json",
+                case["name"].as_str().unwrap()
+            )),
+            &out,
+        );
     }
 }
 
@@ -65,7 +75,13 @@ fn openai_requests_to_gemini() {
     for case in cases("openai_requests.json") {
         let chat: TypedChat = serde_json::from_value(case["request"].clone()).unwrap();
         let out = gemini::to_gemini(&chat, Some(4096)).unwrap();
-        golden(fixtures().join(format!("gemini/requests/{}.json", case["name"].as_str().unwrap())), &out);
+        golden(
+            fixtures().join(format!(
+                "gemini/requests/{}.json",
+                case["name"].as_str().unwrap()
+            )),
+            &out,
+        );
     }
 }
 
@@ -75,7 +91,13 @@ fn anthropic_responses_to_openai() {
         let body = serde_json::to_vec(&case["response"]).unwrap();
         let out = answer(anthropic::from_anthropic(&body, "claude-x").unwrap());
         check_usage_invariants(&out["usage"]);
-        golden(fixtures().join(format!("anthropic/responses/{}.json", case["name"].as_str().unwrap())), &out);
+        golden(
+            fixtures().join(format!(
+                "anthropic/responses/{}.json",
+                case["name"].as_str().unwrap()
+            )),
+            &out,
+        );
     }
 }
 
@@ -87,15 +109,35 @@ fn gemini_responses_to_openai() {
         if !out["usage"].is_null() {
             check_usage_invariants(&out["usage"]);
         }
-        golden(fixtures().join(format!("gemini/responses/{}.json", case["name"].as_str().unwrap())), &out);
+        golden(
+            fixtures().join(format!(
+                "gemini/responses/{}.json",
+                case["name"].as_str().unwrap()
+            )),
+            &out,
+        );
     }
 }
 
 fn check_usage_invariants(u: &Value) {
     let n = |k: &str| u[k].as_u64().unwrap();
-    assert_eq!(n("total_tokens"), n("prompt_tokens") + n("completion_tokens"), "{u}");
-    assert!(u["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap() <= n("prompt_tokens"));
-    assert!(u["completion_tokens_details"]["reasoning_tokens"].as_u64().unwrap() <= n("completion_tokens"));
+    assert_eq!(
+        n("total_tokens"),
+        n("prompt_tokens") + n("completion_tokens"),
+        "{u}"
+    );
+    assert!(
+        u["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+            <= n("prompt_tokens")
+    );
+    assert!(
+        u["completion_tokens_details"]["reasoning_tokens"]
+            .as_u64()
+            .unwrap()
+            <= n("completion_tokens")
+    );
 }
 
 /// What the OpenAI SDK rebuilds from a stream (or reads from a whole answer).
@@ -116,8 +158,13 @@ fn from_answer(v: &Value) -> Message {
             .into_iter()
             .flatten()
             .map(|c| {
-                let args = serde_json::from_str(c["function"]["arguments"].as_str().unwrap()).unwrap();
-                (c["id"].as_str().unwrap().into(), c["function"]["name"].as_str().unwrap().into(), args)
+                let args =
+                    serde_json::from_str(c["function"]["arguments"].as_str().unwrap()).unwrap();
+                (
+                    c["id"].as_str().unwrap().into(),
+                    c["function"]["name"].as_str().unwrap().into(),
+                    args,
+                )
             })
             .collect(),
         finish_reason: v["choices"][0]["finish_reason"].as_str().unwrap().into(),
@@ -127,7 +174,10 @@ fn from_answer(v: &Value) -> Message {
 
 /// Reassembles chunks the way the OpenAI SDK does, checking the stream invariants.
 fn from_chunks(chunks: &[Value]) -> Message {
-    let ids: std::collections::HashSet<_> = chunks.iter().map(|c| (c["id"].clone(), c["created"].clone(), c["model"].clone())).collect();
+    let ids: std::collections::HashSet<_> = chunks
+        .iter()
+        .map(|c| (c["id"].clone(), c["created"].clone(), c["model"].clone()))
+        .collect();
     assert_eq!(ids.len(), 1, "same id, created and model in every chunk");
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     let mut content: Option<String> = None;
@@ -148,11 +198,20 @@ fn from_chunks(chunks: &[Value]) -> Message {
         for tc in d["tool_calls"].as_array().into_iter().flatten() {
             let i = tc["index"].as_u64().unwrap() as usize;
             if i == calls.len() {
-                assert!(tc["id"].is_string() && tc["function"]["name"].is_string(), "first delta names the call");
+                assert!(
+                    tc["id"].is_string() && tc["function"]["name"].is_string(),
+                    "first delta names the call"
+                );
                 assert_eq!(tc["type"], "function");
-                calls.push((tc["id"].as_str().unwrap().into(), tc["function"]["name"].as_str().unwrap().into(), String::new()));
+                calls.push((
+                    tc["id"].as_str().unwrap().into(),
+                    tc["function"]["name"].as_str().unwrap().into(),
+                    String::new(),
+                ));
             }
-            calls[i].2.push_str(tc["function"]["arguments"].as_str().unwrap_or_default());
+            calls[i]
+                .2
+                .push_str(tc["function"]["arguments"].as_str().unwrap_or_default());
         }
         if let Some(f) = c["choices"][0]["finish_reason"].as_str() {
             finish.push(f.to_string());
@@ -164,7 +223,11 @@ fn from_chunks(chunks: &[Value]) -> Message {
         tool_calls: calls
             .into_iter()
             .map(|(id, name, args)| {
-                let args = if args.is_empty() { json!({}) } else { serde_json::from_str(&args).unwrap() };
+                let args = if args.is_empty() {
+                    json!({})
+                } else {
+                    serde_json::from_str(&args).unwrap()
+                };
                 (id, name, args)
             })
             .collect(),
@@ -173,7 +236,11 @@ fn from_chunks(chunks: &[Value]) -> Message {
     }
 }
 
-fn run_stream(events: &[Value], mut feed: impl FnMut(&SseEvent) -> Vec<StreamItem>, tail: Vec<StreamItem>) -> Vec<Value> {
+fn run_stream(
+    events: &[Value],
+    mut feed: impl FnMut(&SseEvent) -> Vec<StreamItem>,
+    tail: Vec<StreamItem>,
+) -> Vec<Value> {
     let mut items: Vec<StreamItem> = events
         .iter()
         .flat_map(|e| {
@@ -198,10 +265,22 @@ fn run_stream(events: &[Value], mut feed: impl FnMut(&SseEvent) -> Vec<StreamIte
 fn anthropic_stream_reassembles_to_the_non_streaming_answer() {
     let case = read(&fixtures().join("anthropic/stream.json"));
     let mut state = anthropic::StreamState::with_model_id("claude-x".into(), true);
-    let chunks = run_stream(case["events"].as_array().unwrap(), |e| state.on_event(e).unwrap(), Vec::new());
-    let whole = anthropic::from_anthropic(&serde_json::to_vec(&case["same_as"]).unwrap(), "claude-x").unwrap();
-    assert_eq!(from_chunks(&chunks), from_answer(&serde_json::from_slice(&whole).unwrap()));
-    golden(fixtures().join("anthropic/stream.chunks.json"), &strip_created(chunks));
+    let chunks = run_stream(
+        case["events"].as_array().unwrap(),
+        |e| state.on_event(e).unwrap(),
+        Vec::new(),
+    );
+    let whole =
+        anthropic::from_anthropic(&serde_json::to_vec(&case["same_as"]).unwrap(), "claude-x")
+            .unwrap();
+    assert_eq!(
+        from_chunks(&chunks),
+        from_answer(&serde_json::from_slice(&whole).unwrap())
+    );
+    golden(
+        fixtures().join("anthropic/stream.chunks.json"),
+        &strip_created(chunks),
+    );
 }
 
 #[test]
@@ -210,7 +289,10 @@ fn gemini_stream_reassembles_to_the_non_streaming_answer() {
     let mut state = gemini::StreamState::with_model_id("gemini-x".into(), true);
     let mut chunks = Vec::new();
     for e in case["events"].as_array().unwrap() {
-        let ev = SseEvent { event: None, data: Bytes::from(e.to_string()) };
+        let ev = SseEvent {
+            event: None,
+            data: Bytes::from(e.to_string()),
+        };
         chunks.extend(state.on_event(&ev).unwrap());
     }
     chunks.extend(state.at_eof());
@@ -222,9 +304,16 @@ fn gemini_stream_reassembles_to_the_non_streaming_answer() {
             StreamItem::Done => None,
         })
         .collect();
-    let whole = gemini::from_gemini(&serde_json::to_vec(&case["same_as"]).unwrap(), "gemini-x").unwrap();
-    assert_eq!(from_chunks(&chunks), from_answer(&serde_json::from_slice(&whole).unwrap()));
-    golden(fixtures().join("gemini/stream.chunks.json"), &strip_created(chunks));
+    let whole =
+        gemini::from_gemini(&serde_json::to_vec(&case["same_as"]).unwrap(), "gemini-x").unwrap();
+    assert_eq!(
+        from_chunks(&chunks),
+        from_answer(&serde_json::from_slice(&whole).unwrap())
+    );
+    golden(
+        fixtures().join("gemini/stream.chunks.json"),
+        &strip_created(chunks),
+    );
 }
 
 #[test]
@@ -232,7 +321,9 @@ fn a_gemini_stream_cut_before_its_finish_is_not_complete() {
     let mut state = gemini::StreamState::with_model_id("gemini-x".into(), false);
     let ev = SseEvent {
         event: None,
-        data: Bytes::from(r#"{"candidates":[{"content":{"role":"model","parts":[{"text":"Hi"}]},"index":0}],"responseId":"r"}"#),
+        data: Bytes::from(
+            r#"{"candidates":[{"content":{"role":"model","parts":[{"text":"Hi"}]},"index":0}],"responseId":"r"}"#,
+        ),
     };
     assert_eq!(state.on_event(&ev).unwrap().len(), 2);
     assert!(state.at_eof().is_empty(), "no [DONE] for a cut stream");
@@ -243,7 +334,9 @@ fn anthropic_in_stream_error_is_classified() {
     let mut state = anthropic::StreamState::with_model_id("claude-x".into(), false);
     let ev = SseEvent {
         event: Some("error".into()),
-        data: Bytes::from(r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#),
+        data: Bytes::from(
+            r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#,
+        ),
     };
     let e = state.on_event(&ev).unwrap_err();
     assert_eq!(e.class.as_str(), "transient");
@@ -279,19 +372,39 @@ fn every_error_class_from_anthropic_and_gemini() {
                 Value::String(s) => s.clone().into_bytes(),
                 v => serde_json::to_vec(v).unwrap(),
             };
-            let hint = case["retry_after"].as_str().map(|s| std::time::Duration::from_secs(s.parse().unwrap()));
+            let hint = case["retry_after"]
+                .as_str()
+                .map(|s| std::time::Duration::from_secs(s.parse().unwrap()));
             let e = errors::classify(case["status"].as_u64().unwrap() as u16, hint, &body, &model);
-            assert_eq!(e.class.as_str(), case["class"].as_str().unwrap(), "{file}: {case}");
-            if let Some(secs) = case["retry_after_secs"].as_u64().or(hint.map(|h| h.as_secs())) {
-                assert_eq!(e.retry_after, Some(std::time::Duration::from_secs(secs)), "{case}");
+            assert_eq!(
+                e.class.as_str(),
+                case["class"].as_str().unwrap(),
+                "{file}: {case}"
+            );
+            if let Some(secs) = case["retry_after_secs"]
+                .as_u64()
+                .or(hint.map(|h| h.as_secs()))
+            {
+                assert_eq!(
+                    e.retry_after,
+                    Some(std::time::Duration::from_secs(secs)),
+                    "{case}"
+                );
             }
             if e.class.as_str() == "bad_request" {
-                let client = e.client_error.expect("a fail-fast error carries the client's error");
+                let client = e
+                    .client_error
+                    .expect("a fail-fast error carries the client's error");
                 assert_eq!(client.status.as_u16(), 400);
             }
         }
     }
     // Keys are scrubbed from upstream messages.
-    let e = errors::classify(500, None, br#"{"error":{"message":"bad key sk-redact-me"}}"#, &model);
+    let e = errors::classify(
+        500,
+        None,
+        br#"{"error":{"message":"bad key sk-redact-me"}}"#,
+        &model,
+    );
     assert!(!e.message.contains("sk-redact-me"), "{}", e.message);
 }

@@ -556,11 +556,9 @@ async fn respond(
 
     // The stream as steps, each with the wait before it.
     let mut steps: Vec<(Duration, Step)> = vec![(Duration::ZERO, Step::Start)];
-    let mut cut = false;
-    if k.malformed {
-        cut = true;
-    }
-    for i in 0..answer.pieces.len() {
+    // A malformed stream sends its role chunk, then garbage.
+    let mut cut = k.malformed;
+    for i in (0..answer.pieces.len()).filter(|_| !k.malformed) {
         if k.cut_after == Some(i) || k.error_event_after == Some(i) {
             cut = true;
             break;

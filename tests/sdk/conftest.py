@@ -39,15 +39,20 @@ mock:
 providers:
   mock: {{ kind: openai, base_url: "http://127.0.0.1:{mock_port}/v1", api_key: "sk-sdk-test-SECRET" }}
   dead: {{ kind: openai_compatible, base_url: "http://127.0.0.1:{dead_port}/v1" }}
+  claude: {{ kind: anthropic, base_url: "http://127.0.0.1:{mock_port}", api_key: "sk-ant-sdk-SECRET" }}
+  google: {{ kind: gemini, base_url: "http://127.0.0.1:{mock_port}", api_key: "goog-sdk-SECRET" }}
 models:
   primary:   {{ provider: mock, model_id: p, max_tokens: 256, context_window: 8000 }}
   secondary: {{ provider: mock, model_id: s, context_window: 8000 }}
   slow:      {{ provider: mock, model_id: slow, attempt_timeout: 500ms }}
   unreachable: {{ provider: dead, model_id: gone }}
+  sonnet:    {{ provider: claude, model_id: claude-x, max_tokens: 512 }}
+  flash:     {{ provider: google, model_id: gemini-x }}
 chains:
   main: [primary, secondary]
   timeouts: [slow, secondary]
   offline: [unreachable, secondary]
+  cross: [primary, sonnet, flash]
 """
 
 
