@@ -41,6 +41,17 @@ pub struct TypedChat {
 }
 
 impl TypedChat {
+    /// The system and developer messages' text, in order, for providers that take the
+    /// system prompt apart from the turns.
+    pub fn system_prompt(&self) -> Vec<String> {
+        self.messages
+            .iter()
+            .filter(|m| matches!(m.role, Role::System | Role::Developer))
+            .filter_map(|m| m.content.as_ref().map(Content::text))
+            .filter(|t| !t.is_empty())
+            .collect()
+    }
+
     /// `max_completion_tokens`, else `max_tokens`.
     pub fn max_output(&self) -> Option<u64> {
         self.max_completion_tokens.or(self.max_tokens)

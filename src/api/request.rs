@@ -7,6 +7,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use super::chat::Role;
 use super::{span_in, splice, ApiError};
 
 /// A validated chat request.
@@ -23,17 +24,6 @@ pub struct ChatRequest {
     pub messages: usize,
     /// The typed request, parsed on first use by a translating upstream.
     typed: std::sync::OnceLock<Result<super::chat::TypedChat, String>>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum Role {
-    System,
-    Developer,
-    User,
-    Assistant,
-    Tool,
-    Function,
 }
 
 #[derive(Deserialize)]

@@ -11,7 +11,7 @@ use serde_json::{json, Map, Value};
 use super::output::{self, Assembled, ChunkWriter};
 use super::sse::SseEvent;
 use super::stream::StreamItem;
-use super::{secret_header, typed, AttemptError, Outgoing};
+use super::{push_turn, secret_header, typed, AttemptError, Outgoing};
 use crate::api::chat::{parse_data_url, Content, Message, Part, Role, ToolChoice, TypedChat};
 use crate::api::{ChatRequest, Usage};
 use crate::classify::ErrorClass;
@@ -56,20 +56,11 @@ pub fn to_anthropic(
     default_max: Option<u64>,
     stream: bool,
 ) -> Result<Value, String> {
-    let mut system: Vec<String> = Vec::new();
+    let mut system = chat.system_prompt();
     let mut turns: Vec<(&'static str, Vec<Value>)> = Vec::new();
     for m in &chat.messages {
         match m.role {
-            Role::System | Role::Developer => {
-                if let Some(t) = m
-                    .content
-                    .as_ref()
-                    .map(Content::text)
-                    .filter(|t| !t.is_empty())
-                {
-                    system.push(t);
-                }
-            }
+            Role::System | Role::Developer => {}
             Role::User => push_turn(&mut turns, "user", user_blocks(m)?),
             Role::Assistant => push_turn(&mut turns, "assistant", assistant_blocks(m)?),
             Role::Tool | Role::Function => {
@@ -191,13 +182,6 @@ pub fn to_anthropic(
         }
     }
     Ok(Value::Object(body))
-}
-
-fn push_turn(turns: &mut Vec<(&'static str, Vec<Value>)>, role: &'static str, blocks: Vec<Value>) {
-    match turns.last_mut() {
-        Some((r, existing)) if *r == role => existing.extend(blocks),
-        _ => turns.push((role, blocks)),
-    }
 }
 
 fn image_block(url: &str) -> Value {

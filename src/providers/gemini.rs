@@ -12,7 +12,7 @@ use serde_json::{json, Map, Value};
 use super::output::{self, Assembled, ChunkWriter};
 use super::sse::SseEvent;
 use super::stream::StreamItem;
-use super::{secret_header, typed, AttemptError, Outgoing};
+use super::{push_turn, secret_header, typed, AttemptError, Outgoing};
 use crate::api::chat::{parse_data_url, Content, Part, Role, ToolChoice, TypedChat};
 use crate::api::{ChatRequest, Usage};
 use crate::classify::ErrorClass;
@@ -61,24 +61,12 @@ pub fn to_gemini(chat: &TypedChat, default_max: Option<u64>) -> Result<Value, St
         .flat_map(|m| m.tool_calls.iter().flatten())
         .map(|c| (c.id.as_str(), c.function.name.as_str()))
         .collect();
-    let mut system: Vec<String> = Vec::new();
+    let system = chat.system_prompt();
     let mut contents: Vec<(&'static str, Vec<Value>)> = Vec::new();
-    let mut push = |role: &'static str, parts: Vec<Value>| match contents.last_mut() {
-        Some((r, existing)) if *r == role => existing.extend(parts),
-        _ => contents.push((role, parts)),
-    };
+    let mut push = |role: &'static str, parts: Vec<Value>| push_turn(&mut contents, role, parts);
     for m in &chat.messages {
         match m.role {
-            Role::System | Role::Developer => {
-                if let Some(t) = m
-                    .content
-                    .as_ref()
-                    .map(Content::text)
-                    .filter(|t| !t.is_empty())
-                {
-                    system.push(t);
-                }
-            }
+            Role::System | Role::Developer => {}
             Role::User => {
                 let parts = match &m.content {
                     None => Vec::new(),

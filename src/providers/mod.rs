@@ -185,6 +185,19 @@ pub(crate) fn typed(req: &ChatRequest) -> Result<&crate::api::chat::TypedChat, A
     })
 }
 
+/// Appends a turn, merging it into the previous one when the role is the same
+/// (Anthropic and Gemini both want alternating turns).
+pub(crate) fn push_turn<T>(
+    turns: &mut Vec<(&'static str, Vec<T>)>,
+    role: &'static str,
+    items: Vec<T>,
+) {
+    match turns.last_mut() {
+        Some((r, existing)) if *r == role => existing.extend(items),
+        _ => turns.push((role, items)),
+    }
+}
+
 /// A header value holding a secret: marked sensitive so it never prints.
 pub(crate) fn secret_header(value: &str) -> Result<HeaderValue, AttemptError> {
     let mut v = HeaderValue::from_str(value).map_err(|_| {

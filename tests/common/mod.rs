@@ -169,6 +169,17 @@ impl Harness {
     }
 }
 
+async fn reply(resp: reqwest::Response) -> Reply {
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let text = resp.text().await.unwrap_or_default();
+    Reply {
+        status,
+        headers,
+        text,
+    }
+}
+
 pub fn chat_body(model: &str, stream: bool) -> Value {
     serde_json::json!({
         "model": model,
