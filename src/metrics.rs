@@ -21,6 +21,10 @@ pub struct Metrics {
     pub retry_budget_exhausted: IntCounter,
     pub tokens_total: IntCounterVec,
     pub cost_usd_total: CounterVec,
+    pub cache_requests: IntCounterVec,
+    pub cache_bytes: IntGauge,
+    pub cache_evictions: IntCounterVec,
+    pub cache_errors: IntCounterVec,
 }
 
 const DURATION_BUCKETS: &[f64] = &[
@@ -145,8 +149,33 @@ impl Metrics {
         registry
             .register(Box::new(cost_usd_total.clone()))
             .expect("unique metric");
+        let cache_requests = counter(
+            "cascade_cache_requests_total",
+            "Cache lookups by result: hit, miss, stale, bypass.",
+            &["chain", "result"],
+        );
+        let cache_evictions = counter(
+            "cascade_cache_evictions_total",
+            "Entries removed from the in-process cache, by cause.",
+            &["cause"],
+        );
+        let cache_errors = counter(
+            "cascade_cache_errors_total",
+            "Cache tier failures (the request went on without the tier).",
+            &["tier"],
+        );
+        let cache_bytes =
+            IntGauge::new("cascade_cache_bytes", "Bytes held by the in-process cache.")
+                .expect("valid metric");
+        registry
+            .register(Box::new(cache_bytes.clone()))
+            .expect("unique metric");
         Metrics {
             registry,
+            cache_requests,
+            cache_bytes,
+            cache_evictions,
+            cache_errors,
             tokens_total,
             cost_usd_total,
             circuit_state,

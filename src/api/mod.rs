@@ -2,6 +2,7 @@
 
 pub mod chat;
 pub mod error;
+pub mod output;
 pub mod request;
 pub mod response;
 

@@ -22,6 +22,8 @@ pub struct ChatRequest {
     pub max_tokens: Option<u64>,
     pub wants_json: bool,
     pub messages: usize,
+    pub temperature: Option<f64>,
+    pub seed: Option<i64>,
     /// The typed request, parsed on first use by a translating upstream.
     typed: std::sync::OnceLock<Result<super::chat::TypedChat, String>>,
 }
@@ -62,7 +64,6 @@ struct Wire<'a> {
     messages: Option<Vec<MessageHead<'a>>>,
     stream: Option<bool>,
     stream_options: Option<StreamOptions>,
-    #[allow(dead_code)]
     temperature: Option<f64>,
     #[allow(dead_code)]
     top_p: Option<f64>,
@@ -70,7 +71,6 @@ struct Wire<'a> {
     n: Option<u32>,
     max_tokens: Option<u64>,
     max_completion_tokens: Option<u64>,
-    #[allow(dead_code)]
     seed: Option<i64>,
     #[allow(dead_code)]
     presence_penalty: Option<f64>,
@@ -148,6 +148,8 @@ impl ChatRequest {
                 .response_format
                 .is_some_and(|f| f.kind == "json_object" || f.kind == "json_schema"),
             messages: messages.len(),
+            temperature: wire.temperature,
+            seed: wire.seed,
             typed: std::sync::OnceLock::new(),
             body,
         })

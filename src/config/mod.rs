@@ -67,6 +67,35 @@ pub struct Config {
     pub hedge_budget: BudgetSettings,
     /// Seed for the backoff jitter; `None` seeds from the clock.
     pub jitter_seed: Option<u64>,
+    pub cache: CacheSettings,
+}
+
+/// Which requests the response cache serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheMode {
+    /// Only requests whose answer should not vary: temperature 0, or a `seed`.
+    Deterministic,
+    All,
+    Off,
+}
+
+#[derive(Debug, Clone)]
+pub struct CacheSettings {
+    pub mode: CacheMode,
+    pub max_bytes: u64,
+    pub ttl: Duration,
+    /// How long an expired entry is kept to answer when the whole chain fails.
+    pub stale_ttl: Duration,
+    pub redis_url: Option<String>,
+}
+
+/// A chain's cache settings, over the global ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ChainCache {
+    pub mode: Option<CacheMode>,
+    pub ttl: Option<Duration>,
+    /// Serve stale entries when the chain fails (default true).
+    pub stale: Option<bool>,
 }
 
 #[derive(Debug, Clone)]
@@ -168,6 +197,7 @@ pub struct Chain {
     pub max_attempts: u32,
     pub when_all_open: WhenAllOpen,
     pub request_timeout: Duration,
+    pub cache: ChainCache,
 }
 
 /// A model at one position of one chain, with the settings that apply there.
@@ -494,6 +524,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 max_attempts,
                 when_all_open,
                 request_timeout: spec.request_timeout.unwrap_or(server.request_timeout),
+                cache: chain_cache(&path, spec.cache.as_ref())?,
             }),
         );
     }
@@ -523,6 +554,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 max_attempts: DEFAULT_MAX_ATTEMPTS,
                 when_all_open: WhenAllOpen::TrySoonest,
                 request_timeout: server.request_timeout,
+                cache: ChainCache::default(),
             }),
         );
     }
@@ -553,6 +585,63 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         retry_budget: budget("retry_budget", &raw.retry_budget, (0.2, 10.0))?,
         hedge_budget: budget("hedge_budget", &raw.hedge_budget, (0.1, 5.0))?,
         jitter_seed: raw.retry.seed,
+        cache: cache_settings(&raw.cache)?,
+    })
+}
+
+fn cache_mode(path: &str, mode: &str) -> Result<CacheMode, ConfigError> {
+    match mode {
+        "deterministic" => Ok(CacheMode::Deterministic),
+        "all" => Ok(CacheMode::All),
+        "off" => Ok(CacheMode::Off),
+        other => Err(ConfigError::at(
+            path,
+            format!("unknown cache mode {other:?} (expected deterministic, all or off)"),
+        )),
+    }
+}
+
+fn cache_settings(c: &raw::RawCache) -> Result<CacheSettings, ConfigError> {
+    let mode = c
+        .mode
+        .as_deref()
+        .map(|m| cache_mode("cache.mode", m))
+        .transpose()?
+        .unwrap_or(CacheMode::Deterministic);
+    if let Some(url) = &c.redis_url {
+        if !(url.starts_with("redis://")
+            || url.starts_with("rediss://")
+            || url.starts_with("unix://"))
+        {
+            return Err(ConfigError::at(
+                "cache.redis_url",
+                format!("invalid Redis URL {url:?}: expected redis://, rediss:// or unix://"),
+            ));
+        }
+    }
+    positive("cache", &[("ttl", c.ttl)])?;
+    Ok(CacheSettings {
+        mode,
+        max_bytes: c.max_bytes.unwrap_or(256 * 1024 * 1024),
+        ttl: c.ttl.unwrap_or(Duration::from_secs(600)),
+        stale_ttl: c.stale_ttl.unwrap_or(Duration::from_secs(24 * 3600)),
+        redis_url: c.redis_url.clone().filter(|u| !u.is_empty()),
+    })
+}
+
+fn chain_cache(path: &str, c: Option<&raw::RawChainCache>) -> Result<ChainCache, ConfigError> {
+    let Some(c) = c else {
+        return Ok(ChainCache::default());
+    };
+    positive(&format!("{path}.cache"), &[("ttl", c.ttl)])?;
+    Ok(ChainCache {
+        mode: c
+            .mode
+            .as_deref()
+            .map(|m| cache_mode(&format!("{path}.cache.mode"), m))
+            .transpose()?,
+        ttl: c.ttl,
+        stale: c.stale,
     })
 }
 

@@ -32,6 +32,32 @@ pub struct RawConfig {
     pub breaker: RawBreaker,
     #[serde(default)]
     pub health: RawHealth,
+    #[serde(default)]
+    pub cache: RawCache,
+}
+
+/// The response cache.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCache {
+    pub mode: Option<String>,
+    #[serde(default, deserialize_with = "opt_size")]
+    pub max_bytes: Option<u64>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub ttl: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub stale_ttl: Option<Duration>,
+    pub redis_url: Option<String>,
+}
+
+/// A chain's own cache settings.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawChainCache {
+    pub mode: Option<String>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub ttl: Option<Duration>,
+    pub stale: Option<bool>,
 }
 
 /// Retry settings; each level (global, model, chain) may set any subset.
@@ -224,6 +250,7 @@ pub struct RawChainSpec {
     #[serde(default)]
     pub on: IndexMap<String, RawAction>,
     pub retry: Option<RawRetry>,
+    pub cache: Option<RawChainCache>,
 }
 
 impl<'de> Deserialize<'de> for RawChain {

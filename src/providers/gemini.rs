@@ -9,11 +9,11 @@ use http::{HeaderMap, HeaderName};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use super::output::{self, Assembled, ChunkWriter};
 use super::sse::SseEvent;
 use super::stream::StreamItem;
 use super::{push_turn, secret_header, typed, AttemptError, Outgoing};
 use crate::api::chat::{parse_data_url, Content, Part, Role, ToolChoice, TypedChat};
+use crate::api::output::{self, Assembled, ChunkWriter};
 use crate::api::{ChatRequest, Usage};
 use crate::classify::ErrorClass;
 use crate::config::Model;

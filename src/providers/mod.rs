@@ -6,7 +6,6 @@ pub mod anthropic;
 pub mod errors;
 pub mod gemini;
 pub mod openai;
-pub mod output;
 pub mod sse;
 pub mod stream;
 

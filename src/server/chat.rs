@@ -13,7 +13,9 @@ use tokio::time::Instant;
 use super::sse::{self, InflightGuard};
 use super::{error_response, AppState};
 use crate::api::{ApiError, ChatRequest};
-use crate::config::Chain;
+use crate::cache::{self, Outcome as CacheOutcome, ResponseCache};
+use crate::config::{Chain, Model};
+use crate::providers::Completion;
 use crate::routing::engine::{Answer, AttemptRecord, Outcome};
 use crate::routing::resolve;
 
@@ -24,6 +26,7 @@ const X_ATTEMPTS: HeaderName = HeaderName::from_static("x-cascade-attempts");
 const X_FALLBACKS: HeaderName = HeaderName::from_static("x-cascade-fallbacks");
 const X_TRACE: HeaderName = HeaderName::from_static("x-cascade-trace");
 const X_COST: HeaderName = HeaderName::from_static("x-cascade-cost-usd");
+const X_CACHE: HeaderName = HeaderName::from_static("x-cascade-cache");
 const X_TASK: &str = "x-cascade-task";
 const X_TIMEOUT_MS: &str = "x-cascade-timeout-ms";
 /// Label used for requests rejected before a chain was known.
@@ -49,15 +52,214 @@ pub async fn chat_completions(
         Ok(c) => c.clone(),
         Err(e) => return rejected(&app, &e),
     };
-
     let timeout = match client_timeout(&headers) {
         Ok(Some(t)) => t.min(chain.request_timeout),
         Ok(None) => chain.request_timeout,
         Err(e) => return rejected(&app, &e),
     };
     let deadline = start + timeout;
-    let outcome = app.engine.run(&chain, Arc::new(req), deadline).await;
-    respond(&app, &chain, outcome, start, deadline, inflight)
+    let req = Arc::new(req);
+
+    let decision = app.cache.decide(&chain, &req, &headers);
+    if let (true, Some(key)) = (decision.read, decision.key) {
+        if let Some(entry) = app.cache.get(key).await.filter(|e| e.is_fresh()) {
+            return cached(&app, &chain, &entry, &req, CacheOutcome::Hit, start);
+        }
+    }
+    let label = decision.unread_outcome();
+
+    if req.stream {
+        let outcome = app.engine.run(&chain, req.clone(), deadline).await;
+        if let Some(resp) = stale_instead(
+            &app,
+            &chain,
+            &req,
+            &decision,
+            outcome.result.as_ref().err(),
+            start,
+        )
+        .await
+        {
+            return resp;
+        }
+        let store = match (decision.write, decision.key) {
+            (true, Some(key)) => Some(StreamStore {
+                cache: app.cache.clone(),
+                key,
+                ttl: decision.ttl,
+            }),
+            _ => None,
+        };
+        return respond_stream(
+            &app, &chain, outcome, start, deadline, inflight, store, label,
+        );
+    }
+
+    // Identical misses share one upstream call; the one that runs it stores the answer.
+    let run = || async {
+        let finished = Finished::from(app.engine.run(&chain, req.clone(), deadline).await);
+        if let (true, Some(key), Ok((model, c))) = (decision.write, decision.key, &finished.result)
+        {
+            if cache::storable_finish(c.finish_reason.as_deref()) {
+                app.cache
+                    .put(
+                        key,
+                        c.body.clone(),
+                        model.name.clone(),
+                        model.provider.name.clone(),
+                        decision.ttl,
+                    )
+                    .await;
+            }
+        }
+        finished
+    };
+    let finished = match decision.key {
+        Some(key) => app.cache.single_flight(key, run).await,
+        None => Arc::new(run().await),
+    };
+    if let Some(resp) = stale_instead(
+        &app,
+        &chain,
+        &req,
+        &decision,
+        finished.result.as_ref().err(),
+        start,
+    )
+    .await
+    {
+        return resp;
+    }
+    respond_complete(&app, &chain, &finished, start, label)
+}
+
+/// A non-streaming outcome, shareable between the callers of one single flight.
+struct Finished {
+    attempts: Vec<AttemptRecord>,
+    fallbacks: usize,
+    upstream_time: std::time::Duration,
+    result: Result<(Arc<Model>, Completion), ApiError>,
+}
+
+impl From<Outcome> for Finished {
+    fn from(o: Outcome) -> Self {
+        let result = match o.result {
+            Ok((model, Answer::Complete(c))) => Ok((model, c)),
+            Ok((_, Answer::Stream(_))) => Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "a stream answered a non-streaming request",
+            )),
+            Err(e) => Err(e),
+        };
+        Finished {
+            attempts: o.attempts,
+            fallbacks: o.fallbacks,
+            upstream_time: o.upstream_time,
+            result,
+        }
+    }
+}
+
+/// Where a streamed answer is stored once it completes.
+pub struct StreamStore {
+    pub cache: Arc<ResponseCache>,
+    pub key: cache::Key,
+    pub ttl: std::time::Duration,
+}
+
+/// When the whole chain failed (not the caller's own error), a stale entry answers.
+async fn stale_instead(
+    app: &AppState,
+    chain: &Chain,
+    req: &ChatRequest,
+    decision: &cache::Decision,
+    error: Option<&ApiError>,
+    start: Instant,
+) -> Option<Response<Body>> {
+    let e = error?;
+    let chain_failed = e.status.is_server_error() || e.status == StatusCode::TOO_MANY_REQUESTS;
+    if !(chain_failed && decision.stale) {
+        return None;
+    }
+    let entry = app.cache.get(decision.key?).await?;
+    Some(cached(app, chain, &entry, req, CacheOutcome::Stale, start))
+}
+
+/// An answer from the cache, as JSON or replayed as a stream.
+fn cached(
+    app: &AppState,
+    chain: &Chain,
+    entry: &cache::Entry,
+    req: &ChatRequest,
+    outcome: CacheOutcome,
+    start: Instant,
+) -> Response<Body> {
+    app.cache.count(&chain.name, outcome);
+    let mut resp = if req.stream {
+        let events = cache::replay(&entry.body, req.include_usage).unwrap_or_default();
+        let stream =
+            futures_util::stream::iter(events.into_iter().map(Ok::<_, std::convert::Infallible>));
+        let mut r = Response::new(Body::from_stream(stream));
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        r
+    } else {
+        let mut r = Response::new(Body::from(entry.body.clone()));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        r
+    };
+    observe(app, chain, start, std::time::Duration::ZERO, StatusCode::OK);
+    let h = resp.headers_mut();
+    h.insert(X_CACHE, HeaderValue::from_static(outcome.as_str()));
+    if outcome == CacheOutcome::Stale {
+        h.insert(header::AGE, HeaderValue::from(entry.age_secs()));
+        h.insert(
+            header::WARNING,
+            HeaderValue::from_static("110 - \"Response is Stale\""),
+        );
+    }
+    if let Ok(v) = HeaderValue::from_str(&chain.name) {
+        h.insert(X_CHAIN, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&entry.model) {
+        h.insert(X_MODEL, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&entry.provider) {
+        h.insert(X_PROVIDER, v);
+    }
+    h.insert(X_ATTEMPTS, HeaderValue::from(0));
+    h.insert(X_FALLBACKS, HeaderValue::from(0));
+    resp
+}
+
+/// Request metrics shared by every way of answering.
+fn observe(
+    app: &AppState,
+    chain: &Chain,
+    start: Instant,
+    upstream: std::time::Duration,
+    status: StatusCode,
+) {
+    let elapsed = start.elapsed();
+    app.metrics
+        .overhead
+        .observe(elapsed.saturating_sub(upstream).as_secs_f64());
+    app.metrics
+        .request_duration
+        .with_label_values(&[&chain.name])
+        .observe(elapsed.as_secs_f64());
+    app.metrics
+        .requests_total
+        .with_label_values(&[&chain.name, status.as_str()])
+        .inc();
 }
 
 fn rejected(app: &AppState, e: &ApiError) -> Response<Body> {
@@ -65,7 +267,10 @@ fn rejected(app: &AppState, e: &ApiError) -> Response<Body> {
         .requests_total
         .with_label_values(&[NO_CHAIN, e.status.as_str()])
         .inc();
-    error_response(e)
+    let mut r = error_response(e);
+    r.headers_mut()
+        .insert(X_CACHE, HeaderValue::from_static("bypass"));
+    r
 }
 
 /// `x-cascade-timeout-ms`: a client may shorten the request's deadline, never lengthen it.
@@ -139,30 +344,21 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
     }
 }
 
-fn respond(
+fn respond_complete(
     app: &AppState,
     chain: &Chain,
-    outcome: Outcome,
+    f: &Finished,
     start: Instant,
-    deadline: Instant,
-    inflight: InflightGuard,
+    label: CacheOutcome,
 ) -> Response<Body> {
-    let elapsed = start.elapsed();
-    app.metrics
-        .overhead
-        .observe(elapsed.saturating_sub(outcome.upstream_time).as_secs_f64());
-    app.metrics
-        .request_duration
-        .with_label_values(&[&chain.name])
-        .observe(elapsed.as_secs_f64());
-
-    let (mut resp, answered_by) = match outcome.result {
-        Ok((model, Answer::Complete(c))) => {
+    app.cache.count(&chain.name, label);
+    let (mut resp, answered_by) = match &f.result {
+        Ok((model, c)) => {
             let cost = c.usage.map(|u| {
-                sse::record_usage(&app.metrics, &model, &u);
+                sse::record_usage(&app.metrics, model, &u);
                 model.cost_usd(&u)
             });
-            let mut r = Response::new(Body::from(c.body));
+            let mut r = Response::new(Body::from(c.body.clone()));
             let h = r.headers_mut();
             h.insert(
                 header::CONTENT_TYPE,
@@ -173,6 +369,33 @@ fn respond(
             }
             (r, Some(model))
         }
+        Err(e) => (error_response(e), None),
+    };
+    observe(app, chain, start, f.upstream_time, resp.status());
+    outcome_headers(
+        resp.headers_mut(),
+        chain,
+        &f.attempts,
+        f.fallbacks,
+        answered_by,
+        label,
+    );
+    resp
+}
+
+#[allow(clippy::too_many_arguments)]
+fn respond_stream(
+    app: &AppState,
+    chain: &Chain,
+    outcome: Outcome,
+    start: Instant,
+    deadline: Instant,
+    inflight: InflightGuard,
+    store: Option<StreamStore>,
+    label: CacheOutcome,
+) -> Response<Body> {
+    app.cache.count(&chain.name, label);
+    let (mut resp, answered_by) = match outcome.result {
         Ok((model, Answer::Stream(committed))) => {
             let body = sse::body(
                 *committed,
@@ -180,6 +403,7 @@ fn respond(
                 app.metrics.clone(),
                 deadline,
                 inflight,
+                store,
             );
             let mut r = Response::new(Body::from_stream(body));
             let h = r.headers_mut();
@@ -191,20 +415,44 @@ fn respond(
             h.insert("x-accel-buffering", HeaderValue::from_static("no"));
             (r, Some(model))
         }
+        Ok((model, Answer::Complete(c))) => {
+            let mut r = Response::new(Body::from(c.body));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            (r, Some(model))
+        }
         Err(e) => (error_response(&e), None),
     };
-    app.metrics
-        .requests_total
-        .with_label_values(&[&chain.name, resp.status().as_str()])
-        .inc();
+    observe(app, chain, start, outcome.upstream_time, resp.status());
+    outcome_headers(
+        resp.headers_mut(),
+        chain,
+        &outcome.attempts,
+        outcome.fallbacks,
+        answered_by.as_ref(),
+        label,
+    );
+    resp
+}
 
-    let h = resp.headers_mut();
+/// The `x-cascade-*` headers of an answer that went upstream.
+fn outcome_headers(
+    h: &mut HeaderMap,
+    chain: &Chain,
+    attempts: &[AttemptRecord],
+    fallbacks: usize,
+    answered_by: Option<&Arc<Model>>,
+    label: CacheOutcome,
+) {
+    h.insert(X_CACHE, HeaderValue::from_static(label.as_str()));
     if let Ok(v) = HeaderValue::from_str(&chain.name) {
         h.insert(X_CHAIN, v);
     }
-    h.insert(X_ATTEMPTS, HeaderValue::from(outcome.attempts.len()));
-    h.insert(X_FALLBACKS, HeaderValue::from(outcome.fallbacks));
-    if let Some(v) = trace(&outcome.attempts) {
+    h.insert(X_ATTEMPTS, HeaderValue::from(attempts.len()));
+    h.insert(X_FALLBACKS, HeaderValue::from(fallbacks));
+    if let Some(v) = trace(attempts) {
         h.insert(X_TRACE, v);
     }
     if let Some(model) = answered_by {
@@ -215,5 +463,4 @@ fn respond(
             h.insert(X_PROVIDER, v);
         }
     }
-    resp
 }

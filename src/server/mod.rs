@@ -19,6 +19,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
 use crate::api::ApiError;
+use crate::cache::ResponseCache;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::providers;
@@ -28,6 +29,7 @@ use crate::routing::engine::Engine;
 pub struct AppState {
     pub config: Arc<Config>,
     pub engine: Engine,
+    pub cache: Arc<ResponseCache>,
     pub metrics: Arc<Metrics>,
     models_body: Bytes,
 }
@@ -37,6 +39,7 @@ impl AppState {
         let metrics = Arc::new(Metrics::new());
         Arc::new(AppState {
             engine: Engine::new(providers::http_client(), metrics.clone(), &config),
+            cache: Arc::new(ResponseCache::new(&config.cache, metrics.clone())),
             models_body: models_body(&config),
             config,
             metrics,
@@ -142,6 +145,9 @@ async fn readyz(State(app): State<Arc<AppState>>) -> Response<Body> {
 }
 
 async fn metrics(State(app): State<Arc<AppState>>) -> Response<Body> {
+    app.metrics
+        .cache_bytes
+        .set(i64::try_from(app.cache.weighted_size().await).unwrap_or(i64::MAX));
     // Breaker states move with time (open -> half-open), so read them at scrape time.
     for (name, m) in &app.config.models {
         app.metrics

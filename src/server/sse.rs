@@ -9,7 +9,9 @@ use http::StatusCode;
 use prometheus::IntGauge;
 use tokio::time::{timeout_at, Instant};
 
+use super::chat::StreamStore;
 use crate::api::{ApiError, Usage};
+use crate::cache::Assembler;
 use crate::classify::ErrorClass;
 use crate::config::Model;
 use crate::metrics::Metrics;
@@ -46,12 +48,14 @@ struct State {
     usage: Option<Usage>,
     model: Arc<Model>,
     metrics: Arc<Metrics>,
+    /// Where to store the answer once it completes, and the answer so far.
+    store: Option<(StreamStore, Assembler)>,
     _inflight: InflightGuard,
 }
 
 impl State {
-    /// The stream completed: count its tokens and cost.
-    fn complete(&mut self) -> Bytes {
+    /// The stream completed: count its tokens and cost, and store it if asked to.
+    async fn complete(&mut self) -> Bytes {
         self.ended = true;
         if let Some(u) = self.usage.take() {
             record_usage(&self.metrics, &self.model, &u);
@@ -59,6 +63,15 @@ impl State {
         self.model
             .breaker
             .record(Admission::Allowed, CallResult::Success);
+        if let Some((store, asm)) = self.store.take() {
+            if let Some(body) = asm.finish() {
+                let (name, provider) = (self.model.name.clone(), self.model.provider.name.clone());
+                store
+                    .cache
+                    .put(store.key, body, name, provider, store.ttl)
+                    .await;
+            }
+        }
         Bytes::from_static(DONE)
     }
 
@@ -129,7 +142,15 @@ pub fn body(
     metrics: Arc<Metrics>,
     deadline: Instant,
     inflight: InflightGuard,
+    store: Option<StreamStore>,
 ) -> impl futures_util::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send {
+    let store = store.map(|s| {
+        let mut asm = Assembler::default();
+        for chunk in &committed.head {
+            asm.push(chunk);
+        }
+        (s, asm)
+    });
     let state = State {
         head: committed.head.into(),
         rest: committed.rest,
@@ -141,6 +162,7 @@ pub fn body(
         usage: None,
         model,
         metrics,
+        store,
         _inflight: inflight,
     };
     futures_util::stream::unfold(state, |mut s| async move {
@@ -157,7 +179,7 @@ pub fn body(
         }
         let Some(rest) = s.rest.as_mut() else {
             // Nothing left upstream (an answer returned whole, such as a refusal).
-            let out = s.complete();
+            let out = s.complete().await;
             return Some((Ok(out), s));
         };
         let limit = match s.idle_timeout {
@@ -175,12 +197,15 @@ pub fn body(
                 if usage.is_some() {
                     s.usage = usage;
                 }
+                if let Some((_, asm)) = s.store.as_mut() {
+                    asm.push(&data);
+                }
                 event(&data)
             }
-            Ok(Some(Ok(StreamItem::Done))) => s.complete(),
+            Ok(Some(Ok(StreamItem::Done))) => s.complete().await,
             Ok(Some(Err(e))) => s.fail(failure_event(&e)),
             // Some servers close after the finish chunk without `[DONE]`.
-            Ok(None) if s.saw_finish => s.complete(),
+            Ok(None) if s.saw_finish => s.complete().await,
             Ok(None) => s.fail(
                 ApiError::new(
                     StatusCode::BAD_GATEWAY,

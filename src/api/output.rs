@@ -5,7 +5,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::api::Usage;
+use super::Usage;
 
 /// A whole answer assembled from another wire format.
 #[derive(Debug, Default, Clone, PartialEq)]

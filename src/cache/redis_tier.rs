@@ -1,0 +1,181 @@
+//! The shared tier: Redis, behind moka. Every operation has a short timeout and every
+//! failure is a miss (counted and logged, never a failed request).
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use redis::aio::ConnectionManager;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+use super::{Entry, Key};
+use crate::metrics::Metrics;
+
+/// Longest wait for one Redis operation before it counts as a miss.
+const OP_TIMEOUT: Duration = Duration::from_millis(150);
+/// After a failed connection attempt, wait this long before trying again.
+const RECONNECT_EVERY: Duration = Duration::from_secs(1);
+
+pub struct RedisTier {
+    client: redis::Client,
+    conn: Mutex<Conn>,
+    metrics: Arc<Metrics>,
+}
+
+struct Conn {
+    manager: Option<ConnectionManager>,
+    last_attempt: Option<Instant>,
+    last_warning: Option<Instant>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    model: String,
+    provider: String,
+    /// When the answer was stored, in Unix milliseconds (shared across processes).
+    stored_ms: u64,
+    fresh_ms: u64,
+    body: String,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn redis_key(key: Key) -> String {
+    format!("cascade:v1:{key:032x}")
+}
+
+impl RedisTier {
+    pub fn new(url: &str, metrics: Arc<Metrics>) -> Option<RedisTier> {
+        match redis::Client::open(url) {
+            Ok(client) => Some(RedisTier {
+                client,
+                conn: Mutex::new(Conn {
+                    manager: None,
+                    last_attempt: None,
+                    last_warning: None,
+                }),
+                metrics,
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, "cache: invalid Redis URL; running without the shared tier");
+                None
+            }
+        }
+    }
+
+    async fn connection(&self) -> Option<ConnectionManager> {
+        let mut c = self.conn.lock().await;
+        if let Some(m) = &c.manager {
+            return Some(m.clone());
+        }
+        if c.last_attempt
+            .is_some_and(|t| t.elapsed() < RECONNECT_EVERY)
+        {
+            return None;
+        }
+        c.last_attempt = Some(Instant::now());
+        match tokio::time::timeout(OP_TIMEOUT * 2, ConnectionManager::new(self.client.clone()))
+            .await
+        {
+            Ok(Ok(m)) => {
+                c.manager = Some(m.clone());
+                Some(m)
+            }
+            Ok(Err(e)) => {
+                drop(c);
+                self.failed(&e.to_string()).await;
+                None
+            }
+            Err(_) => {
+                drop(c);
+                self.failed("connection timed out").await;
+                None
+            }
+        }
+    }
+
+    /// Counts a failure and warns at most every 10 seconds.
+    async fn failed(&self, what: &str) {
+        self.metrics
+            .cache_errors
+            .with_label_values(&["redis"])
+            .inc();
+        let mut c = self.conn.lock().await;
+        if c.last_warning
+            .is_none_or(|t| t.elapsed() > Duration::from_secs(10))
+        {
+            c.last_warning = Some(Instant::now());
+            tracing::warn!(
+                error = what,
+                "cache: Redis unavailable; serving without the shared tier"
+            );
+        }
+    }
+
+    pub async fn get(&self, key: Key) -> Option<Entry> {
+        let mut conn = self.connection().await?;
+        let cmd = redis::cmd("GET").arg(redis_key(key)).to_owned();
+        let reply: Option<Vec<u8>> =
+            match tokio::time::timeout(OP_TIMEOUT, cmd.query_async(&mut conn)).await {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => {
+                    self.failed(&e.to_string()).await;
+                    return None;
+                }
+                Err(_) => {
+                    self.failed("GET timed out").await;
+                    return None;
+                }
+            };
+        let stored: Stored = serde_json::from_slice(&reply?).ok()?;
+        let age = Duration::from_millis(unix_ms().saturating_sub(stored.stored_ms));
+        let now = Instant::now();
+        let stored_at = now.checked_sub(age).unwrap_or(now);
+        Some(Entry {
+            body: Bytes::from(stored.body),
+            model: stored.model.into(),
+            provider: stored.provider.into(),
+            stored: stored_at,
+            fresh_until: stored_at + Duration::from_millis(stored.fresh_ms),
+        })
+    }
+
+    pub async fn set(&self, key: Key, entry: &Entry, keep_for: Duration) {
+        let Some(mut conn) = self.connection().await else {
+            return;
+        };
+        let now = Instant::now();
+        let stored = Stored {
+            model: entry.model.to_string(),
+            provider: entry.provider.to_string(),
+            stored_ms: unix_ms()
+                .saturating_sub(now.saturating_duration_since(entry.stored).as_millis() as u64),
+            fresh_ms: entry
+                .fresh_until
+                .saturating_duration_since(entry.stored)
+                .as_millis() as u64,
+            body: String::from_utf8_lossy(&entry.body).into_owned(),
+        };
+        let Ok(value) = serde_json::to_vec(&stored) else {
+            return;
+        };
+        let cmd = redis::cmd("SET")
+            .arg(redis_key(key))
+            .arg(value)
+            .arg("PX")
+            .arg(keep_for.as_millis().max(1) as u64)
+            .to_owned();
+        match tokio::time::timeout(OP_TIMEOUT, cmd.query_async::<()>(&mut conn)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => self.failed(&e.to_string()).await,
+            Err(_) => self.failed("SET timed out").await,
+        }
+    }
+}
