@@ -27,6 +27,13 @@ fn now_secs() -> u64 {
 
 /// The `chat.completion` body for an assembled answer.
 pub fn completion(id: &str, model_id: &str, a: &Assembled) -> Bytes {
+    serde_json::to_vec(&completion_value(id, model_id, a))
+        .unwrap_or_default()
+        .into()
+}
+
+/// The same, as a JSON value.
+pub fn completion_value(id: &str, model_id: &str, a: &Assembled) -> Value {
     let mut message = json!({"role": "assistant", "content": a.content, "refusal": null});
     if let Some(r) = &a.reasoning {
         message["reasoning_content"] = Value::String(r.clone());
@@ -48,7 +55,7 @@ pub fn completion(id: &str, model_id: &str, a: &Assembled) -> Bytes {
     if let Some(u) = &a.usage {
         body["usage"] = serde_json::to_value(u).unwrap_or(Value::Null);
     }
-    serde_json::to_vec(&body).unwrap_or_default().into()
+    body
 }
 
 /// Writes the chunks of one stream.
@@ -130,13 +137,18 @@ impl ChunkWriter {
 
     /// The final usage chunk: `choices` empty, totals in `usage`.
     pub fn usage(&self, usage: &Usage) -> Bytes {
+        self.usage_value(serde_json::to_value(usage).unwrap_or(Value::Null))
+    }
+
+    /// The final usage chunk with `usage` exactly as given.
+    pub fn usage_value(&self, usage: Value) -> Bytes {
         let chunk = Chunk {
             id: &self.id,
             object: "chat.completion.chunk",
             created: self.created,
             model: &self.model_id,
             choices: Vec::new(),
-            usage: serde_json::to_value(usage).ok(),
+            usage: Some(usage),
         };
         serde_json::to_vec(&chunk).unwrap_or_default().into()
     }

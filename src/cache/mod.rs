@@ -307,7 +307,8 @@ struct CompletionParts {
     id: String,
     model: String,
     choices: Vec<ChoiceParts>,
-    usage: Option<Usage>,
+    /// Kept as it was, so a replay reports exactly what the upstream said.
+    usage: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -356,7 +357,10 @@ pub fn replay(body: &[u8], include_usage: bool) -> Option<Vec<Bytes>> {
     }
     chunks.push(w.finish(choice.finish_reason.as_deref().unwrap_or("stop")));
     if include_usage {
-        chunks.push(w.usage(&c.usage.unwrap_or_default()));
+        chunks.push(match c.usage {
+            Some(u) => w.usage_value(u),
+            None => w.usage(&Usage::default()),
+        });
     }
     let mut events: Vec<Bytes> = chunks
         .into_iter()
@@ -382,7 +386,7 @@ pub struct Assembler {
     /// By tool-call index: id, name, arguments.
     tools: Vec<(String, String, String)>,
     finish: Option<String>,
-    usage: Option<Usage>,
+    usage: Option<Value>,
     broken: bool,
 }
 
@@ -394,7 +398,7 @@ struct ChunkParts {
     model: String,
     #[serde(default)]
     choices: Vec<ChunkChoice>,
-    usage: Option<Usage>,
+    usage: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -416,7 +420,7 @@ impl Assembler {
             self.id = c.id;
             self.model = c.model;
         }
-        if c.usage.is_some() {
+        if c.usage.as_ref().is_some_and(|u| !u.is_null()) {
             self.usage = c.usage;
         }
         for choice in c.choices {
@@ -470,9 +474,13 @@ impl Assembler {
             reasoning: (!self.reasoning.is_empty()).then_some(self.reasoning),
             tool_calls: self.tools,
             finish_reason: reason,
-            usage: self.usage,
+            usage: None,
         };
-        Some(output::completion(&self.id, &self.model, &a))
+        let mut body = output::completion_value(&self.id, &self.model, &a);
+        if let Some(u) = self.usage {
+            body["usage"] = u;
+        }
+        serde_json::to_vec(&body).ok().map(Bytes::from)
     }
 }
 

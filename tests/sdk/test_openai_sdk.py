@@ -172,3 +172,25 @@ def test_metrics_parse_as_prometheus_text(gw, client):
 def test_no_secret_in_logs(gateway):
     gateway.log.seek(0)
     assert b"sk-sdk-test-SECRET" not in gateway.log.read()
+
+
+def test_streamed_cache_hit_reassembles_like_the_original(gw, client):
+    question = [{"role": "user", "content": "cache me (sdk)"}]
+
+    def collect():
+        raw = client.chat.completions.with_raw_response.create(
+            model="main", messages=question, temperature=0, stream=True, stream_options={"include_usage": True})
+        text, usage, finish = "", None, None
+        for chunk in raw.parse():
+            if chunk.usage:
+                usage = chunk.usage
+            for choice in chunk.choices:
+                text += choice.delta.content or ""
+                finish = choice.finish_reason or finish
+        return raw.headers["x-cascade-cache"], text, finish, usage
+
+    first = collect()
+    second = collect()
+    assert first[0] == "miss" and second[0] == "hit"
+    assert second[1:] == first[1:]
+    assert gw.calls("p") == 1
