@@ -137,6 +137,8 @@ pub struct Provider {
     /// The full URL of the chat endpoint, resolved once.
     pub chat_url: String,
     pub api_key: Option<Secret>,
+    /// The credential header for this provider's kind, built once (marked sensitive).
+    pub auth: Option<(HeaderName, HeaderValue)>,
     pub extra_headers: HeaderMap,
     pub drop_params: Vec<String>,
     pub extra_body: Option<serde_json::Map<String, serde_json::Value>>,
@@ -165,6 +167,9 @@ pub struct Model {
     pub cost_per_1k_output: f64,
     pub cost_per_1k_cached_input: f64,
     pub fallbacks: Vec<String>,
+    /// The upstream URLs for this model, built and parsed once.
+    pub url: url::Url,
+    pub stream_url: url::Url,
     pub chaos: Option<Chaos>,
     /// Runtime state shared by every chain that uses this model.
     pub breaker: Arc<Breaker>,
@@ -382,6 +387,12 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             .as_ref()
             .map(|c| chaos(&format!("{path}.chaos"), c))
             .transpose()?;
+        let (url, stream_url) = model_urls(provider, &m.model_id).map_err(|e| {
+            ConfigError::at(
+                &format!("{path}.model_id"),
+                format!("cannot build the upstream URL: {e}"),
+            )
+        })?;
         let model_id_json = serde_json::to_string(&m.model_id)
             .map_err(|e| ConfigError::at(&format!("{path}.model_id"), e.to_string()))?
             .into_boxed_str();
@@ -398,6 +409,8 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 cost_per_1k_output: m.cost_per_1k_output,
                 cost_per_1k_cached_input: m.cost_per_1k_cached_input.unwrap_or(m.cost_per_1k_input),
                 fallbacks: m.fallbacks.clone(),
+                url,
+                stream_url,
                 chaos,
                 breaker: Arc::new(Breaker::new(breaker)),
                 health: Health::new(health),
@@ -736,6 +749,28 @@ fn strategy(path: &str, spec: &raw::RawChainSpec) -> Result<Strategy, ConfigErro
     }
 }
 
+/// The chat URLs of a model (plain and streaming), by its provider's kind.
+fn model_urls(p: &Provider, model_id: &str) -> Result<(url::Url, url::Url), url::ParseError> {
+    let id: String = url::form_urlencoded::byte_serialize(model_id.as_bytes()).collect();
+    let (plain, stream) = match p.kind {
+        ProviderKind::Openai | ProviderKind::OpenaiCompatible | ProviderKind::Anthropic => {
+            (p.chat_url.clone(), p.chat_url.clone())
+        }
+        ProviderKind::AzureOpenai => {
+            let u = format!(
+                "{}{id}/chat/completions?api-version={}",
+                p.chat_url, p.api_version
+            );
+            (u.clone(), u)
+        }
+        ProviderKind::Gemini => (
+            format!("{}{id}:generateContent", p.chat_url),
+            format!("{}{id}:streamGenerateContent?alt=sse", p.chat_url),
+        ),
+    };
+    Ok((url::Url::parse(&plain)?, url::Url::parse(&stream)?))
+}
+
 /// Durations that must be greater than zero when set.
 fn positive(path: &str, fields: &[(&str, Option<Duration>)]) -> Result<(), ConfigError> {
     for (name, d) in fields {
@@ -965,16 +1000,45 @@ fn validate_provider(
             .map_err(|_| ConfigError::at(&hpath, "invalid header value"))?;
         extra_headers.insert(name, value);
     }
+    let api_key = p
+        .api_key
+        .as_ref()
+        .filter(|k| !k.is_empty())
+        .map(|k| Secret::new(k.clone()));
+    let auth = match &api_key {
+        None => None,
+        Some(key) => {
+            let (header, value) = match p.kind {
+                ProviderKind::Openai | ProviderKind::OpenaiCompatible => (
+                    http::header::AUTHORIZATION,
+                    format!("Bearer {}", key.expose()),
+                ),
+                ProviderKind::AzureOpenai => {
+                    (HeaderName::from_static("api-key"), key.expose().to_string())
+                }
+                ProviderKind::Anthropic => (
+                    HeaderName::from_static("x-api-key"),
+                    key.expose().to_string(),
+                ),
+                ProviderKind::Gemini => (
+                    HeaderName::from_static("x-goog-api-key"),
+                    key.expose().to_string(),
+                ),
+            };
+            let mut value = HeaderValue::from_str(&value).map_err(|_| {
+                ConfigError::at(&format!("{path}.api_key"), "is not a valid header value")
+            })?;
+            value.set_sensitive(true);
+            Some((header, value))
+        }
+    };
     Ok(Provider {
         name: name.into(),
         kind: p.kind,
         base_url,
         chat_url,
-        api_key: p
-            .api_key
-            .as_ref()
-            .filter(|k| !k.is_empty())
-            .map(|k| Secret::new(k.clone())),
+        api_key,
+        auth,
         extra_headers,
         drop_params: p.drop_params.clone(),
         extra_body: p.extra_body.clone(),

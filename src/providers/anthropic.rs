@@ -10,14 +10,13 @@ use serde_json::{json, Map, Value};
 
 use super::sse::SseEvent;
 use super::stream::StreamItem;
-use super::{push_turn, secret_header, typed, AttemptError, Outgoing};
+use super::{push_turn, typed, AttemptError, Outgoing};
 use crate::api::chat::{parse_data_url, Content, Message, Part, Role, ToolChoice, TypedChat};
 use crate::api::output::{self, Assembled, ChunkWriter};
 use crate::api::{ChatRequest, Usage};
 use crate::classify::ErrorClass;
 use crate::config::Model;
 
-const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 const ANTHROPIC_VERSION: HeaderName = HeaderName::from_static("anthropic-version");
 /// Output cap when neither the request nor the model sets one (`max_tokens` is required).
 const DEFAULT_MAX_TOKENS: u64 = 4096;
@@ -32,16 +31,13 @@ pub fn request(model: &Model, req: &ChatRequest) -> Result<Outgoing, AttemptErro
     )
     .map_err(|e| AttemptError::new(ErrorClass::BadRequest, e))?;
     let mut headers = HeaderMap::new();
-    if let Some(key) = &model.provider.api_key {
-        headers.insert(X_API_KEY, secret_header(key.expose())?);
-    }
     headers.insert(
         ANTHROPIC_VERSION,
         HeaderValue::from_str(&model.provider.api_version)
             .unwrap_or_else(|_| HeaderValue::from_static("2023-06-01")),
     );
     Ok(Outgoing {
-        url: model.provider.chat_url.clone(),
+        url: super::url_for(model, req),
         body: serde_json::to_vec(&body).unwrap_or_default().into(),
         headers,
     })

@@ -5,37 +5,26 @@
 use std::collections::HashMap;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName};
+use http::HeaderMap;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::sse::SseEvent;
 use super::stream::StreamItem;
-use super::{push_turn, secret_header, typed, AttemptError, Outgoing};
+use super::{push_turn, typed, AttemptError, Outgoing};
 use crate::api::chat::{parse_data_url, Content, Part, Role, ToolChoice, TypedChat};
 use crate::api::output::{self, Assembled, ChunkWriter};
 use crate::api::{ChatRequest, Usage};
 use crate::classify::ErrorClass;
 use crate::config::Model;
 
-const X_GOOG_API_KEY: HeaderName = HeaderName::from_static("x-goog-api-key");
-
 pub fn request(model: &Model, req: &ChatRequest) -> Result<Outgoing, AttemptError> {
     let chat = typed(req)?;
     let body = to_gemini(chat, model.max_tokens.map(u64::from))
         .map_err(|e| AttemptError::new(ErrorClass::BadRequest, e))?;
-    let mut headers = HeaderMap::new();
-    if let Some(key) = &model.provider.api_key {
-        headers.insert(X_GOOG_API_KEY, secret_header(key.expose())?);
-    }
-    let method = if req.stream {
-        ":streamGenerateContent?alt=sse"
-    } else {
-        ":generateContent"
-    };
-    let id: String = url::form_urlencoded::byte_serialize(model.model_id.as_bytes()).collect();
+    let headers = HeaderMap::new();
     Ok(Outgoing {
-        url: format!("{}{id}{method}", model.provider.chat_url),
+        url: super::url_for(model, req),
         body: serde_json::to_vec(&body).unwrap_or_default().into(),
         headers,
     })

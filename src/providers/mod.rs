@@ -66,9 +66,18 @@ pub enum Reply {
     Stream(Box<ChunkStream>),
 }
 
+/// The model's URL for this request (plain or streaming).
+pub(crate) fn url_for(model: &Model, req: &ChatRequest) -> url::Url {
+    if req.stream {
+        model.stream_url.clone()
+    } else {
+        model.url.clone()
+    }
+}
+
 /// One upstream HTTP request, built by a wire format's translator.
 pub struct Outgoing {
-    pub url: String,
+    pub url: url::Url,
     pub body: Bytes,
     pub headers: http::HeaderMap,
 }
@@ -90,9 +99,14 @@ pub async fn call(
     let mut builder = http
         .post(out.url)
         .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
-        .headers(model.provider.extra_headers.clone())
         .headers(out.headers)
         .body(out.body);
+    if let Some((name, value)) = &model.provider.auth {
+        builder = builder.header(name.clone(), value.clone());
+    }
+    if !model.provider.extra_headers.is_empty() {
+        builder = builder.headers(model.provider.extra_headers.clone());
+    }
     if req.stream && kind == ProviderKind::Anthropic {
         builder = builder.header(
             http::header::ACCEPT,
@@ -195,18 +209,6 @@ pub(crate) fn push_turn<T>(
         Some((r, existing)) if *r == role => existing.extend(items),
         _ => turns.push((role, items)),
     }
-}
-
-/// A header value holding a secret: marked sensitive so it never prints.
-pub(crate) fn secret_header(value: &str) -> Result<HeaderValue, AttemptError> {
-    let mut v = HeaderValue::from_str(value).map_err(|_| {
-        AttemptError::new(
-            ErrorClass::Auth,
-            "the provider's api_key is not a valid header value",
-        )
-    })?;
-    v.set_sensitive(true);
-    Ok(v)
 }
 
 /// Removes any provider key from text that may reach a client or a log.

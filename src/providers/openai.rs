@@ -3,19 +3,16 @@
 //! `extra_body` gets the body rewritten once. Answers pass back as they are, checked.
 
 use bytes::Bytes;
-use http::header::AUTHORIZATION;
-use http::{HeaderMap, HeaderName};
+use http::HeaderMap;
 use serde_json::Value;
 
 use super::errors::code_string;
 use super::sse::SseEvent;
 use super::stream::StreamItem;
-use super::{secret_header, AttemptError, Outgoing};
+use super::{AttemptError, Outgoing};
 use crate::api::{splice, ChatRequest, ChunkView};
 use crate::classify::ErrorClass;
 use crate::config::{Model, ProviderKind};
-
-const API_KEY: HeaderName = HeaderName::from_static("api-key");
 
 pub fn request(model: &Model, req: &ChatRequest) -> Result<Outgoing, AttemptError> {
     let p = &model.provider;
@@ -32,28 +29,11 @@ pub fn request(model: &Model, req: &ChatRequest) -> Result<Outgoing, AttemptErro
     } else {
         req.body_for(&model.model_id_json, default_max)
     };
-    let mut headers = HeaderMap::new();
-    let url = if p.kind == ProviderKind::AzureOpenai {
-        if let Some(key) = &p.api_key {
-            headers.insert(API_KEY, secret_header(key.expose())?);
-        }
-        // The model id is the deployment name.
-        format!(
-            "{}{}/chat/completions?api-version={}",
-            p.chat_url,
-            url::form_urlencoded::byte_serialize(model.model_id.as_bytes()).collect::<String>(),
-            p.api_version
-        )
-    } else {
-        if let Some(key) = &p.api_key {
-            headers.insert(
-                AUTHORIZATION,
-                secret_header(&format!("Bearer {}", key.expose()))?,
-            );
-        }
-        p.chat_url.clone()
-    };
-    Ok(Outgoing { url, body, headers })
+    Ok(Outgoing {
+        url: super::url_for(model, req),
+        body,
+        headers: HeaderMap::new(),
+    })
 }
 
 /// The body with the provider's `drop_params` removed and `extra_body` merged in.
