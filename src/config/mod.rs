@@ -168,8 +168,8 @@ pub struct Model {
     pub cost_per_1k_cached_input: f64,
     pub fallbacks: Vec<String>,
     /// The upstream URLs for this model, built and parsed once.
-    pub url: url::Url,
-    pub stream_url: url::Url,
+    pub url: http::Uri,
+    pub stream_url: http::Uri,
     pub chaos: Option<Chaos>,
     /// Runtime state shared by every chain that uses this model.
     pub breaker: Arc<Breaker>,
@@ -750,7 +750,7 @@ fn strategy(path: &str, spec: &raw::RawChainSpec) -> Result<Strategy, ConfigErro
 }
 
 /// The chat URLs of a model (plain and streaming), by its provider's kind.
-fn model_urls(p: &Provider, model_id: &str) -> Result<(url::Url, url::Url), url::ParseError> {
+fn model_urls(p: &Provider, model_id: &str) -> Result<(http::Uri, http::Uri), String> {
     let id: String = url::form_urlencoded::byte_serialize(model_id.as_bytes()).collect();
     let (plain, stream) = match p.kind {
         ProviderKind::Openai | ProviderKind::OpenaiCompatible | ProviderKind::Anthropic => {
@@ -768,7 +768,11 @@ fn model_urls(p: &Provider, model_id: &str) -> Result<(url::Url, url::Url), url:
             format!("{}{id}:streamGenerateContent?alt=sse", p.chat_url),
         ),
     };
-    Ok((url::Url::parse(&plain)?, url::Url::parse(&stream)?))
+    let parse = |u: &str| -> Result<http::Uri, String> {
+        let checked = url::Url::parse(u).map_err(|e| e.to_string())?;
+        http::Uri::try_from(checked.as_str()).map_err(|e| e.to_string())
+    };
+    Ok((parse(&plain)?, parse(&stream)?))
 }
 
 /// Durations that must be greater than zero when set.

@@ -119,17 +119,15 @@ const QUOTA_MESSAGES: &[&str] = &[
     "spend limit",
 ];
 
-pub(crate) async fn from_response(mut resp: reqwest::Response, model: &Model) -> AttemptError {
+pub(crate) async fn from_response(
+    resp: http::Response<hyper::body::Incoming>,
+    model: &Model,
+) -> AttemptError {
     let status = resp.status();
     let header_hint = retry_after(resp.headers());
-    let mut body = Vec::new();
-    while let Ok(Some(chunk)) = resp.chunk().await {
-        let room = ERROR_BODY_LIMIT.saturating_sub(body.len());
-        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        if body.len() >= ERROR_BODY_LIMIT {
-            break;
-        }
-    }
+    let body = super::client::read_body(resp.into_body(), Some(ERROR_BODY_LIMIT))
+        .await
+        .unwrap_or_default();
     classify(status.as_u16(), header_hint, &body, model)
 }
 

@@ -3,13 +3,12 @@
 //! (`AttemptError::class`); a provider never decides about fallback.
 
 pub mod anthropic;
+pub mod client;
 pub mod errors;
 pub mod gemini;
 pub mod openai;
 pub mod sse;
 pub mod stream;
-
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
@@ -21,36 +20,7 @@ use crate::classify::ErrorClass;
 use crate::config::{Model, ProviderKind};
 pub use stream::{ChunkStream, StreamItem};
 
-/// The shared HTTP client: one connection pool, `TCP_NODELAY`, never retries on its own.
-pub fn http_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(5))
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(1024)
-        .no_proxy()
-        .build()
-        .unwrap_or_else(|_| reqwest::Client::new())
-}
-
-/// A transport error from reqwest, classified.
-pub(crate) fn transport_error(e: reqwest::Error) -> AttemptError {
-    let class = if e.is_timeout() {
-        ErrorClass::Timeout
-    } else {
-        ErrorClass::Transient
-    };
-    // Drop the URL: some providers' URLs identify accounts.
-    let e = e.without_url();
-    let mut msg = e.to_string();
-    let mut src = std::error::Error::source(&e);
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
-    AttemptError::new(class, msg)
-}
+pub use client::{http_client, HttpClient};
 
 /// A complete (non-streaming) answer, already in OpenAI format.
 #[derive(Debug, Clone)]
@@ -67,7 +37,7 @@ pub enum Reply {
 }
 
 /// The model's URL for this request (plain or streaming).
-pub(crate) fn url_for(model: &Model, req: &ChatRequest) -> url::Url {
+pub(crate) fn url_for(model: &Model, req: &ChatRequest) -> http::Uri {
     if req.stream {
         model.stream_url.clone()
     } else {
@@ -77,14 +47,14 @@ pub(crate) fn url_for(model: &Model, req: &ChatRequest) -> url::Url {
 
 /// One upstream HTTP request, built by a wire format's translator.
 pub struct Outgoing {
-    pub url: url::Url,
+    pub url: http::Uri,
     pub body: Bytes,
     pub headers: http::HeaderMap,
 }
 
 /// One call to `model`'s provider: translate, send, classify, translate back.
 pub async fn call(
-    http: &reqwest::Client,
+    client: &HttpClient,
     model: &Model,
     req: &ChatRequest,
 ) -> Result<Reply, AttemptError> {
@@ -96,24 +66,21 @@ pub async fn call(
         ProviderKind::Anthropic => anthropic::request(model, req)?,
         ProviderKind::Gemini => gemini::request(model, req)?,
     };
-    let mut builder = http
-        .post(out.url)
-        .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
-        .headers(out.headers)
-        .body(out.body);
+    let mut headers = out.headers;
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     if let Some((name, value)) = &model.provider.auth {
-        builder = builder.header(name.clone(), value.clone());
+        headers.insert(name.clone(), value.clone());
     }
-    if !model.provider.extra_headers.is_empty() {
-        builder = builder.headers(model.provider.extra_headers.clone());
+    for (name, value) in &model.provider.extra_headers {
+        headers.insert(name.clone(), value.clone());
     }
     if req.stream && kind == ProviderKind::Anthropic {
-        builder = builder.header(
+        headers.insert(
             http::header::ACCEPT,
             HeaderValue::from_static("text/event-stream"),
         );
     }
-    let resp = builder.send().await.map_err(transport_error)?;
+    let resp = client::post(client, out.url, headers, out.body).await?;
     let status = resp.status();
     if !status.is_success() {
         return Err(errors::from_response(resp, model).await);
@@ -130,9 +97,13 @@ pub async fn call(
                 "upstream answered a streaming request without an event stream",
             ));
         }
-        return Ok(Reply::Stream(Box::new(ChunkStream::new(resp, model, req))));
+        return Ok(Reply::Stream(Box::new(ChunkStream::new(
+            resp.into_body(),
+            model,
+            req,
+        ))));
     }
-    let body = resp.bytes().await.map_err(transport_error)?;
+    let body = client::read_body(resp.into_body(), None).await?;
     let translated = match kind {
         ProviderKind::Openai | ProviderKind::OpenaiCompatible | ProviderKind::AzureOpenai => {
             Ok(body)

@@ -63,7 +63,7 @@ impl Dialect {
 
 /// An upstream stream, decoded and translated.
 pub struct ChunkStream {
-    resp: reqwest::Response,
+    body: hyper::body::Incoming,
     decoder: SseDecoder,
     dialect: Dialect,
     pending: VecDeque<StreamItem>,
@@ -74,9 +74,9 @@ pub struct ChunkStream {
 }
 
 impl ChunkStream {
-    pub(crate) fn new(resp: reqwest::Response, model: &Model, req: &ChatRequest) -> Self {
+    pub(crate) fn new(body: hyper::body::Incoming, model: &Model, req: &ChatRequest) -> Self {
         ChunkStream {
-            resp,
+            body,
             decoder: SseDecoder::new(),
             dialect: Dialect::for_model(model, req),
             pending: VecDeque::new(),
@@ -106,16 +106,16 @@ impl ChunkStream {
                     None => return None,
                 }
             } else {
-                match self.resp.chunk().await {
-                    Ok(Some(bytes)) => {
+                match super::client::next_chunk(&mut self.body).await {
+                    Some(Ok(bytes)) => {
                         self.decoder.push(&bytes);
                         continue;
                     }
-                    Ok(None) => {
+                    None => {
                         self.eof = true;
                         continue;
                     }
-                    Err(e) => return Some(Err(super::transport_error(e))),
+                    Some(Err(e)) => return Some(Err(e)),
                 }
             };
             match self.dialect.on_event(&event) {

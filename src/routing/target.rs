@@ -89,7 +89,7 @@ impl Attempt for Call {
 /// Gateway-wide pieces every stack shares.
 #[derive(Clone)]
 pub struct StackShared {
-    pub http: reqwest::Client,
+    pub http: crate::providers::HttpClient,
     pub metrics: Arc<Metrics>,
     pub retry: RetryShared,
     pub jitter: Arc<Jitter>,
@@ -148,7 +148,7 @@ where
 /// The innermost service: one upstream call; a stream comes back once committed.
 #[derive(Clone)]
 pub struct Upstream {
-    http: reqwest::Client,
+    http: crate::providers::HttpClient,
     model: Arc<Model>,
     idle_timeout: Option<Duration>,
     jitter: Arc<Jitter>,
