@@ -232,11 +232,21 @@ async fn streamed_answers_are_stored_and_replayed() {
     assert_eq!(replay.header("x-cascade-cache"), Some("hit"));
     assert_eq!(replay.streamed_text(), first.streamed_text());
     assert_eq!(replay.events().last().map(String::as_str), Some("[DONE]"));
-    // The same entry serves the non-streaming form.
-    let whole = ask(&h, "main", "s", &[]).await;
-    assert_eq!(whole.header("x-cascade-cache"), Some("hit"));
-    assert_eq!(content(&whole), first.streamed_text());
     assert_eq!(h.mock.calls("p"), 1);
+    // That stream did not report usage, so its entry cannot answer a request that
+    // expects usage: the non-streaming form goes upstream once and refreshes the entry...
+    let whole = ask(&h, "main", "s", &[]).await;
+    assert_eq!(whole.header("x-cascade-cache"), Some("miss"));
+    assert_eq!(content(&whole), first.streamed_text());
+    // ...which then serves both forms.
+    assert_eq!(
+        ask(&h, "main", "s", &[]).await.header("x-cascade-cache"),
+        Some("hit")
+    );
+    let again = h.post_raw(body("main", "s", true), &[]).await;
+    assert_eq!(again.header("x-cascade-cache"), Some("hit"));
+    assert_eq!(again.streamed_text(), first.streamed_text());
+    assert_eq!(h.mock.calls("p"), 2);
 
     // Tool calls and usage survive a replay.
     h.mock.set("p", "tool=get_weather");

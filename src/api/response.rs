@@ -104,6 +104,11 @@ impl Text {
     }
 }
 
+/// Whether an answer's text is JSON (a Markdown code fence around it is accepted).
+pub fn parses_as_json(text: &str) -> bool {
+    serde_json::from_str::<IgnoredAny>(strip_fence(text)).is_ok()
+}
+
 /// JSON answers sometimes come wrapped in a Markdown code fence; accept those.
 fn strip_fence(t: &str) -> &str {
     let t = t.trim();
@@ -147,6 +152,8 @@ pub struct CompletionView {
     /// Some choice answered with text that is not valid JSON (only meaningful when the
     /// request asked for JSON); a tool call or refusal is not judged.
     pub text_not_json: bool,
+    /// Some choice is a refusal.
+    pub refused: bool,
 }
 
 #[derive(Deserialize)]
@@ -175,12 +182,17 @@ impl CompletionView {
                         if serde_json::from_str::<IgnoredAny>(strip_fence(t)).is_err())
             })
         });
+        let refused = w
+            .choices
+            .iter()
+            .any(|c| c.message.as_ref().is_some_and(|m| has_text(&m.refusal)));
         Ok(CompletionView {
             model_span: w.model.map(|m| span_in(body, m)),
             has_content,
             finish_reason: w.choices.first().and_then(|c| c.finish_reason.clone()),
             usage: w.usage,
             text_not_json,
+            refused,
         })
     }
 }

@@ -55,13 +55,20 @@ fn write_value(h: &mut Xxh3, v: &Value) {
         Value::Bool(b) => h.update(if *b { b"t" } else { b"f" }),
         Value::Number(n) => {
             h.update(b"#");
-            // 1, 1.0 and 1e0 are the same number to every provider.
-            match n.as_f64() {
-                Some(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => {
-                    write_str(h, &(f as i64).to_string())
+            // Integers exactly (large seeds must not collide); 1 and 1.0 are the same
+            // number to every provider.
+            if let Some(i) = n.as_i64() {
+                write_str(h, &i.to_string());
+            } else if let Some(u) = n.as_u64() {
+                write_str(h, &u.to_string());
+            } else {
+                match n.as_f64() {
+                    Some(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => {
+                        write_str(h, &(f as i64).to_string())
+                    }
+                    Some(f) => write_str(h, &f.to_string()),
+                    None => write_str(h, &n.to_string()),
                 }
-                Some(f) => write_str(h, &f.to_string()),
-                None => write_str(h, &n.to_string()),
             }
         }
         Value::String(s) => {
@@ -128,6 +135,11 @@ mod tests {
                 br#"{"messages":[{"role":"user","content":"hi"}],"temperature":0}"#
             )
             .unwrap()
+        );
+        // Large seeds stay distinct.
+        assert_ne!(
+            k(r#"{"seed":9007199254740993}"#),
+            k(r#"{"seed":9007199254740992}"#)
         );
         // Array order does matter.
         assert_ne!(k(r#"{"stop":["a","b"]}"#), k(r#"{"stop":["b","a"]}"#));

@@ -38,9 +38,16 @@ pub struct Entry {
     pub provider: Arc<str>,
     pub stored: Instant,
     pub fresh_until: Instant,
+    /// The stored answer carries `usage` (a stream stored without it does not).
+    pub has_usage: bool,
 }
 
 impl Entry {
+    /// Whether this entry can answer a request that does or does not expect usage.
+    pub fn serves(&self, req: &ChatRequest) -> bool {
+        self.has_usage || (req.stream && !req.include_usage)
+    }
+
     fn weight(&self) -> u32 {
         (self.body.len() + self.model.len() + self.provider.len() + 96).min(u32::MAX as usize)
             as u32
@@ -107,6 +114,9 @@ impl Decision {
         }
     }
 }
+
+/// The longest an entry stays fresh, whatever a request asks for.
+const MAX_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// Finish reasons of answers worth storing.
 pub fn storable_finish(reason: Option<&str>) -> bool {
@@ -194,7 +204,8 @@ impl ResponseCache {
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs)
             .or(chain.cache.ttl)
-            .unwrap_or(self.settings.ttl);
+            .unwrap_or(self.settings.ttl)
+            .min(MAX_TTL);
         // One tenant never sees another's answers: the caller's credentials namespace the key.
         let namespace = headers
             .get(http::header::AUTHORIZATION)
@@ -238,6 +249,7 @@ impl ResponseCache {
         model: Arc<str>,
         provider: Arc<str>,
         ttl: Duration,
+        has_usage: bool,
     ) {
         let now = Instant::now();
         let entry = Arc::new(Entry {
@@ -245,7 +257,8 @@ impl ResponseCache {
             model,
             provider,
             stored: now,
-            fresh_until: now + ttl,
+            fresh_until: now.checked_add(ttl).unwrap_or(now),
+            has_usage,
         });
         self.store.insert(key, entry.clone()).await;
         if self.redis.is_some() {
@@ -271,21 +284,26 @@ impl ResponseCache {
             let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
             map.entry(key).or_default().clone()
         };
+        // Whether the flight ends or every caller goes away, its cell leaves the map.
+        let _leave = LeaveFlight {
+            map: &self.inflight,
+            key,
+            cell: cell.clone(),
+        };
         let value = cell
             .get_or_init(|| async { Arc::new(f().await) as Arc<dyn std::any::Any + Send + Sync> })
             .await
             .clone();
-        {
-            let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-            if map.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
-                map.remove(&key);
-            }
-        }
         match value.downcast::<T>() {
             Ok(v) => v,
             // Every flight for one key runs the same code, so the types always agree.
             Err(_) => unreachable!("single-flight result of another type"),
         }
+    }
+
+    /// Whether a streaming request can be answered from `entry` (its body replays).
+    pub fn replayable(entry: &Entry, include_usage: bool) -> Option<Vec<Bytes>> {
+        replay(&entry.body, include_usage)
     }
 
     pub fn count(&self, chain: &str, outcome: Outcome) {
@@ -299,6 +317,27 @@ impl ResponseCache {
     pub async fn weighted_size(&self) -> u64 {
         self.store.run_pending_tasks().await;
         self.store.weighted_size()
+    }
+}
+
+/// Removes a single-flight cell from the map when the last caller that knew it leaves
+/// (only the cell it put there: a newer flight for the key is left alone).
+struct LeaveFlight<'a> {
+    map: &'a Mutex<HashMap<Key, Flight>>,
+    key: Key,
+    cell: Flight,
+}
+
+impl Drop for LeaveFlight<'_> {
+    fn drop(&mut self) {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if map
+            .get(&self.key)
+            .is_some_and(|c| Arc::ptr_eq(c, &self.cell))
+            && Arc::strong_count(&self.cell) <= 3
+        {
+            map.remove(&self.key);
+        }
     }
 }
 
@@ -376,9 +415,14 @@ pub fn replay(body: &[u8], include_usage: bool) -> Option<Vec<Bytes>> {
     Some(events)
 }
 
+/// More tool calls than any model makes in one turn: a stream claiming more is not stored.
+const MAX_TOOL_CALLS: usize = 128;
+
 /// Builds the non-streaming answer from a stream's chunks as they pass.
 #[derive(Debug, Default)]
 pub struct Assembler {
+    /// JSON was asked for: store only an answer that parses.
+    wants_json: bool,
     id: String,
     model: String,
     content: String,
@@ -410,6 +454,14 @@ struct ChunkChoice {
 }
 
 impl Assembler {
+    /// `wants_json`: the request asked for JSON, so only an answer that parses is stored.
+    pub fn new(wants_json: bool) -> Self {
+        Assembler {
+            wants_json,
+            ..Default::default()
+        }
+    }
+
     /// Feeds one chunk (its JSON).
     pub fn push(&mut self, data: &[u8]) {
         let Ok(c) = serde_json::from_slice::<ChunkParts>(data) else {
@@ -436,8 +488,16 @@ impl Assembler {
                 if let Some(t) = d["reasoning_content"].as_str() {
                     self.reasoning.push_str(t);
                 }
+                if d["refusal"].as_str().is_some_and(|r| !r.is_empty()) {
+                    // Refusals are never stored.
+                    self.broken = true;
+                }
                 for tc in d["tool_calls"].as_array().into_iter().flatten() {
                     let i = tc["index"].as_u64().unwrap_or(0) as usize;
+                    if i >= MAX_TOOL_CALLS {
+                        self.broken = true;
+                        continue;
+                    }
                     if self.tools.len() <= i {
                         self.tools.resize(i + 1, Default::default());
                     }
@@ -459,9 +519,25 @@ impl Assembler {
         }
     }
 
-    /// The whole answer, if the stream finished with a storable reason.
+    /// Whether the stream reported its usage (entries without it cannot answer
+    /// requests that expect it).
+    pub fn has_usage(&self) -> bool {
+        self.usage.is_some()
+    }
+
+    /// The whole answer, if the stream finished with a storable reason and has
+    /// something in it (and, in JSON mode, parses).
     pub fn finish(self) -> Option<Bytes> {
         if self.broken || !storable_finish(self.finish.as_deref()) {
+            return None;
+        }
+        if self.content.trim().is_empty() && self.tools.is_empty() {
+            return None;
+        }
+        if self.wants_json
+            && self.tools.is_empty()
+            && !crate::api::response::parses_as_json(&self.content)
+        {
             return None;
         }
         let reason: &'static str = match self.finish.as_deref() {

@@ -1,13 +1,12 @@
 //! The shared tier: Redis, behind moka. Every operation has a short timeout and every
 //! failure is a miss (counted and logged, never a failed request).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use redis::aio::ConnectionManager;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
-use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use super::{Entry, Key};
@@ -20,13 +19,15 @@ const RECONNECT_EVERY: Duration = Duration::from_secs(1);
 
 pub struct RedisTier {
     client: redis::Client,
-    conn: Mutex<Conn>,
+    state: Mutex<Conn>,
     metrics: Arc<Metrics>,
 }
 
 struct Conn {
     manager: Option<ConnectionManager>,
-    last_attempt: Option<Instant>,
+    /// After a failure the tier is skipped (every lookup a miss, at no cost) until then.
+    down_until: Option<Instant>,
+    connecting: bool,
     last_warning: Option<Instant>,
 }
 
@@ -37,7 +38,13 @@ struct Stored {
     /// When the answer was stored, in Unix milliseconds (shared across processes).
     stored_ms: u64,
     fresh_ms: u64,
+    #[serde(default = "yes")]
+    has_usage: bool,
     body: String,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn unix_ms() -> u64 {
@@ -56,9 +63,10 @@ impl RedisTier {
         match redis::Client::open(url) {
             Ok(client) => Some(RedisTier {
                 client,
-                conn: Mutex::new(Conn {
+                state: Mutex::new(Conn {
                     manager: None,
-                    last_attempt: None,
+                    down_until: None,
+                    connecting: false,
                     last_warning: None,
                 }),
                 metrics,
@@ -70,44 +78,63 @@ impl RedisTier {
         }
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, Conn> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A live connection, or `None` at once while the tier is down or another caller is
+    /// connecting. Connecting happens outside the lock, so nobody queues behind it.
     async fn connection(&self) -> Option<ConnectionManager> {
-        let mut c = self.conn.lock().await;
-        if let Some(m) = &c.manager {
-            return Some(m.clone());
-        }
-        if c.last_attempt
-            .is_some_and(|t| t.elapsed() < RECONNECT_EVERY)
         {
-            return None;
+            let mut c = self.lock();
+            if let Some(m) = &c.manager {
+                return Some(m.clone());
+            }
+            if c.connecting || c.down_until.is_some_and(|t| Instant::now() < t) {
+                return None;
+            }
+            c.connecting = true;
         }
-        c.last_attempt = Some(Instant::now());
-        match tokio::time::timeout(OP_TIMEOUT * 2, ConnectionManager::new(self.client.clone()))
-            .await
-        {
-            Ok(Ok(m)) => {
+        let config = ConnectionManagerConfig::new()
+            .set_number_of_retries(1)
+            .set_connection_timeout(OP_TIMEOUT)
+            .set_response_timeout(OP_TIMEOUT);
+        let made = tokio::time::timeout(
+            OP_TIMEOUT * 2,
+            ConnectionManager::new_with_config(self.client.clone(), config),
+        )
+        .await;
+        let result = match made {
+            Ok(Ok(m)) => Ok(m),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("connection timed out".to_string()),
+        };
+        let mut c = self.lock();
+        c.connecting = false;
+        match result {
+            Ok(m) => {
                 c.manager = Some(m.clone());
+                c.down_until = None;
                 Some(m)
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 drop(c);
-                self.failed(&e.to_string()).await;
-                None
-            }
-            Err(_) => {
-                drop(c);
-                self.failed("connection timed out").await;
+                self.failed(&e);
                 None
             }
         }
     }
 
-    /// Counts a failure and warns at most every 10 seconds.
-    async fn failed(&self, what: &str) {
+    /// Counts a failure, drops the connection, skips the tier for a while, and warns at
+    /// most every 10 seconds.
+    fn failed(&self, what: &str) {
         self.metrics
             .cache_errors
             .with_label_values(&["redis"])
             .inc();
-        let mut c = self.conn.lock().await;
+        let mut c = self.lock();
+        c.manager = None;
+        c.down_until = Some(Instant::now() + RECONNECT_EVERY);
         if c.last_warning
             .is_none_or(|t| t.elapsed() > Duration::from_secs(10))
         {
@@ -126,11 +153,11 @@ impl RedisTier {
             match tokio::time::timeout(OP_TIMEOUT, cmd.query_async(&mut conn)).await {
                 Ok(Ok(v)) => v,
                 Ok(Err(e)) => {
-                    self.failed(&e.to_string()).await;
+                    self.failed(&e.to_string());
                     return None;
                 }
                 Err(_) => {
-                    self.failed("GET timed out").await;
+                    self.failed("GET timed out");
                     return None;
                 }
             };
@@ -144,6 +171,7 @@ impl RedisTier {
             provider: stored.provider.into(),
             stored: stored_at,
             fresh_until: stored_at + Duration::from_millis(stored.fresh_ms),
+            has_usage: stored.has_usage,
         })
     }
 
@@ -161,6 +189,7 @@ impl RedisTier {
                 .fresh_until
                 .saturating_duration_since(entry.stored)
                 .as_millis() as u64,
+            has_usage: entry.has_usage,
             body: String::from_utf8_lossy(&entry.body).into_owned(),
         };
         let Ok(value) = serde_json::to_vec(&stored) else {
@@ -174,8 +203,8 @@ impl RedisTier {
             .to_owned();
         match tokio::time::timeout(OP_TIMEOUT, cmd.query_async::<()>(&mut conn)).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => self.failed(&e.to_string()).await,
-            Err(_) => self.failed("SET timed out").await,
+            Ok(Err(e)) => self.failed(&e.to_string()),
+            Err(_) => self.failed("SET timed out"),
         }
     }
 }

@@ -139,10 +139,8 @@ pub fn to_gemini(chat: &TypedChat, default_max: Option<u64>) -> Result<Value, St
         "maxOutputTokens",
         chat.max_output().or(default_max).map(|t| json!(t)),
     );
-    set(
-        "candidateCount",
-        chat.n.filter(|&n| n > 1).map(|n| json!(n)),
-    );
+    // `n` is not sent: the translation returns one choice, and extra candidates would be
+    // paid for and dropped.
     set("seed", chat.seed.map(|t| json!(t)));
     set("presencePenalty", chat.presence_penalty.map(|t| json!(t)));
     set("frequencyPenalty", chat.frequency_penalty.map(|t| json!(t)));

@@ -28,6 +28,8 @@ pub struct Completion {
     pub body: Bytes,
     pub usage: Option<Usage>,
     pub finish_reason: Option<String>,
+    /// The answer is a refusal (returned, never cached).
+    pub refused: bool,
 }
 
 /// What an upstream call produced.
@@ -156,6 +158,7 @@ pub fn judge(body: Bytes, model: &Model, wants_json: bool) -> Result<Completion,
         body,
         usage: view.usage,
         finish_reason: view.finish_reason,
+        refused: view.refused,
     })
 }
 

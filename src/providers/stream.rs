@@ -86,6 +86,13 @@ impl ChunkStream {
         }
     }
 
+    /// Whether the end of the body after a finish chunk counts as a complete answer.
+    /// OpenAI-compatible servers sometimes omit `[DONE]`; an Anthropic stream is only
+    /// complete at `message_stop` (Gemini's end of body is its terminator, handled above).
+    pub fn eof_after_finish_is_complete(&self) -> bool {
+        matches!(self.dialect, Dialect::OpenAi(_))
+    }
+
     /// The next item; `None` when the upstream closed the connection.
     pub async fn next(&mut self) -> Option<Result<StreamItem, AttemptError>> {
         loop {

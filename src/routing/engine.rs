@@ -508,6 +508,7 @@ fn filtered_answer(chunks: Vec<Bytes>, stream: bool) -> Answer {
             body: chunks.into_iter().next().unwrap_or_default(),
             usage: None,
             finish_reason: Some("content_filter".into()),
+            refused: true,
         })
     }
 }

@@ -63,7 +63,9 @@ pub async fn chat_completions(
     let decision = app.cache.decide(&chain, &req, &headers);
     if let (true, Some(key)) = (decision.read, decision.key) {
         if let Some(entry) = app.cache.get(key).await.filter(|e| e.is_fresh()) {
-            return cached(&app, &chain, &entry, &req, CacheOutcome::Hit, start);
+            if let Some(resp) = cached(&app, &chain, &entry, &req, CacheOutcome::Hit, start) {
+                return resp;
+            }
         }
     }
     let label = decision.unread_outcome();
@@ -87,6 +89,7 @@ pub async fn chat_completions(
                 cache: app.cache.clone(),
                 key,
                 ttl: decision.ttl,
+                wants_json: req.wants_json,
             }),
             _ => None,
         };
@@ -100,7 +103,7 @@ pub async fn chat_completions(
         let finished = Finished::from(app.engine.run(&chain, req.clone(), deadline).await);
         if let (true, Some(key), Ok((model, c))) = (decision.write, decision.key, &finished.result)
         {
-            if cache::storable_finish(c.finish_reason.as_deref()) {
+            if cache::storable_finish(c.finish_reason.as_deref()) && !c.refused {
                 app.cache
                     .put(
                         key,
@@ -108,13 +111,16 @@ pub async fn chat_completions(
                         model.name.clone(),
                         model.provider.name.clone(),
                         decision.ttl,
+                        c.usage.is_some(),
                     )
                     .await;
             }
         }
         finished
     };
-    let finished = match decision.key {
+    // A caller with its own deadline does not share a flight (it could inherit a
+    // shorter one, or hand its short one to others).
+    let finished = match decision.key.filter(|_| !headers.contains_key(X_TIMEOUT_MS)) {
         Some(key) => app.cache.single_flight(key, run).await,
         None => Arc::new(run().await),
     };
@@ -166,6 +172,7 @@ pub struct StreamStore {
     pub cache: Arc<ResponseCache>,
     pub key: cache::Key,
     pub ttl: std::time::Duration,
+    pub wants_json: bool,
 }
 
 /// When the whole chain failed (not the caller's own error), a stale entry answers.
@@ -183,10 +190,12 @@ async fn stale_instead(
         return None;
     }
     let entry = app.cache.get(decision.key?).await?;
-    Some(cached(app, chain, &entry, req, CacheOutcome::Stale, start))
+    cached(app, chain, &entry, req, CacheOutcome::Stale, start)
 }
 
-/// An answer from the cache, as JSON or replayed as a stream.
+/// An answer from the cache, as JSON or replayed as a stream; `None` when the entry
+/// cannot answer this request (no usage stored where usage is expected, or a body that
+/// does not replay), which then goes upstream like a miss.
 fn cached(
     app: &AppState,
     chain: &Chain,
@@ -194,10 +203,12 @@ fn cached(
     req: &ChatRequest,
     outcome: CacheOutcome,
     start: Instant,
-) -> Response<Body> {
-    app.cache.count(&chain.name, outcome);
+) -> Option<Response<Body>> {
+    if !entry.serves(req) {
+        return None;
+    }
     let mut resp = if req.stream {
-        let events = cache::replay(&entry.body, req.include_usage).unwrap_or_default();
+        let events = cache::replay(&entry.body, req.include_usage)?;
         let stream =
             futures_util::stream::iter(events.into_iter().map(Ok::<_, std::convert::Infallible>));
         let mut r = Response::new(Body::from_stream(stream));
@@ -216,6 +227,7 @@ fn cached(
         );
         r
     };
+    app.cache.count(&chain.name, outcome);
     observe(app, chain, start, std::time::Duration::ZERO, StatusCode::OK);
     let h = resp.headers_mut();
     h.insert(X_CACHE, HeaderValue::from_static(outcome.as_str()));
@@ -237,7 +249,7 @@ fn cached(
     }
     h.insert(X_ATTEMPTS, HeaderValue::from(0));
     h.insert(X_FALLBACKS, HeaderValue::from(0));
-    resp
+    Some(resp)
 }
 
 /// Request metrics shared by every way of answering.

@@ -64,11 +64,12 @@ impl State {
             .breaker
             .record(Admission::Allowed, CallResult::Success);
         if let Some((store, asm)) = self.store.take() {
+            let has_usage = asm.has_usage();
             if let Some(body) = asm.finish() {
                 let (name, provider) = (self.model.name.clone(), self.model.provider.name.clone());
                 store
                     .cache
-                    .put(store.key, body, name, provider, store.ttl)
+                    .put(store.key, body, name, provider, store.ttl, has_usage)
                     .await;
             }
         }
@@ -145,7 +146,7 @@ pub fn body(
     store: Option<StreamStore>,
 ) -> impl futures_util::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send {
     let store = store.map(|s| {
-        let mut asm = Assembler::default();
+        let mut asm = Assembler::new(s.wants_json);
         for chunk in &committed.head {
             asm.push(chunk);
         }
@@ -205,7 +206,14 @@ pub fn body(
             Ok(Some(Ok(StreamItem::Done))) => s.complete().await,
             Ok(Some(Err(e))) => s.fail(failure_event(&e)),
             // Some servers close after the finish chunk without `[DONE]`.
-            Ok(None) if s.saw_finish => s.complete().await,
+            Ok(None)
+                if s.saw_finish
+                    && s.rest
+                        .as_ref()
+                        .is_some_and(|r| r.eof_after_finish_is_complete()) =>
+            {
+                s.complete().await
+            }
             Ok(None) => s.fail(
                 ApiError::new(
                     StatusCode::BAD_GATEWAY,
