@@ -441,3 +441,56 @@ async fn redis_shares_hits_between_gateways_and_its_loss_is_survivable() {
         "{m}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn absurd_ttls_are_clamped_not_fatal() {
+    let h = start(CACHED).await;
+    let r = ask(
+        &h,
+        "main",
+        "q",
+        &[("x-cascade-cache-ttl", "18446744073709551615")],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let r = h
+        .post_raw(
+            body("main", "q2", true),
+            &[("x-cascade-cache-ttl", "18446744073709551615")],
+        )
+        .await;
+    assert_eq!(r.events().last().map(String::as_str), Some("[DONE]"));
+    assert_eq!(
+        ask(&h, "main", "q", &[]).await.header("x-cascade-cache"),
+        Some("hit")
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_costs_nothing_after_the_first_failure() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let yaml = CACHED.replace(
+        "stale_ttl: 1h }",
+        &format!("stale_ttl: 1h, redis_url: \"redis://127.0.0.1:{port}\" }}"),
+    );
+    let h = start(&yaml).await;
+    let t0 = std::time::Instant::now();
+    for i in 0..20 {
+        let r = ask(&h, "main", &format!("q{i}"), &[]).await;
+        assert_eq!(r.status, 200);
+    }
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "{:?} for 20 requests",
+        t0.elapsed()
+    );
+    let m = h.get("/metrics").await.text;
+    assert!(
+        m.contains(r#"cascade_cache_errors_total{tier="redis"}"#),
+        "{m}"
+    );
+}
