@@ -660,3 +660,25 @@ async fn a_lost_race_is_recorded_as_cancelled() {
         "{trace}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn fallbacks_count_chain_positions_on_failure_too() {
+    let top = "retry: { max_retries: 0 }\nbreaker: { consecutive_failures: 1, cooldown: 1h, max_cooldown: 1h }";
+    let h = start(&config(top, "")).await;
+    h.mock.set("p", "status=500");
+    h.chat("main", &[]).await; // opens the primary's breaker
+    h.mock.set("s", "status=500");
+    h.mock.set("t", "status=500");
+    let r = h.chat("main", &[]).await;
+    assert_eq!(r.status, 502);
+    assert_eq!(
+        r.header("x-cascade-attempts"),
+        Some("2"),
+        "the open primary was skipped"
+    );
+    assert_eq!(
+        r.header("x-cascade-fallbacks"),
+        Some("2"),
+        "moved past positions 0 and 1"
+    );
+}

@@ -174,10 +174,11 @@ impl Engine {
                 last,
                 fail_fast: Some(e),
                 ..
-            }) => (last, Err(*e)),
-            Err(Failure { last, .. }) => {
-                (last, Err(all_failed(&attempts, Instant::now() >= deadline)))
-            }
+            }) => (position(last), Err(*e)),
+            Err(Failure { last, .. }) => (
+                position(last),
+                Err(all_failed(&attempts, Instant::now() >= deadline)),
+            ),
         };
         Outcome {
             attempts,
