@@ -170,8 +170,13 @@ pub fn body(
         if s.ended {
             return None;
         }
-        if let Some(chunk) = s.head.pop_front() {
-            return Some((Ok(event(&chunk)), s));
+        if !s.head.is_empty() {
+            // Everything received before the commit point goes out in one write.
+            let mut out = Vec::with_capacity(s.head.iter().map(|c| c.len() + 8).sum());
+            for chunk in s.head.drain(..) {
+                out.extend_from_slice(&event(&chunk));
+            }
+            return Some((Ok(Bytes::from(out)), s));
         }
         if s.chaos_cut {
             let e = AttemptError::new(ErrorClass::Transient, "chaos: stream cut");
