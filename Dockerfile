@@ -4,6 +4,8 @@ FROM rust:1-slim-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+COPY benches ./benches
+COPY examples ./examples
 RUN cargo build --release --locked --bin cascade
 
 # Run: a small distroless image, as a non-root user. TLS roots are bundled (rustls).

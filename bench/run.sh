@@ -13,7 +13,8 @@ fi
 if ! command -v nginx >/dev/null 2>&1; then
   echo "== installing nginx (the one-hop floor) from Debian"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq && apt-get install -y -qq nginx-light >/dev/null
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq nginx-light >/dev/null
 fi
 echo "== building release binaries"
 cargo build --release --bin cascade --example stream_probe

@@ -170,6 +170,24 @@ fn errors_name_the_path() {
             "models.llama-3.1-70b.fallbacks[0]",
             "ghost",
         ),
+        (
+            GOOD.replace(
+                "attempt_timeout: 30s",
+                "attempt_timeout: 30s\n  idle_timeout: 0s",
+            ),
+            "server.idle_timeout",
+            "greater than zero",
+        ),
+        (
+            GOOD.replace("request_timeout: 120s", "request_timeout: 300000000000y"),
+            "server.request_timeout",
+            "too long",
+        ),
+        (
+            format!("{GOOD}cache: {{ redis_url: \"http://user:hunter2@cache:6379\" }}\n"),
+            "cache.redis_url",
+            "invalid Redis URL",
+        ),
     ];
     for (yaml, path, detail) in cases {
         let e = error_of(&yaml);
@@ -178,7 +196,22 @@ fn errors_name_the_path() {
             "expected path {path} in: {e}"
         );
         assert!(e.contains(detail), "expected {detail:?} in: {e}");
+        assert!(
+            !e.contains("hunter2"),
+            "a password in a URL is never repeated: {e}"
+        );
     }
+}
+
+#[test]
+fn an_emptied_section_is_read_as_empty() {
+    let yaml = GOOD.replace(
+        "chains:\n  default: [gpt-4o, gpt-4o-mini]\n  simple_generation:\n    models: [gpt-4o-mini, gpt-4o, llama-3.1-70b]\n",
+        "chains:\n  # nothing yet\n",
+    );
+    assert!(yaml.contains("# nothing yet"));
+    let c = Config::from_yaml_with_env(&yaml, &env).unwrap();
+    assert!(c.chains.is_empty());
 }
 
 #[test]

@@ -290,6 +290,10 @@ impl Config {
                 message: e.to_string(),
             })?;
         env::interpolate(&mut tree, env)?;
+        // A section with every entry commented out is YAML null: read it as empty.
+        if let Some(map) = tree.as_object_mut() {
+            map.retain(|_, v| !v.is_null());
+        }
         let raw: RawConfig = serde_path_to_error::deserialize(tree).map_err(|e| {
             let mut path = e.path().to_string();
             let message = e.into_inner().to_string();
@@ -621,14 +625,15 @@ fn cache_settings(c: &raw::RawCache) -> Result<CacheSettings, ConfigError> {
         .map(|m| cache_mode("cache.mode", m))
         .transpose()?
         .unwrap_or(CacheMode::Deterministic);
-    if let Some(url) = &c.redis_url {
-        if !(url.starts_with("redis://")
-            || url.starts_with("rediss://")
-            || url.starts_with("unix://"))
-        {
+    if let Some(url) = c.redis_url.as_deref().filter(|u| !u.is_empty()) {
+        // The URL may hold a password: the message never repeats it.
+        if let Err(e) = redis::Client::open(url) {
             return Err(ConfigError::at(
                 "cache.redis_url",
-                format!("invalid Redis URL {url:?}: expected redis://, rediss:// or unix://"),
+                format!(
+                    "invalid Redis URL (expected redis://, rediss:// or unix://): {:?}",
+                    e.kind()
+                ),
             ));
         }
     }
@@ -927,6 +932,13 @@ fn validate_server(s: &raw::RawServer) -> Result<ServerSettings, ConfigError> {
             return Err(ConfigError::at(field, "must be greater than zero"));
         }
     }
+    positive(
+        "server",
+        &[
+            ("first_token_timeout", s.first_token_timeout),
+            ("idle_timeout", s.idle_timeout),
+        ],
+    )?;
     let max_body = s.max_body.unwrap_or(DEFAULT_MAX_BODY);
     if max_body == 0 {
         return Err(ConfigError::at(
@@ -1000,15 +1012,13 @@ fn validate_provider(
         let hpath = format!("{path}.extra_headers.{k}");
         let name = HeaderName::from_bytes(k.as_bytes())
             .map_err(|_| ConfigError::at(&hpath, "invalid header name"))?;
-        let value = HeaderValue::from_str(v)
+        let mut value = HeaderValue::from_str(v)
             .map_err(|_| ConfigError::at(&hpath, "invalid header value"))?;
+        // Extra headers often carry credentials of their own.
+        value.set_sensitive(true);
         extra_headers.insert(name, value);
     }
-    let api_key = p
-        .api_key
-        .as_ref()
-        .filter(|k| !k.is_empty())
-        .map(|k| Secret::new(k.clone()));
+    let api_key = p.api_key.clone().filter(|k| !k.expose().is_empty());
     let auth = match &api_key {
         None => None,
         Some(key) => {

@@ -172,7 +172,7 @@ impl ProviderKind {
 pub struct RawProvider {
     pub kind: ProviderKind,
     pub base_url: String,
-    pub api_key: Option<String>,
+    pub api_key: Option<crate::secret::Secret>,
     /// Extra headers sent with every upstream call (e.g. OpenRouter's `HTTP-Referer`).
     #[serde(default)]
     pub extra_headers: IndexMap<String, String>,

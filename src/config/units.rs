@@ -4,8 +4,16 @@ use std::time::Duration;
 
 /// Parses a duration such as `120s`, `500ms`, `5m` or `1h 30m`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim()).map_err(|e| format!("invalid duration {s:?}: {e}"))
+    let d =
+        humantime::parse_duration(s.trim()).map_err(|e| format!("invalid duration {s:?}: {e}"))?;
+    // Longer than any deadline or TTL makes sense, and past it clock arithmetic overflows.
+    if d > MAX_DURATION {
+        return Err(format!("duration {s:?} is too long (at most 365 days)"));
+    }
+    Ok(d)
 }
+
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Parses a byte size such as `10MiB`, `512KiB`, `1GB` or a plain number of bytes.
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -53,5 +61,6 @@ mod tests {
         assert_eq!(parse_duration("120s").unwrap(), Duration::from_secs(120));
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("300000000000y").is_err());
     }
 }

@@ -121,7 +121,14 @@ impl Knobs {
                 "ttft" => k.ttft = parse_duration(value)?,
                 "gap" => k.gap = parse_duration(value)?,
                 "chunks" => k.chunks = num(value)?.max(1),
-                "status" => k.status = Some(num(value)? as u16),
+                "status" => {
+                    k.status = Some(
+                        u16::try_from(num(value)?)
+                            .ok()
+                            .filter(|s| (100..=599).contains(s))
+                            .ok_or_else(|| format!("knob status: not an HTTP status: {value:?}"))?,
+                    )
+                }
                 "retry_after" => k.retry_after = Some(value.to_string()),
                 "code" => k.code = Some(value.to_string()),
                 "error_rate" => {

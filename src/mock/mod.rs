@@ -330,6 +330,14 @@ async fn handle(
             if let Ok(mut k) = state.knobs.write() {
                 k.clear();
             }
+            if let Ok(mut b) = state.bodies.lock() {
+                b.clear();
+            }
+            if let Ok(mut h) = state.last_headers.lock() {
+                *h = None;
+            }
+            state.total.store(0, Ordering::Relaxed);
+            state.cancelled.store(0, Ordering::Relaxed);
             return Ok(full(StatusCode::OK, "application/json", "{}"));
         }
         (&Method::POST, p) if p.starts_with("/_mock/knobs/") => {
@@ -579,7 +587,10 @@ async fn respond(
                 steps.push((k.gap, Step::ToolFragment(i)));
             }
         }
-        if k.cut_after == Some(answer.pieces.len()) && answer.pieces.is_empty() {
+        // Cut (or an error event) after every content chunk: before the finish.
+        if k.cut_after == Some(answer.pieces.len())
+            || k.error_event_after == Some(answer.pieces.len())
+        {
             cut = true;
         } else {
             steps.push((k.gap, Step::Finish));
