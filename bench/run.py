@@ -282,7 +282,7 @@ http {{
             for t in [t for t in urls if t in alive]:
                 r = base if t == "direct" else oha(urls[t], bodies[(model_for[t], 1024)], 64, step_secs, rate)
                 ok = r["error_rate"] < 0.001 and r["rps"] >= 0.95 * rate and r["p99"] <= base["p99"] + 2.0
-                search.append({"target": t, "rate": rate, "ok": ok, **r})
+                search.append({**r, "target": t, "rate": rate, "passes": ok})
                 if ok:
                     sustained[t] = rate
                 else:
@@ -414,7 +414,7 @@ def markdown(r):
     L.append(f"\ncascade / nginx: sustained {sus['cascade'] / max(sus['nginx'], 1):.2f}x, closed loop {t['cascade']['rps'] / max(t['nginx']['rps'], 1):.2f}x")
     L += ["", "| rate | target | achieved | p99 | errors | passes |", "|---|---|---|---|---|---|"]
     for row in r["S2"]["search"]:
-        L.append(f"| {row['rate']} | {row['target']} | {row['rps']:.0f} | {row['p99']:.3f} | {row['error_rate']:.4f} | {'yes' if row['ok'] else 'no'} |")
+        L.append(f"| {row['rate']} | {row['target']} | {row['rps']:.0f} | {row['p99']:.3f} | {row['error_rate']:.4f} | {'yes' if row['passes'] else 'no'} |")
     s3 = r["S3"]
     L += ["", "## S3: memory (gateway RSS)", "", f"idle at start {s3['idle_at_start_rss_mib']:.1f} MiB (before this scenario {s3['idle_rss_mib']:.1f} MiB); peak with 1,000 requests in flight (mock delay 1 s)"
           f" {s3['peak_rss_mib']:.1f} MiB; after the run {s3['after_rss_mib']:.1f} MiB."]
