@@ -64,14 +64,6 @@ impl AttemptError {
             filtered: None,
         }
     }
-
-    /// `ok`, the HTTP status, or the class name: the outcome column of `x-cascade-trace`.
-    pub fn outcome(&self) -> std::borrow::Cow<'static, str> {
-        match self.status {
-            Some(s) if !(200..300).contains(&s) => s.to_string().into(),
-            _ => self.class.as_str().into(),
-        }
-    }
 }
 
 /// What happens after a failed attempt.

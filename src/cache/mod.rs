@@ -301,11 +301,6 @@ impl ResponseCache {
         }
     }
 
-    /// Whether a streaming request can be answered from `entry` (its body replays).
-    pub fn replayable(entry: &Entry, include_usage: bool) -> Option<Vec<Bytes>> {
-        replay(&entry.body, include_usage)
-    }
-
     pub fn count(&self, chain: &str, outcome: Outcome) {
         self.metrics
             .cache_requests
