@@ -410,15 +410,6 @@ impl StreamState {
         }
     }
 
-    fn chunk(data: Bytes, has_content: bool) -> StreamItem {
-        StreamItem::Chunk {
-            data,
-            has_content,
-            finish_reason: None,
-            usage: None,
-        }
-    }
-
     pub fn on_event(&mut self, ev: &SseEvent) -> Result<Vec<StreamItem>, AttemptError> {
         let e: Event = serde_json::from_slice(&ev.data).map_err(|err| {
             AttemptError::new(
@@ -433,7 +424,7 @@ impl StreamState {
                     self.writer.id = m.id;
                     self.usage.merge(m.usage);
                 }
-                vec![Self::chunk(self.writer.role(), false)]
+                vec![StreamItem::delta(self.writer.role(), false)]
             }
             "content_block_start" => {
                 let block = e.content_block.unwrap_or_default();
@@ -444,10 +435,10 @@ impl StreamState {
                         self.tool_index.insert(e.index.unwrap_or(0), k);
                         let id = block["id"].as_str().unwrap_or_default();
                         let name = block["name"].as_str().unwrap_or_default();
-                        vec![Self::chunk(w.tool_start(k, id, name, ""), true)]
+                        vec![StreamItem::delta(w.tool_start(k, id, name, ""), true)]
                     }
                     Some("text") => match block["text"].as_str().filter(|t| !t.is_empty()) {
-                        Some(t) => vec![Self::chunk(w.content(t), true)],
+                        Some(t) => vec![StreamItem::delta(w.content(t), true)],
                         None => Vec::new(),
                     },
                     _ => Vec::new(),
@@ -457,21 +448,21 @@ impl StreamState {
                 let delta = e.delta.unwrap_or_default();
                 match delta["type"].as_str() {
                     Some("text_delta") => match delta["text"].as_str().filter(|t| !t.is_empty()) {
-                        Some(t) => vec![Self::chunk(w.content(t), true)],
+                        Some(t) => vec![StreamItem::delta(w.content(t), true)],
                         None => Vec::new(),
                     },
                     Some("input_json_delta") => {
                         let k = e.index.and_then(|i| self.tool_index.get(&i).copied());
                         match (k, delta["partial_json"].as_str().filter(|t| !t.is_empty())) {
                             (Some(k), Some(frag)) => {
-                                vec![Self::chunk(w.tool_arguments(k, frag), true)]
+                                vec![StreamItem::delta(w.tool_arguments(k, frag), true)]
                             }
                             _ => Vec::new(),
                         }
                     }
                     Some("thinking_delta") => {
                         match delta["thinking"].as_str().filter(|t| !t.is_empty()) {
-                            Some(t) => vec![Self::chunk(w.reasoning(t), true)],
+                            Some(t) => vec![StreamItem::delta(w.reasoning(t), true)],
                             None => Vec::new(),
                         }
                     }

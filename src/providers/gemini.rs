@@ -409,15 +409,6 @@ impl StreamState {
         }
     }
 
-    fn chunk(data: Bytes, has_content: bool) -> StreamItem {
-        StreamItem::Chunk {
-            data,
-            has_content,
-            finish_reason: None,
-            usage: None,
-        }
-    }
-
     pub fn on_event(&mut self, ev: &SseEvent) -> Result<Vec<StreamItem>, AttemptError> {
         let r: GenerateResponse = serde_json::from_slice(&ev.data).map_err(|e| {
             AttemptError::new(
@@ -441,7 +432,7 @@ impl StreamState {
             if let Some(id) = &r.response_id {
                 self.writer.id = id.clone();
             }
-            items.push(Self::chunk(self.writer.role(), false));
+            items.push(StreamItem::delta(self.writer.role(), false));
         }
         if r.usage_metadata.is_some() {
             self.usage = r.usage_metadata;
@@ -464,7 +455,7 @@ impl StreamState {
                 let k = self.tools;
                 self.tools += 1;
                 let args = call.args.clone().unwrap_or_else(|| json!({})).to_string();
-                items.push(Self::chunk(
+                items.push(StreamItem::delta(
                     w.tool_start(k, &call_id(&w.id, call, k), &call.name, &args),
                     true,
                 ));
@@ -474,7 +465,7 @@ impl StreamState {
                 } else {
                     w.content(t)
                 };
-                items.push(Self::chunk(data, true));
+                items.push(StreamItem::delta(data, true));
             }
         }
         if let Some(reason) = cand.finish_reason.as_deref() {

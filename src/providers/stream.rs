@@ -24,6 +24,18 @@ pub enum StreamItem {
     Done,
 }
 
+impl StreamItem {
+    /// A chunk with no finish and no usage.
+    pub fn delta(data: Bytes, has_content: bool) -> StreamItem {
+        StreamItem::Chunk {
+            data,
+            has_content,
+            finish_reason: None,
+            usage: None,
+        }
+    }
+}
+
 /// Turns one upstream event into OpenAI stream items.
 pub enum Dialect {
     OpenAi(openai::StreamState),
