@@ -256,12 +256,7 @@ async fn streamed_answers_are_stored_and_replayed() {
     h.post_raw(b.clone(), &[]).await;
     let r = h.post_raw(b, &[]).await;
     assert_eq!(r.header("x-cascade-cache"), Some("hit"));
-    let chunks: Vec<Value> = r
-        .events()
-        .iter()
-        .filter(|e| *e != "[DONE]")
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
+    let chunks: Vec<Value> = r.chunks();
     let call = chunks
         .iter()
         .find_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array().cloned())

@@ -178,12 +178,7 @@ async fn anthropic_streams_translate_with_usage() {
         r.streamed_text(),
         "Hello from claude-x! This is a mock answer."
     );
-    let chunks: Vec<Value> = r
-        .events()
-        .iter()
-        .filter(|e| *e != "[DONE]")
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
+    let chunks: Vec<Value> = r.chunks();
     let ids: std::collections::HashSet<_> = chunks
         .iter()
         .map(|c| c["id"].as_str().unwrap().to_string())

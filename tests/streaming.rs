@@ -5,14 +5,6 @@ mod common;
 use common::{start, THREE};
 use serde_json::Value;
 
-fn chunks(r: &common::Reply) -> Vec<Value> {
-    r.events()
-        .iter()
-        .filter(|e| *e != "[DONE]")
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect()
-}
-
 #[tokio::test]
 async fn streams_from_the_primary() {
     let h = start(THREE).await;
@@ -22,7 +14,7 @@ async fn streams_from_the_primary() {
     assert_eq!(r.header("x-cascade-model"), Some("primary"));
     assert_eq!(r.streamed_text(), "Hello from p! This is a mock answer.");
     assert_eq!(r.events().last().map(String::as_str), Some("[DONE]"));
-    for c in chunks(&r) {
+    for c in r.chunks() {
         assert_eq!(c["model"], "p");
         assert_eq!(c["object"], "chat.completion.chunk");
     }
@@ -87,7 +79,7 @@ async fn include_usage_is_passed_through() {
     let mut body = common::chat_body("main", true);
     body["stream_options"] = serde_json::json!({"include_usage": true});
     let r = h.post_raw(body.to_string(), &[]).await;
-    let cs = chunks(&r);
+    let cs = r.chunks();
     let last = cs.last().unwrap();
     assert_eq!(last["choices"].as_array().unwrap().len(), 0);
     assert!(last["usage"]["total_tokens"].as_u64().unwrap() > 0);

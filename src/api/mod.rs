@@ -18,9 +18,20 @@ pub(crate) fn span_in(base: &[u8], raw: &serde_json::value::RawValue) -> std::op
 
 /// Copies `body` with `range` replaced by `with`.
 pub(crate) fn splice(body: &[u8], range: std::ops::Range<usize>, with: &[u8]) -> bytes::Bytes {
-    let mut out = Vec::with_capacity(body.len() + with.len());
-    out.extend_from_slice(&body[..range.start]);
-    out.extend_from_slice(with);
-    out.extend_from_slice(&body[range.end..]);
+    splice_all(body, &[(range, with)])
+}
+
+/// Copies `body` once with several replacements, given in order of position and not
+/// overlapping.
+pub(crate) fn splice_all(body: &[u8], edits: &[(std::ops::Range<usize>, &[u8])]) -> bytes::Bytes {
+    let extra: usize = edits.iter().map(|(_, with)| with.len()).sum();
+    let mut out = Vec::with_capacity(body.len() + extra);
+    let mut at = 0;
+    for (range, with) in edits {
+        out.extend_from_slice(&body[at..range.start]);
+        out.extend_from_slice(with);
+        at = range.end;
+    }
+    out.extend_from_slice(&body[at..]);
     out.into()
 }

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::chat::Role;
-use super::{span_in, splice, ApiError};
+use super::{span_in, splice_all, ApiError};
 
 /// A validated chat request.
 #[derive(Debug, Clone)]
@@ -194,37 +194,35 @@ impl ChatRequest {
     /// Like `body_for_model`, also adding `"FIELD":N` (the model's default output cap)
     /// when the request sets neither `max_tokens` nor `max_completion_tokens`.
     pub fn body_for(&self, model_id_json: &str, default_max: Option<(&str, u64)>) -> Bytes {
-        let body = self.body_with_model(model_id_json);
-        match default_max {
-            Some((field, n)) if self.max_tokens.is_none() => {
-                let open = body.iter().position(|&b| b == b'{').unwrap_or(0);
-                let insert = format!("\"{field}\":{n},");
-                splice(&body, open + 1..open + 1, insert.as_bytes())
-            }
-            _ => body,
+        // Everything after the object's opening brace; the body was validated as an object.
+        let open = self.body.iter().position(|&b| b == b'{').unwrap_or(0) + 1;
+        let cap = default_max
+            .filter(|_| self.max_tokens.is_none())
+            .map(|(field, n)| format!("\"{field}\":{n},"));
+        let mut inserted_model = Vec::new();
+        let mut edits: Vec<(Range<usize>, &[u8])> = Vec::with_capacity(2);
+        if let Some(c) = &cap {
+            edits.push((open..open, c.as_bytes()));
         }
-    }
-
-    fn body_with_model(&self, model_id_json: &str) -> Bytes {
         match &self.model_span {
-            Some(span) if &self.body[span.clone()] == model_id_json.as_bytes() => self.body.clone(),
-            Some(span) => splice(&self.body, span.clone(), model_id_json.as_bytes()),
+            Some(span) if &self.body[span.clone()] == model_id_json.as_bytes() => {}
+            Some(span) => edits.push((span.clone(), model_id_json.as_bytes())),
             None => {
-                // Routed by header with no `model` in the body: add it after the opening brace.
-                let open = self.body.iter().position(|&b| b == b'{').unwrap_or(0);
-                let mut field = Vec::with_capacity(model_id_json.len() + 10);
-                field.extend_from_slice(b"\"model\":");
-                field.extend_from_slice(model_id_json.as_bytes());
-                let rest_empty = self.body[open + 1..]
-                    .iter()
-                    .find(|b| !b.is_ascii_whitespace())
-                    == Some(&b'}');
+                // Routed by header with no `model` in the body: add it after the brace.
+                inserted_model.extend_from_slice(b"\"model\":");
+                inserted_model.extend_from_slice(model_id_json.as_bytes());
+                let rest_empty =
+                    self.body[open..].iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'}');
                 if !rest_empty {
-                    field.push(b',');
+                    inserted_model.push(b',');
                 }
-                splice(&self.body, open + 1..open + 1, &field)
+                edits.push((open..open, &inserted_model));
             }
         }
+        if edits.is_empty() {
+            return self.body.clone();
+        }
+        splice_all(&self.body, &edits)
     }
 }
 
@@ -290,6 +288,24 @@ mod tests {
         let v: serde_json::Value =
             serde_json::from_slice(&r.body_for("\"x\"", Some(("max_tokens", 77)))).unwrap();
         assert_eq!(v["max_tokens"], 5);
+    }
+
+    #[test]
+    fn both_edits_in_one_copy() {
+        for body in [
+            r#"{"messages":[{"role":"user","content":"hi"}]}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#,
+        ] {
+            let r = parse(body).unwrap();
+            let v: serde_json::Value =
+                serde_json::from_slice(&r.body_for("\"x\"", Some(("max_tokens", 9)))).unwrap();
+            assert_eq!(
+                (v["model"].as_str(), v["max_tokens"].as_u64()),
+                (Some("x"), Some(9)),
+                "{body}"
+            );
+            assert_eq!(v["messages"][0]["content"], "hi");
+        }
     }
 
     #[test]

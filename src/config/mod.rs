@@ -22,6 +22,7 @@ use crate::classify::{Action, ErrorClass};
 use crate::resilience::breaker::{Breaker, BreakerSettings};
 use crate::resilience::budget::BudgetSettings;
 use crate::resilience::health::{Health, HealthSettings};
+pub use crate::resilience::retry::RetrySettings;
 use crate::secret::Secret;
 
 /// A configuration problem, located by its dotted YAML path (`chains.default[1]`).
@@ -107,15 +108,6 @@ pub struct ServerSettings {
     pub idle_timeout: Option<Duration>,
     pub max_body: usize,
     pub worker_threads: Option<usize>,
-}
-
-/// Same-target retry settings, resolved per chain target.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RetrySettings {
-    pub max_retries: u32,
-    pub base: Duration,
-    pub cap: Duration,
-    pub max_retry_wait: Duration,
 }
 
 /// Game-day fault injection on a model.

@@ -17,13 +17,19 @@ use super::budget::Budget;
 use super::Attempt;
 use crate::classify::{Action, AttemptError, ErrorClass};
 
-/// When to retry the same target.
-#[derive(Debug, Clone)]
-pub struct RetryPolicy {
+/// Same-target retry settings (resolved per chain target by the config).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetrySettings {
     pub max_retries: u32,
     pub base: Duration,
     pub cap: Duration,
     pub max_retry_wait: Duration,
+}
+
+/// When to retry the same target.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    pub settings: RetrySettings,
     /// Which classes are retried (`Action::Retry`).
     pub actions: [Action; ErrorClass::ALL.len()],
 }
@@ -128,16 +134,18 @@ where
                     shared.budget.deposit();
                 }
                 if policy.actions[err.class.index()] != Action::Retry
-                    || retry >= policy.max_retries
+                    || retry >= policy.settings.max_retries
                     || err.deadline_cut
                 {
                     return Err(err);
                 }
                 let wait = match err.retry_after {
                     // A hint too far out: move on to the next target instead of waiting.
-                    Some(hint) if hint > policy.max_retry_wait => return Err(err),
+                    Some(hint) if hint > policy.settings.max_retry_wait => return Err(err),
                     Some(hint) => hint,
-                    None => shared.jitter.backoff(policy.base, policy.cap, retry),
+                    None => shared
+                        .jitter
+                        .backoff(policy.settings.base, policy.settings.cap, retry),
                 };
                 if Instant::now() + wait >= req.deadline() {
                     return Err(err);

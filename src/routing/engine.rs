@@ -116,7 +116,7 @@ impl Engine {
         let jitter = Arc::new(Jitter::new(config.jitter_seed));
         Engine {
             shared: StackShared {
-                http,
+                http: Arc::new(http),
                 retry: RetryShared {
                     budget: Arc::new(Budget::new(config.retry_budget)),
                     jitter: jitter.clone(),

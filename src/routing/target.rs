@@ -89,7 +89,7 @@ impl Attempt for Call {
 /// Gateway-wide pieces every stack shares.
 #[derive(Clone)]
 pub struct StackShared {
-    pub http: crate::providers::HttpClient,
+    pub http: Arc<crate::providers::HttpClient>,
     pub metrics: Arc<Metrics>,
     pub retry: RetryShared,
     pub jitter: Arc<Jitter>,
@@ -109,10 +109,7 @@ pub fn stack(
         p.attempt_timeout
     };
     let policy = RetryPolicy {
-        max_retries: p.retry.max_retries,
-        base: p.retry.base,
-        cap: p.retry.cap,
-        max_retry_wait: p.retry.max_retry_wait,
+        settings: p.retry,
         actions: p.actions,
     };
     ServiceBuilder::new()
@@ -148,7 +145,7 @@ where
 /// The innermost service: one upstream call; a stream comes back once committed.
 #[derive(Clone)]
 pub struct Upstream {
-    http: crate::providers::HttpClient,
+    http: Arc<crate::providers::HttpClient>,
     model: Arc<Model>,
     idle_timeout: Option<Duration>,
     jitter: Arc<Jitter>,

@@ -98,6 +98,15 @@ impl Reply {
             .collect()
     }
 
+    /// Every chunk of an SSE body, parsed (the `[DONE]` marker left out).
+    pub fn chunks(&self) -> Vec<Value> {
+        self.events()
+            .iter()
+            .filter(|e| *e != "[DONE]")
+            .map(|e| serde_json::from_str(e).unwrap_or_else(|err| panic!("bad chunk ({err}): {e}")))
+            .collect()
+    }
+
     /// The concatenated `delta.content` of every chunk.
     pub fn streamed_text(&self) -> String {
         self.events()
