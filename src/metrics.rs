@@ -1,9 +1,15 @@
 //! Prometheus metrics. Labels stay low-cardinality: chain, model, provider, outcome class.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use prometheus::{
-    CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Counter, CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+use crate::api::Usage;
+use crate::config::{Chain, Config, Model};
 
 pub struct Metrics {
     registry: Registry,
@@ -25,6 +31,39 @@ pub struct Metrics {
     pub cache_bytes: IntGauge,
     pub cache_evictions: IntCounterVec,
     pub cache_errors: IntCounterVec,
+    /// Handles for the configured chains and models, bound once so the hot path does
+    /// not hash label values. Empty until [`Metrics::for_config`].
+    bound: Bound,
+}
+
+/// The `result` label values of `cascade_cache_requests_total`.
+pub const CACHE_RESULTS: [&str; 4] = ["hit", "miss", "stale", "bypass"];
+
+#[derive(Default)]
+struct Bound {
+    /// By `Chain::index`.
+    chains: Vec<Option<ChainHandles>>,
+    /// By `Model::index`.
+    models: Vec<ModelHandles>,
+}
+
+struct ChainHandles {
+    name: Arc<str>,
+    duration: Histogram,
+    answered_ok: IntCounter,
+    cache: [IntCounter; CACHE_RESULTS.len()],
+    /// `cascade_attempts_total{outcome="ok"}` per target position.
+    attempts_ok: Vec<IntCounter>,
+}
+
+struct ModelHandles {
+    name: Arc<str>,
+    upstream: Histogram,
+    ttft: Histogram,
+    prompt_tokens: IntCounter,
+    completion_tokens: IntCounter,
+    cached_tokens: IntCounter,
+    cost: Counter,
 }
 
 const DURATION_BUCKETS: &[f64] = &[
@@ -190,6 +229,189 @@ impl Metrics {
             upstream_duration,
             overhead,
             inflight,
+            bound: Bound::default(),
+        }
+    }
+
+    /// Metrics with handles bound for every chain and model of `config`.
+    pub fn for_config(config: &Config) -> Metrics {
+        let mut m = Metrics::new();
+        let chains = config.chains.values().chain(config.model_chains.values());
+        let mut bound = Bound {
+            chains: Vec::new(),
+            models: config
+                .models
+                .values()
+                .map(|model| m.bind_model(model))
+                .collect(),
+        };
+        for chain in chains {
+            if bound.chains.len() <= chain.index {
+                bound.chains.resize_with(chain.index + 1, || None);
+            }
+            bound.chains[chain.index] = Some(m.bind_chain(chain));
+        }
+        m.bound = bound;
+        m
+    }
+
+    fn bind_chain(&self, chain: &Chain) -> ChainHandles {
+        let name = &*chain.name;
+        ChainHandles {
+            name: chain.name.clone(),
+            duration: self.request_duration.with_label_values(&[name]),
+            answered_ok: self.requests_total.with_label_values(&[name, "200"]),
+            cache: CACHE_RESULTS.map(|r| self.cache_requests.with_label_values(&[name, r])),
+            attempts_ok: chain
+                .targets
+                .iter()
+                .map(|t| {
+                    let m = &t.model;
+                    self.attempts_total
+                        .with_label_values(&[name, &m.name, &m.provider.name, "ok"])
+                })
+                .collect(),
+        }
+    }
+
+    fn bind_model(&self, model: &Model) -> ModelHandles {
+        let name = &*model.name;
+        ModelHandles {
+            name: model.name.clone(),
+            upstream: self
+                .upstream_duration
+                .with_label_values(&[name, &model.provider.name]),
+            ttft: self.ttft.with_label_values(&[name]),
+            prompt_tokens: self.tokens_total.with_label_values(&[name, "prompt"]),
+            completion_tokens: self.tokens_total.with_label_values(&[name, "completion"]),
+            cached_tokens: self.tokens_total.with_label_values(&[name, "cached"]),
+            cost: self.cost_usd_total.with_label_values(&[name]),
+        }
+    }
+
+    /// The bound handles for `chain`, if it belongs to the config these metrics were
+    /// made for.
+    fn chain(&self, chain: &Chain) -> Option<&ChainHandles> {
+        self.bound
+            .chains
+            .get(chain.index)?
+            .as_ref()
+            .filter(|h| Arc::ptr_eq(&h.name, &chain.name))
+    }
+
+    fn model(&self, model: &Model) -> Option<&ModelHandles> {
+        self.bound
+            .models
+            .get(model.index)
+            .filter(|h| Arc::ptr_eq(&h.name, &model.name))
+    }
+
+    /// One answered chat request: its duration and status.
+    pub fn observe_request(&self, chain: &Chain, status: http::StatusCode, elapsed: Duration) {
+        let secs = elapsed.as_secs_f64();
+        match self.chain(chain) {
+            Some(h) if status == http::StatusCode::OK => {
+                h.duration.observe(secs);
+                h.answered_ok.inc();
+            }
+            _ => {
+                self.request_duration
+                    .with_label_values(&[&chain.name])
+                    .observe(secs);
+                self.requests_total
+                    .with_label_values(&[&chain.name, status.as_str()])
+                    .inc();
+            }
+        }
+    }
+
+    /// One cache lookup result (one of [`CACHE_RESULTS`]) for `chain`.
+    pub fn count_cache(&self, chain: &Chain, result: &'static str) {
+        let slot = CACHE_RESULTS.iter().position(|r| *r == result);
+        match (self.chain(chain), slot) {
+            (Some(h), Some(i)) => h.cache[i].inc(),
+            _ => self
+                .cache_requests
+                .with_label_values(&[&chain.name, result])
+                .inc(),
+        }
+    }
+
+    /// One upstream call by the target at `position` of chain `chain` (its name and
+    /// `Chain::index`), ended with `outcome` (`ok`, `cancelled` or an error class).
+    pub fn count_attempt(
+        &self,
+        (chain, index): (&Arc<str>, usize),
+        position: usize,
+        model: &Model,
+        outcome: &str,
+    ) {
+        let bound = self
+            .bound
+            .chains
+            .get(index)
+            .and_then(Option::as_ref)
+            .filter(|h| Arc::ptr_eq(&h.name, chain))
+            .and_then(|h| h.attempts_ok.get(position));
+        match bound {
+            Some(c) if outcome == "ok" => c.inc(),
+            _ => self
+                .attempts_total
+                .with_label_values(&[chain, &model.name, &model.provider.name, outcome])
+                .inc(),
+        }
+    }
+
+    /// The time of one upstream call, and its time to first token for a stream.
+    pub fn observe_upstream(&self, model: &Model, latency: Duration, ttft: Option<Duration>) {
+        match self.model(model) {
+            Some(h) => {
+                h.upstream.observe(latency.as_secs_f64());
+                if let Some(t) = ttft {
+                    h.ttft.observe(t.as_secs_f64());
+                }
+            }
+            None => {
+                self.upstream_duration
+                    .with_label_values(&[&model.name, &model.provider.name])
+                    .observe(latency.as_secs_f64());
+                if let Some(t) = ttft {
+                    self.ttft
+                        .with_label_values(&[&model.name])
+                        .observe(t.as_secs_f64());
+                }
+            }
+        }
+    }
+
+    /// Tokens and cost of one answer of `model`.
+    pub fn record_usage(&self, model: &Model, u: &Usage) {
+        let cost = model.cost_usd(u);
+        match self.model(model) {
+            Some(h) => {
+                h.prompt_tokens.inc_by(u.prompt_tokens);
+                h.completion_tokens.inc_by(u.completion_tokens);
+                if u.cached_tokens > 0 {
+                    h.cached_tokens.inc_by(u.cached_tokens);
+                }
+                h.cost.inc_by(cost);
+            }
+            None => {
+                let name = &*model.name;
+                let tokens = &self.tokens_total;
+                tokens
+                    .with_label_values(&[name, "prompt"])
+                    .inc_by(u.prompt_tokens);
+                tokens
+                    .with_label_values(&[name, "completion"])
+                    .inc_by(u.completion_tokens);
+                if u.cached_tokens > 0 {
+                    tokens
+                        .with_label_values(&[name, "cached"])
+                        .inc_by(u.cached_tokens);
+                }
+                self.cost_usd_total.with_label_values(&[name]).inc_by(cost);
+            }
         }
     }
 

@@ -88,12 +88,11 @@ impl ChatRequest {
         if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
             return Err(invalid_json());
         }
-        let wire: Wire = {
-            let mut de = serde_json::Deserializer::from_slice(&body);
-            let wire =
-                serde_path_to_error::deserialize(&mut de).map_err(|e| type_error(&body, e))?;
-            de.end().map_err(|_| invalid_json())?;
-            wire
+        // The plain parse runs on every request; only a failed one is parsed again to
+        // find the path for the error (tracking it allocates a string per key).
+        let wire: Wire = match Wire::from_slice(&body) {
+            Ok(wire) => wire,
+            Err(_) => return Err(parse_error(&body)),
         };
 
         let (model, model_span) = match wire.model {
@@ -231,6 +230,25 @@ fn invalid_json() -> ApiError {
         "We could not parse the JSON body of your request. The body must be a JSON object.",
     )
     .with_code("invalid_json")
+}
+
+impl<'a> Wire<'a> {
+    fn from_slice(body: &'a [u8]) -> Result<Wire<'a>, serde_json::Error> {
+        let mut de = serde_json::Deserializer::from_slice(body);
+        let wire = Wire::deserialize(&mut de)?;
+        de.end()?;
+        Ok(wire)
+    }
+}
+
+/// The error for a body that failed to parse: invalid JSON, or the path and type of
+/// the first field that does not fit.
+fn parse_error(body: &[u8]) -> ApiError {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    match serde_path_to_error::deserialize::<_, Wire>(&mut de) {
+        Ok(_) => invalid_json(), // trailing characters after the object
+        Err(e) => type_error(body, e),
+    }
 }
 
 fn type_error(body: &[u8], e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {

@@ -1,10 +1,13 @@
 //! Read-only views of OpenAI-format answers: just enough to judge an answer (empty?
 //! filtered? where is `model`?) without building the whole object.
 
+use std::borrow::Cow;
+use std::fmt;
+use std::marker::PhantomData;
 use std::ops::Range;
 
-use serde::de::IgnoredAny;
-use serde::{Deserialize, Serialize};
+use serde::de::{self, IgnoredAny, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 
 use super::span_in;
@@ -87,19 +90,49 @@ impl Serialize for Usage {
     }
 }
 
-/// Text that some servers send as a string and others as content parts.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum Text {
-    Str(String),
-    Parts(Vec<IgnoredAny>),
+/// Text that some servers send as a string and others as content parts. Read with a
+/// visitor rather than `#[serde(untagged)]`, which would buffer and copy every value;
+/// a string without escapes is borrowed from the body.
+#[derive(Debug)]
+enum Text<'a> {
+    Str(Cow<'a, str>),
+    Parts(usize),
 }
 
-impl Text {
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct TextVisitor<'a>(PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for TextVisitor<'a> {
+            type Value = Text<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string or an array of content parts")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Text<'a>, E> {
+                Ok(Text::Str(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Text<'a>, E> {
+                Ok(Text::Str(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Text<'a>, E> {
+                Ok(Text::Str(Cow::Owned(v)))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Text<'a>, A::Error> {
+                let mut parts = 0;
+                while seq.next_element::<IgnoredAny>()?.is_some() {
+                    parts += 1;
+                }
+                Ok(Text::Parts(parts))
+            }
+        }
+        d.deserialize_any(TextVisitor(PhantomData))
+    }
+}
+
+impl Text<'_> {
     fn has_content(&self) -> bool {
         match self {
             Text::Str(s) => !s.trim().is_empty(),
-            Text::Parts(p) => !p.is_empty(),
+            Text::Parts(n) => *n > 0,
         }
     }
 }
@@ -127,16 +160,19 @@ fn non_empty(v: &Option<Vec<IgnoredAny>>) -> bool {
 }
 
 #[derive(Debug, Deserialize)]
-struct MessageView {
-    content: Option<Text>,
+struct MessageView<'a> {
+    #[serde(borrow)]
+    content: Option<Text<'a>>,
     tool_calls: Option<Vec<IgnoredAny>>,
     function_call: Option<IgnoredAny>,
-    refusal: Option<Text>,
+    #[serde(borrow)]
+    refusal: Option<Text<'a>>,
 }
 
 #[derive(Debug, Deserialize)]
-struct ChoiceView {
-    message: Option<MessageView>,
+struct ChoiceView<'a> {
+    #[serde(borrow)]
+    message: Option<MessageView<'a>>,
     finish_reason: Option<String>,
 }
 
@@ -149,8 +185,8 @@ pub struct CompletionView {
     pub has_content: bool,
     pub finish_reason: Option<String>,
     pub usage: Option<Usage>,
-    /// Some choice answered with text that is not valid JSON (only meaningful when the
-    /// request asked for JSON); a tool call or refusal is not judged.
+    /// Some choice answered with text that is not valid JSON; only checked when the
+    /// request asked for JSON. A tool call or refusal is not judged.
     pub text_not_json: bool,
     /// Some choice is a refusal.
     pub refused: bool,
@@ -160,12 +196,14 @@ pub struct CompletionView {
 struct CompletionWire<'a> {
     #[serde(borrow)]
     model: Option<&'a RawValue>,
-    choices: Vec<ChoiceView>,
+    #[serde(borrow)]
+    choices: Vec<ChoiceView<'a>>,
     usage: Option<Usage>,
 }
 
 impl CompletionView {
-    pub fn parse(body: &[u8]) -> Result<CompletionView, serde_json::Error> {
+    /// Reads `body`; `judge_json` also checks that the answer's text parses as JSON.
+    pub fn parse(body: &[u8], judge_json: bool) -> Result<CompletionView, serde_json::Error> {
         let w: CompletionWire = serde_json::from_slice(body)?;
         let has_content = w.choices.iter().any(|c| {
             c.message.as_ref().is_some_and(|m| {
@@ -175,13 +213,14 @@ impl CompletionView {
                     || has_text(&m.refusal)
             })
         });
-        let text_not_json = w.choices.iter().any(|c| {
-            c.message.as_ref().is_some_and(|m| {
-                !non_empty(&m.tool_calls)
-                    && matches!(&m.content, Some(Text::Str(t))
+        let text_not_json = judge_json
+            && w.choices.iter().any(|c| {
+                c.message.as_ref().is_some_and(|m| {
+                    !non_empty(&m.tool_calls)
+                        && matches!(&m.content, Some(Text::Str(t))
                         if serde_json::from_str::<IgnoredAny>(strip_fence(t)).is_err())
-            })
-        });
+                })
+            });
         let refused = w
             .choices
             .iter()
@@ -198,17 +237,21 @@ impl CompletionView {
 }
 
 #[derive(Debug, Deserialize)]
-struct DeltaView {
-    content: Option<Text>,
+struct DeltaView<'a> {
+    #[serde(borrow)]
+    content: Option<Text<'a>>,
     tool_calls: Option<Vec<IgnoredAny>>,
     function_call: Option<IgnoredAny>,
-    refusal: Option<Text>,
-    reasoning_content: Option<Text>,
+    #[serde(borrow)]
+    refusal: Option<Text<'a>>,
+    #[serde(borrow)]
+    reasoning_content: Option<Text<'a>>,
 }
 
 #[derive(Debug, Deserialize)]
-struct ChunkChoiceView {
-    delta: Option<DeltaView>,
+struct ChunkChoiceView<'a> {
+    #[serde(borrow)]
+    delta: Option<DeltaView<'a>>,
     finish_reason: Option<String>,
 }
 
@@ -242,8 +285,8 @@ pub struct ChunkView {
 struct ChunkWire<'a> {
     #[serde(borrow)]
     model: Option<&'a RawValue>,
-    #[serde(default)]
-    choices: Vec<ChunkChoiceView>,
+    #[serde(default, borrow)]
+    choices: Vec<ChunkChoiceView<'a>>,
     usage: Option<Usage>,
     error: Option<StreamErrorView>,
 }
@@ -283,18 +326,19 @@ mod tests {
     #[test]
     fn completion_content_and_empty() {
         let full = br#"{"id":"x","model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
-        let v = CompletionView::parse(full).unwrap();
+        let v = CompletionView::parse(full, false).unwrap();
         assert!(v.has_content);
         assert_eq!(&full[v.model_span.unwrap()], b"\"m\"");
         assert_eq!(v.usage.unwrap().total_tokens, 4);
         let empty = br#"{"model":"m","choices":[{"message":{"role":"assistant","content":""},"finish_reason":"stop"}]}"#;
-        assert!(!CompletionView::parse(empty).unwrap().has_content);
+        assert!(!CompletionView::parse(empty, false).unwrap().has_content);
         let tools = br#"{"model":"m","choices":[{"message":{"role":"assistant","content":null,"tool_calls":[{"id":"c","type":"function","function":{"name":"f","arguments":"{}"}}]},"finish_reason":"tool_calls"}]}"#;
-        assert!(CompletionView::parse(tools).unwrap().has_content);
-        assert!(!CompletionView::parse(tools).unwrap().text_not_json);
-        assert!(CompletionView::parse(full).unwrap().text_not_json);
+        assert!(CompletionView::parse(tools, false).unwrap().has_content);
+        assert!(!CompletionView::parse(tools, true).unwrap().text_not_json);
+        assert!(CompletionView::parse(full, true).unwrap().text_not_json);
+        assert!(!CompletionView::parse(full, false).unwrap().text_not_json);
         let json = br#"{"model":"m","choices":[{"message":{"role":"assistant","content":"```json\n{\"a\":1}\n```"},"finish_reason":"stop"}]}"#;
-        assert!(!CompletionView::parse(json).unwrap().text_not_json);
+        assert!(!CompletionView::parse(json, true).unwrap().text_not_json);
     }
 
     #[test]

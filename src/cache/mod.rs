@@ -130,7 +130,6 @@ pub struct ResponseCache {
     store: moka::future::Cache<Key, Arc<Entry>>,
     inflight: Mutex<HashMap<Key, Flight>>,
     redis: Option<RedisTier>,
-    metrics: Arc<Metrics>,
 }
 
 /// Entries live for their own TTL plus the stale window.
@@ -172,11 +171,10 @@ impl ResponseCache {
             redis: settings
                 .redis_url
                 .as_deref()
-                .and_then(|u| RedisTier::new(u, metrics.clone())),
+                .and_then(|u| RedisTier::new(u, metrics)),
             settings: settings.clone(),
             store,
             inflight: Mutex::new(HashMap::new()),
-            metrics,
         }
     }
 
@@ -299,13 +297,6 @@ impl ResponseCache {
             // Every flight for one key runs the same code, so the types always agree.
             Err(_) => unreachable!("single-flight result of another type"),
         }
-    }
-
-    pub fn count(&self, chain: &str, outcome: Outcome) {
-        self.metrics
-            .cache_requests
-            .with_label_values(&[chain, outcome.as_str()])
-            .inc();
     }
 
     /// Bytes held in process (for `cascade_cache_bytes`).

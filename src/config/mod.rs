@@ -124,6 +124,8 @@ pub struct Chaos {
 #[derive(Debug)]
 pub struct Provider {
     pub name: Arc<str>,
+    /// `name` as a response header value, built once (`None` if it cannot be one).
+    pub name_header: Option<HeaderValue>,
     pub kind: ProviderKind,
     pub base_url: url::Url,
     /// The full URL of the chat endpoint, resolved once.
@@ -149,6 +151,10 @@ impl Provider {
 #[derive(Debug)]
 pub struct Model {
     pub name: Arc<str>,
+    /// Position in `Config::models` (metric handles are bound by it).
+    pub index: usize,
+    /// `name` as a response header value, built once (`None` if it cannot be one).
+    pub name_header: Option<HeaderValue>,
     pub provider: Arc<Provider>,
     pub model_id: String,
     /// `model_id` already encoded as a JSON string, for splicing into forwarded bodies.
@@ -189,6 +195,11 @@ impl Model {
 #[derive(Debug)]
 pub struct Chain {
     pub name: Arc<str>,
+    /// Position in `Config::chains`, then `Config::model_chains` (metric handles are
+    /// bound by it).
+    pub index: usize,
+    /// `name` as a response header value, built once (`None` if it cannot be one).
+    pub name_header: Option<HeaderValue>,
     pub targets: Vec<Target>,
     pub strategy: Strategy,
     pub max_attempts: u32,
@@ -396,6 +407,8 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             name.clone(),
             Arc::new(Model {
                 name: name.as_str().into(),
+                index: models.len(),
+                name_header: HeaderValue::from_str(name).ok(),
                 provider: provider.clone(),
                 model_id: m.model_id.clone(),
                 model_id_json,
@@ -525,6 +538,8 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             name.clone(),
             Arc::new(Chain {
                 name: name.as_str().into(),
+                index: chains.len(),
+                name_header: HeaderValue::from_str(name).ok(),
                 targets: members
                     .into_iter()
                     .map(|m| target(m, &server, &raw.retry, &settings))
@@ -555,6 +570,8 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             name.clone(),
             Arc::new(Chain {
                 name: name.as_str().into(),
+                index: chains.len() + model_chains.len(),
+                name_header: HeaderValue::from_str(name).ok(),
                 targets: members
                     .into_iter()
                     .map(|m| target(m, &server, &raw.retry, &default_level))
@@ -1040,6 +1057,7 @@ fn validate_provider(
     };
     Ok(Provider {
         name: name.into(),
+        name_header: HeaderValue::from_str(name).ok(),
         kind: p.kind,
         base_url,
         chat_url,

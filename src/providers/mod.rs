@@ -125,7 +125,7 @@ pub async fn call(
 /// Judges a 200 answer in OpenAI format: malformed, filtered, empty, not the JSON asked
 /// for, or fine. Sets `model` to the target's id.
 pub fn judge(body: Bytes, model: &Model, wants_json: bool) -> Result<Completion, AttemptError> {
-    let view = CompletionView::parse(&body).map_err(|e| {
+    let view = CompletionView::parse(&body, wants_json).map_err(|e| {
         AttemptError::new(
             ErrorClass::Transient,
             format!("malformed upstream body: {e}"),

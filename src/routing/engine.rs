@@ -42,13 +42,22 @@ pub struct AttemptRecord {
 impl AttemptRecord {
     /// `ok`, the HTTP status of a failed call, or the class: the `x-cascade-trace` outcome.
     pub fn outcome(&self) -> String {
+        let mut out = String::new();
+        self.write_outcome(&mut out);
+        out
+    }
+
+    /// Appends [`Self::outcome`] to `out`.
+    pub fn write_outcome(&self, out: &mut String) {
         if self.cancelled {
-            return "cancelled".into();
+            return out.push_str("cancelled");
         }
         match (self.class, self.status) {
-            (None, _) => "ok".into(),
-            (Some(_), Some(s)) if !(200..300).contains(&s) => s.to_string(),
-            (Some(c), _) => c.as_str().into(),
+            (None, _) => out.push_str("ok"),
+            (Some(_), Some(s)) if !(200..300).contains(&s) => {
+                out.push_str(itoa::Buffer::new().format(s))
+            }
+            (Some(c), _) => out.push_str(c.as_str()),
         }
     }
 }
@@ -196,8 +205,7 @@ impl Engine {
         req: &Arc<ChatRequest>,
         ctx: &Arc<RequestCtx>,
     ) -> impl std::future::Future<Output = Result<Answer, AttemptError>> + Send + 'static {
-        let target = &chain.targets[pos];
-        let svc = stack(&self.shared, &chain.name, target, req.stream);
+        let svc = stack(&self.shared, chain, pos, req.stream);
         run_stack(
             svc,
             Call {

@@ -18,7 +18,7 @@ use tower::{Service, ServiceBuilder, ServiceExt};
 use super::engine::{Answer, AttemptRecord, CommittedStream};
 use crate::api::ChatRequest;
 use crate::classify::{AttemptError, ErrorClass};
-use crate::config::{Chaos, Model, Target};
+use crate::config::{Chain, Chaos, Model};
 use crate::metrics::Metrics;
 use crate::providers::{self, Reply};
 use crate::providers::{ChunkStream, StreamItem};
@@ -98,10 +98,11 @@ pub struct StackShared {
 /// Builds the stack for `target` in chain `chain`, ready to take one `Call`.
 pub fn stack(
     shared: &StackShared,
-    chain: &Arc<str>,
-    target: &Target,
+    chain: &Chain,
+    position: usize,
     streaming: bool,
 ) -> impl Service<Call, Response = Answer, Error = AttemptError, Future: Send> + Send {
+    let target = &chain.targets[position];
     let p = &target.policy;
     let limit = if streaming {
         p.first_token_timeout.min(p.attempt_timeout)
@@ -122,7 +123,8 @@ pub fn stack(
         .layer_fn(|inner| Record {
             inner,
             model: target.model.clone(),
-            chain: chain.clone(),
+            chain: (chain.name.clone(), chain.index),
+            position,
             metrics: shared.metrics.clone(),
         })
         .layer(TimeoutLayer::new(limit))
@@ -269,7 +271,10 @@ async fn until_commit(
 pub struct Record<S> {
     inner: S,
     model: Arc<Model>,
-    chain: Arc<str>,
+    /// The chain's name and `Chain::index`.
+    chain: (Arc<str>, usize),
+    /// The target's position in the chain.
+    position: usize,
     metrics: Arc<Metrics>,
 }
 
@@ -291,6 +296,7 @@ where
         let mut recorder = Recorder {
             model: self.model.clone(),
             chain: self.chain.clone(),
+            position: self.position,
             metrics: self.metrics.clone(),
             ctx: call.ctx,
             start: Instant::now(),
@@ -308,7 +314,8 @@ where
 /// hedge lost, the client left), a `cancelled` record.
 struct Recorder {
     model: Arc<Model>,
-    chain: Arc<str>,
+    chain: (Arc<str>, usize),
+    position: usize,
     metrics: Arc<Metrics>,
     ctx: Arc<RequestCtx>,
     start: Instant,
@@ -320,23 +327,15 @@ impl Recorder {
         self.done = true;
         let latency = self.start.elapsed();
         let model = &self.model;
-        self.metrics
-            .upstream_duration
-            .with_label_values(&[&model.name, &model.provider.name])
-            .observe(latency.as_secs_f64());
         let (status, class, retry_after, outcome) = match result {
             Ok(answer) => {
                 let ttft = matches!(answer, Answer::Stream(_)).then_some(latency);
-                if let Some(t) = ttft {
-                    self.metrics
-                        .ttft
-                        .with_label_values(&[&model.name])
-                        .observe(t.as_secs_f64());
-                }
+                self.metrics.observe_upstream(model, latency, ttft);
                 model.health.record_success(latency, ttft);
                 (Some(200), None, None, "ok")
             }
             Err(e) => {
+                self.metrics.observe_upstream(model, latency, None);
                 if crate::resilience::breaker::counts_against_target(e.class) && !e.deadline_cut {
                     model.health.record_failure();
                 }
@@ -356,10 +355,9 @@ impl Recorder {
         latency: Duration,
     ) {
         let model = &self.model;
+        let chain = (&self.chain.0, self.chain.1);
         self.metrics
-            .attempts_total
-            .with_label_values(&[&self.chain, &model.name, &model.provider.name, outcome])
-            .inc();
+            .count_attempt(chain, self.position, model, outcome);
         if let Ok(mut trace) = self.ctx.trace.lock() {
             trace.push(AttemptRecord {
                 model: model.clone(),

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -29,15 +29,20 @@ const X_COST: HeaderName = HeaderName::from_static("x-cascade-cost-usd");
 const X_CACHE: HeaderName = HeaderName::from_static("x-cascade-cache");
 const X_TASK: &str = "x-cascade-task";
 const X_TIMEOUT_MS: &str = "x-cascade-timeout-ms";
+/// Room for every header an answer carries, reserved once (growing a `HeaderMap`
+/// rehashes it).
+const RESPONSE_HEADERS: usize = 12;
 /// Label used for requests rejected before a chain was known.
 const NO_CHAIN: &str = "none";
 
 pub async fn chat_completions(
     State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
+    request: Request,
 ) -> Response<Body> {
     let start = Instant::now();
+    // Taken apart rather than extracted: the `HeaderMap` extractor clones the headers.
+    let (parts, body) = request.into_parts();
+    let headers = parts.headers;
     let inflight = InflightGuard::new(&app.metrics.inflight);
 
     let req = match read_body(body, &headers, app.config.server.max_body)
@@ -227,7 +232,7 @@ fn cached(
         );
         r
     };
-    app.cache.count(&chain.name, outcome);
+    app.metrics.count_cache(chain, outcome.as_str());
     observe(app, chain, start, std::time::Duration::ZERO, StatusCode::OK);
     let h = resp.headers_mut();
     h.insert(X_CACHE, HeaderValue::from_static(outcome.as_str()));
@@ -264,14 +269,7 @@ fn observe(
     app.metrics
         .overhead
         .observe(elapsed.saturating_sub(upstream).as_secs_f64());
-    app.metrics
-        .request_duration
-        .with_label_values(&[&chain.name])
-        .observe(elapsed.as_secs_f64());
-    app.metrics
-        .requests_total
-        .with_label_values(&[&chain.name, status.as_str()])
-        .inc();
+    app.metrics.observe_request(chain, status, elapsed);
 }
 
 fn rejected(app: &AppState, e: &ApiError) -> Response<Body> {
@@ -303,12 +301,46 @@ fn client_timeout(headers: &HeaderMap) -> Result<Option<std::time::Duration>, Ap
 }
 
 /// Dollars with enough digits for a single cheap call, without trailing zeros.
-fn format_cost(usd: f64) -> String {
-    let s = format!("{usd:.10}");
-    let s = s.trim_end_matches('0');
-    s.strip_suffix('.')
-        .map(|t| format!("{t}.0"))
-        .unwrap_or_else(|| s.to_string())
+fn format_cost(usd: f64) -> Option<HeaderValue> {
+    // Ten decimals as an integer count of 1e-10 USD, trailing zeros trimmed: no float
+    // formatting (and its three allocations) on every answer.
+    const UNITS_PER_USD: u64 = 10_000_000_000;
+    let units = (usd * UNITS_PER_USD as f64).round();
+    if !(0.0..1e19).contains(&units) {
+        return None;
+    }
+    let units = units as u64;
+    let mut out = [0u8; 40];
+    let mut whole = itoa::Buffer::new();
+    let whole = whole.format(units / UNITS_PER_USD).as_bytes();
+    let mut len = whole.len();
+    out[..len].copy_from_slice(whole);
+    out[len] = b'.';
+    len += 1;
+    let mut frac = units % UNITS_PER_USD;
+    if frac == 0 {
+        out[len] = b'0';
+        len += 1;
+    } else {
+        let mut digits = [b'0'; 10];
+        for d in digits.iter_mut().rev() {
+            *d = b'0' + (frac % 10) as u8;
+            frac /= 10;
+        }
+        let used = digits.iter().rposition(|&d| d != b'0').map_or(1, |i| i + 1);
+        out[len..len + used].copy_from_slice(&digits[..used]);
+        len += used;
+    }
+    HeaderValue::from_bytes(&out[..len]).ok()
+}
+
+/// Small counts as static header values (no allocation); larger ones are formatted.
+fn count_header(n: usize) -> HeaderValue {
+    const SMALL: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
+    match SMALL.get(n) {
+        Some(s) => HeaderValue::from_static(s),
+        None => HeaderValue::from(n),
+    }
 }
 
 /// `x-cascade-trace`: `MODEL:OUTCOME:MS` per attempt, in order.
@@ -316,16 +348,16 @@ fn trace(attempts: &[AttemptRecord]) -> Option<HeaderValue> {
     if attempts.is_empty() {
         return None;
     }
-    let mut out = String::with_capacity(attempts.len() * 24);
+    let mut out = String::with_capacity(attempts.len() * 32);
     for (i, a) in attempts.iter().enumerate() {
         if i > 0 {
             out.push(',');
         }
         out.push_str(&a.model.name);
         out.push(':');
-        out.push_str(&a.outcome());
+        a.write_outcome(&mut out);
         out.push(':');
-        out.push_str(&a.latency.as_millis().to_string());
+        out.push_str(itoa::Buffer::new().format(a.latency.as_millis()));
     }
     HeaderValue::from_str(&out).ok()
 }
@@ -363,20 +395,21 @@ fn respond_complete(
     start: Instant,
     label: CacheOutcome,
 ) -> Response<Body> {
-    app.cache.count(&chain.name, label);
+    app.metrics.count_cache(chain, label.as_str());
     let (mut resp, answered_by) = match &f.result {
         Ok((model, c)) => {
             let cost = c.usage.map(|u| {
-                sse::record_usage(&app.metrics, model, &u);
+                app.metrics.record_usage(model, &u);
                 model.cost_usd(&u)
             });
             let mut r = Response::new(Body::from(c.body.clone()));
             let h = r.headers_mut();
+            h.reserve(RESPONSE_HEADERS);
             h.insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
             );
-            if let Some(v) = cost.and_then(|c| HeaderValue::from_str(&format_cost(c)).ok()) {
+            if let Some(v) = cost.and_then(format_cost) {
                 h.insert(X_COST, v);
             }
             (r, Some(model))
@@ -406,7 +439,7 @@ fn respond_stream(
     store: Option<StreamStore>,
     label: CacheOutcome,
 ) -> Response<Body> {
-    app.cache.count(&chain.name, label);
+    app.metrics.count_cache(chain, label.as_str());
     let (mut resp, answered_by) = match outcome.result {
         Ok((model, Answer::Stream(committed))) => {
             let body = sse::body(
@@ -458,21 +491,51 @@ fn outcome_headers(
     answered_by: Option<&Arc<Model>>,
     label: CacheOutcome,
 ) {
+    h.reserve(RESPONSE_HEADERS);
     h.insert(X_CACHE, HeaderValue::from_static(label.as_str()));
-    if let Ok(v) = HeaderValue::from_str(&chain.name) {
-        h.insert(X_CHAIN, v);
+    if let Some(v) = &chain.name_header {
+        h.insert(X_CHAIN, v.clone());
     }
-    h.insert(X_ATTEMPTS, HeaderValue::from(attempts.len()));
-    h.insert(X_FALLBACKS, HeaderValue::from(fallbacks));
+    h.insert(X_ATTEMPTS, count_header(attempts.len()));
+    h.insert(X_FALLBACKS, count_header(fallbacks));
     if let Some(v) = trace(attempts) {
         h.insert(X_TRACE, v);
     }
     if let Some(model) = answered_by {
-        if let Ok(v) = HeaderValue::from_str(&model.name) {
-            h.insert(X_MODEL, v);
+        if let Some(v) = &model.name_header {
+            h.insert(X_MODEL, v.clone());
         }
-        if let Ok(v) = HeaderValue::from_str(&model.provider.name) {
-            h.insert(X_PROVIDER, v);
+        if let Some(v) = &model.provider.name_header {
+            h.insert(X_PROVIDER, v.clone());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cost_header_has_ten_decimals_at_most_and_no_trailing_zeros() {
+        let f = |usd: f64| format_cost(usd).map(|v| v.to_str().unwrap().to_string());
+        assert_eq!(f(0.0).as_deref(), Some("0.0"));
+        assert_eq!(f(2.0).as_deref(), Some("2.0"));
+        assert_eq!(f(0.0001875).as_deref(), Some("0.0001875"));
+        assert_eq!(f(12.5).as_deref(), Some("12.5"));
+        assert_eq!(f(0.000_000_000_04).as_deref(), Some("0.0"));
+        assert_eq!(f(0.000_000_000_06).as_deref(), Some("0.0000000001"));
+        assert_eq!(f(1234.000_000_000_04).as_deref(), Some("1234.0"));
+        assert_eq!(f(1234.000_000_000_1).as_deref(), Some("1234.0000000001"));
+        assert_eq!(f(f64::NAN), None);
+        assert_eq!(f(-1.0), None);
+        assert_eq!(f(1e300), None);
+    }
+
+    #[test]
+    fn counts_are_headers() {
+        assert_eq!(count_header(0), "0");
+        assert_eq!(count_header(9), "9");
+        assert_eq!(count_header(10), "10");
+        assert_eq!(count_header(123), "123");
     }
 }

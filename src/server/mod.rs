@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
+use axum::extract::Request;
 use axum::extract::State;
 use axum::http::{header, HeaderValue, Response, StatusCode};
 use axum::routing::{get, post};
@@ -36,7 +37,7 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(config: Arc<Config>) -> Arc<AppState> {
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::for_config(&config));
         Arc::new(AppState {
             engine: Engine::new(providers::http_client(), metrics.clone(), &config),
             cache: Arc::new(ResponseCache::new(&config.cache, metrics.clone())),
@@ -57,6 +58,31 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/admin/health", get(admin_health))
         .fallback(not_found)
         .with_state(state)
+}
+
+/// Serves the router on `listener` until `shutdown` resolves.
+///
+/// The middleware wraps the whole router once instead of going through
+/// `Router::layer`, which boxes the layer around every route and clones those boxes on
+/// each request.
+pub async fn serve(
+    state: Arc<AppState>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    use axum::ServiceExt;
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    let app = tower::ServiceBuilder::new()
+        .map_response(|r: Response<_>| r.map(Body::new))
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetSensitiveRequestHeadersLayer::new([
+            header::AUTHORIZATION,
+            header::HeaderName::from_static("x-api-key"),
+        ]))
         .layer(CatchPanicLayer::custom(|_| {
             error_response(&ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -64,25 +90,8 @@ pub fn router(state: Arc<AppState>) -> Router {
                 "internal error in the gateway",
             ))
         }))
-        .layer(SetSensitiveRequestHeadersLayer::new([
-            header::AUTHORIZATION,
-            header::HeaderName::from_static("x-api-key"),
-        ]))
-        .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-}
-
-/// Serves `router` on `listener` until `shutdown` resolves.
-pub async fn serve(
-    state: Arc<AppState>,
-    listener: tokio::net::TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, router(state))
+        .service(router(state));
+    axum::serve(listener, ServiceExt::<Request>::into_make_service(app))
         .with_graceful_shutdown(shutdown)
         .await
 }

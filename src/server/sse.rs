@@ -58,7 +58,7 @@ impl State {
     async fn complete(&mut self) -> Bytes {
         self.ended = true;
         if let Some(u) = self.usage.take() {
-            record_usage(&self.metrics, &self.model, &u);
+            self.metrics.record_usage(&self.model, &u);
         }
         self.model
             .breaker
@@ -87,27 +87,6 @@ impl State {
         self.model.health.record_failure();
         event
     }
-}
-
-/// Counts tokens and cost for an answer of `model`.
-pub fn record_usage(metrics: &Metrics, model: &Model, u: &Usage) {
-    let name = &*model.name;
-    let tokens = &metrics.tokens_total;
-    tokens
-        .with_label_values(&[name, "prompt"])
-        .inc_by(u.prompt_tokens);
-    tokens
-        .with_label_values(&[name, "completion"])
-        .inc_by(u.completion_tokens);
-    if u.cached_tokens > 0 {
-        tokens
-            .with_label_values(&[name, "cached"])
-            .inc_by(u.cached_tokens);
-    }
-    metrics
-        .cost_usd_total
-        .with_label_values(&[name])
-        .inc_by(model.cost_usd(u));
 }
 
 fn event(data: &[u8]) -> Bytes {
