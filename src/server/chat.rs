@@ -524,8 +524,8 @@ mod tests {
         assert_eq!(f(12.5).as_deref(), Some("12.5"));
         assert_eq!(f(0.000_000_000_04).as_deref(), Some("0.0"));
         assert_eq!(f(0.000_000_000_06).as_deref(), Some("0.0000000001"));
-        assert_eq!(f(1234.000_000_000_04).as_deref(), Some("1234.0"));
-        assert_eq!(f(1234.000_000_000_1).as_deref(), Some("1234.0000000001"));
+        assert_eq!(f(1_234.000_000_000_04).as_deref(), Some("1234.0"));
+        assert_eq!(f(1_234.000_000_000_1).as_deref(), Some("1234.0000000001"));
         assert_eq!(f(f64::NAN), None);
         assert_eq!(f(-1.0), None);
         assert_eq!(f(1e300), None);
