@@ -117,6 +117,14 @@ fn gemini_stream_event(bencher: Bencher) {
 }
 
 #[divan::bench]
+fn openai_answer_view(bencher: Bencher) {
+    let body = br#"{"id":"chatcmpl-mock0","object":"chat.completion","created":1795302140,"model":"ok","choices":[{"index":0,"message":{"role":"assistant","content":"Hello from ok! This is a mock answer.","refusal":null},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":265,"completion_tokens":4,"total_tokens":269}}"#;
+    bencher.bench(|| {
+        cascade::api::CompletionView::parse(black_box(body), false).map(|v| v.has_content)
+    });
+}
+
+#[divan::bench]
 fn openai_chunk_view(bencher: Bencher) {
     let chunk = br#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"gpt-4o","choices":[{"index":0,"delta":{"content":"Hello "},"logprobs":null,"finish_reason":null}]}"#;
     bencher.bench(|| cascade::api::ChunkView::parse(black_box(chunk)).map(|v| v.has_content));

@@ -1,6 +1,7 @@
 //! cascade: an LLM fallback gateway. See `../shared/architecture.md` for the shape.
 
 pub mod api;
+pub mod body;
 pub mod cache;
 pub mod classify;
 pub mod config;

@@ -128,6 +128,8 @@ pub struct Provider {
     pub name_header: Option<HeaderValue>,
     pub kind: ProviderKind,
     pub base_url: url::Url,
+    /// `base_url`'s host (and port, unless the scheme's default) for the `Host` header.
+    pub host: Option<HeaderValue>,
     /// The full URL of the chat endpoint, resolved once.
     pub chat_url: String,
     pub api_key: Option<Secret>,
@@ -1055,9 +1057,15 @@ fn validate_provider(
             Some((header, value))
         }
     };
+    // The `Host` header, built once rather than by the HTTP client on every call.
+    let host = base_url.host_str().and_then(|h| match base_url.port() {
+        Some(port) => HeaderValue::from_str(&format!("{h}:{port}")).ok(),
+        None => HeaderValue::from_str(h).ok(),
+    });
     Ok(Provider {
         name: name.into(),
         name_header: HeaderValue::from_str(name).ok(),
+        host,
         kind: p.kind,
         base_url,
         chat_url,

@@ -53,10 +53,8 @@ pub async fn post(
 /// The whole body (answers are bounded by the upstream; errors are cut at `limit`).
 pub async fn read_body(body: Incoming, limit: Option<usize>) -> Result<Bytes, AttemptError> {
     match limit {
-        None => body
-            .collect()
+        None => crate::body::read_all(body)
             .await
-            .map(|c| c.to_bytes())
             .map_err(|e| transport_error(&e)),
         Some(limit) => {
             let mut body = body;

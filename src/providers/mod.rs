@@ -69,7 +69,11 @@ pub async fn call(
         ProviderKind::Gemini => gemini::request(model, req)?,
     };
     let mut headers = out.headers;
+    headers.reserve(4 + model.provider.extra_headers.len());
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if let Some(host) = &model.provider.host {
+        headers.insert(http::header::HOST, host.clone());
+    }
     if let Some((name, value)) = &model.provider.auth {
         headers.insert(name.clone(), value.clone());
     }

@@ -4,8 +4,9 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
+use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use super::breaker::{Admission, Breaker, CallResult};
@@ -42,13 +43,12 @@ pub struct Circuit<S> {
 impl<S, Req, R> Service<Req> for Circuit<S>
 where
     S: Service<Req, Response = R, Error = AttemptError>,
-    S::Future: Send + 'static,
     Req: Attempt,
-    R: Settled + Send + 'static,
+    R: Settled,
 {
     type Response = R;
     type Error = AttemptError;
-    type Future = Pin<Box<dyn Future<Output = Result<R, AttemptError>> + Send>>;
+    type Future = CircuitFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), AttemptError>> {
         self.inner.poll_ready(cx)
@@ -63,42 +63,81 @@ where
         if let Admission::Rejected { .. } = admission {
             let mut e = AttemptError::new(ErrorClass::Transient, "circuit breaker open");
             e.not_sent = true;
-            return Box::pin(std::future::ready(Err(e)));
+            return CircuitFuture {
+                inner: None,
+                rejected: Some(e),
+                guard: None,
+            };
         }
-        let breaker = self.breaker.clone();
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            // If this future is dropped (a race lost, the client left) the probe slot
-            // must still be released.
-            let mut guard = ProbeGuard {
-                breaker: &breaker,
+        CircuitFuture {
+            inner: Some(self.inner.call(req)),
+            rejected: None,
+            guard: Some(ProbeGuard {
+                breaker: self.breaker.clone(),
                 admission: Some(admission),
-            };
-            let result = fut.await;
-            let outcome = match &result {
-                Ok(r) if r.settled() => CallResult::Success,
-                // A stream that has only started reports its end itself.
-                Ok(_) => CallResult::Neutral,
-                Err(e) if e.deadline_cut => CallResult::Neutral,
-                Err(e) => CallResult::of(Some(e.class), e.retry_after),
-            };
-            if let Some(a) = guard.admission.take() {
-                breaker.record(a, outcome);
-            }
-            result
-        })
+            }),
+        }
     }
 }
 
-struct ProbeGuard<'a> {
-    breaker: &'a Breaker,
+pin_project! {
+    /// The admitted call, reporting its outcome to the breaker; or the breaker's
+    /// refusal.
+    pub struct CircuitFuture<F> {
+        #[pin]
+        inner: Option<F>,
+        rejected: Option<AttemptError>,
+        guard: Option<ProbeGuard>,
+    }
+}
+
+impl<F, R> Future for CircuitFuture<F>
+where
+    F: Future<Output = Result<R, AttemptError>>,
+    R: Settled,
+{
+    type Output = Result<R, AttemptError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Some(inner) = this.inner.as_pin_mut() else {
+            let e = this.rejected.take();
+            return Poll::Ready(Err(e.unwrap_or_else(|| {
+                AttemptError::new(ErrorClass::Transient, "circuit breaker open")
+            })));
+        };
+        let result = ready!(inner.poll(cx));
+        let outcome = match &result {
+            Ok(r) if r.settled() => CallResult::Success,
+            // A stream that has only started reports its end itself.
+            Ok(_) => CallResult::Neutral,
+            Err(e) if e.deadline_cut => CallResult::Neutral,
+            Err(e) => CallResult::of(Some(e.class), e.retry_after),
+        };
+        if let Some(guard) = this.guard.as_mut() {
+            guard.record(outcome);
+        }
+        Poll::Ready(result)
+    }
+}
+
+/// Holds an admitted call's slot: it reports the outcome once, or, if the call is
+/// dropped first (a race lost, the client left), releases the slot as neutral.
+struct ProbeGuard {
+    breaker: Arc<Breaker>,
     admission: Option<Admission>,
 }
 
-impl Drop for ProbeGuard<'_> {
-    fn drop(&mut self) {
+impl ProbeGuard {
+    fn record(&mut self, outcome: CallResult) {
         if let Some(a) = self.admission.take() {
-            self.breaker.record(a, CallResult::Neutral);
+            self.breaker.record(a, outcome);
         }
+    }
+}
+
+impl Drop for ProbeGuard {
+    fn drop(&mut self) {
+        self.record(CallResult::Neutral);
     }
 }

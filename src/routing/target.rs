@@ -9,7 +9,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
+
+use pin_project_lite::pin_project;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -281,32 +283,52 @@ pub struct Record<S> {
 impl<S> Service<Call> for Record<S>
 where
     S: Service<Call, Response = Answer, Error = AttemptError>,
-    S::Future: Send + 'static,
 {
     type Response = Answer;
     type Error = AttemptError;
-    type Future = Pin<Box<dyn Future<Output = Result<Answer, AttemptError>> + Send>>;
+    type Future = RecordFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), AttemptError>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, call: Call) -> Self::Future {
-        let fut = self.inner.call(call.clone());
-        let mut recorder = Recorder {
+        let recorder = Recorder {
             model: self.model.clone(),
             chain: self.chain.clone(),
             position: self.position,
             metrics: self.metrics.clone(),
-            ctx: call.ctx,
+            ctx: call.ctx.clone(),
             start: Instant::now(),
             done: false,
         };
-        Box::pin(async move {
-            let result = fut.await;
-            recorder.finish(&result);
-            result
-        })
+        RecordFuture {
+            inner: self.inner.call(call),
+            recorder,
+        }
+    }
+}
+
+pin_project! {
+    /// The inner call; its recorder writes the record when it ends or is dropped.
+    pub struct RecordFuture<F> {
+        #[pin]
+        inner: F,
+        recorder: Recorder,
+    }
+}
+
+impl<F> Future for RecordFuture<F>
+where
+    F: Future<Output = Result<Answer, AttemptError>>,
+{
+    type Output = Result<Answer, AttemptError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = ready!(this.inner.poll(cx));
+        this.recorder.finish(&result);
+        Poll::Ready(result)
     }
 }
 
