@@ -2,6 +2,7 @@
 //! decisions belong to `routing`; this module only translates to and from HTTP.
 
 mod chat;
+mod request_id;
 mod sse;
 
 use std::future::Future;
@@ -16,7 +17,6 @@ use axum::routing::{get, post};
 use axum::Router;
 use bytes::Bytes;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
 use crate::api::ApiError;
@@ -77,8 +77,7 @@ pub async fn serve(
     });
     let app = tower::ServiceBuilder::new()
         .map_response(|r: Response<_>| r.map(Body::new))
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(request_id::RequestIdLayer)
         .layer(SetSensitiveRequestHeadersLayer::new([
             header::AUTHORIZATION,
             header::HeaderName::from_static("x-api-key"),
