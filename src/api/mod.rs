@@ -10,6 +10,12 @@ pub use error::ApiError;
 pub use request::ChatRequest;
 pub use response::{ChunkView, CompletionView, Usage};
 
+/// JSON bytes as text, validated as UTF-8 once as a whole: serde_json validates every
+/// string again when it reads from a byte slice, but not when it reads from a `&str`.
+pub(crate) fn json_text(bytes: &[u8]) -> Result<&str, serde_json::Error> {
+    std::str::from_utf8(bytes).map_err(|e| serde::de::Error::custom(format!("invalid UTF-8: {e}")))
+}
+
 /// Byte range of a borrowed `RawValue` inside the buffer it was parsed from.
 pub(crate) fn span_in(base: &[u8], raw: &serde_json::value::RawValue) -> std::ops::Range<usize> {
     let start = raw.get().as_ptr() as usize - base.as_ptr() as usize;

@@ -90,9 +90,8 @@ impl ChatRequest {
         }
         // The plain parse runs on every request; only a failed one is parsed again to
         // find the path for the error (tracking it allocates a string per key).
-        let wire: Wire = match Wire::from_slice(&body) {
-            Ok(wire) => wire,
-            Err(_) => return Err(parse_error(&body)),
+        let Some(wire) = Wire::from_slice(&body) else {
+            return Err(parse_error(&body));
         };
 
         let (model, model_span) = match wire.model {
@@ -233,11 +232,11 @@ fn invalid_json() -> ApiError {
 }
 
 impl<'a> Wire<'a> {
-    fn from_slice(body: &'a [u8]) -> Result<Wire<'a>, serde_json::Error> {
-        let mut de = serde_json::Deserializer::from_slice(body);
-        let wire = Wire::deserialize(&mut de)?;
-        de.end()?;
-        Ok(wire)
+    fn from_slice(body: &'a [u8]) -> Option<Wire<'a>> {
+        let mut de = serde_json::Deserializer::from_str(super::json_text(body).ok()?);
+        let wire = Wire::deserialize(&mut de).ok()?;
+        de.end().ok()?;
+        Some(wire)
     }
 }
 
@@ -337,6 +336,9 @@ mod tests {
     #[test]
     fn errors_name_the_param() {
         let e = parse("{not json").unwrap_err();
+        assert_eq!(e.code.as_deref(), Some("invalid_json"));
+        let bad_utf8 = b"{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"\xff\"}]}";
+        let e = ChatRequest::parse(Bytes::from_static(bad_utf8)).unwrap_err();
         assert_eq!(e.code.as_deref(), Some("invalid_json"));
         let e = parse(r#"{"model":"m"}"#).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("messages"));

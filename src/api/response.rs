@@ -204,7 +204,7 @@ struct CompletionWire<'a> {
 impl CompletionView {
     /// Reads `body`; `judge_json` also checks that the answer's text parses as JSON.
     pub fn parse(body: &[u8], judge_json: bool) -> Result<CompletionView, serde_json::Error> {
-        let w: CompletionWire = serde_json::from_slice(body)?;
+        let w: CompletionWire = serde_json::from_str(super::json_text(body)?)?;
         let has_content = w.choices.iter().any(|c| {
             c.message.as_ref().is_some_and(|m| {
                 has_text(&m.content)
@@ -293,7 +293,7 @@ struct ChunkWire<'a> {
 
 impl ChunkView {
     pub fn parse(data: &[u8]) -> Result<ChunkView, serde_json::Error> {
-        let w: ChunkWire = serde_json::from_slice(data)?;
+        let w: ChunkWire = serde_json::from_str(super::json_text(data)?)?;
         let has_content = w.choices.iter().any(|c| {
             c.delta.as_ref().is_some_and(|d| {
                 has_text(&d.content)
@@ -335,6 +335,9 @@ mod tests {
         let tools = br#"{"model":"m","choices":[{"message":{"role":"assistant","content":null,"tool_calls":[{"id":"c","type":"function","function":{"name":"f","arguments":"{}"}}]},"finish_reason":"tool_calls"}]}"#;
         assert!(CompletionView::parse(tools, false).unwrap().has_content);
         assert!(!CompletionView::parse(tools, true).unwrap().text_not_json);
+        let bad_utf8 = b"{\"model\":\"m\",\"choices\":[{\"message\":{\"content\":\"\xff\"}}]}";
+        assert!(CompletionView::parse(bad_utf8, false).is_err());
+        assert!(ChunkView::parse(bad_utf8).is_err());
         assert!(CompletionView::parse(full, true).unwrap().text_not_json);
         assert!(!CompletionView::parse(full, false).unwrap().text_not_json);
         let json = br#"{"model":"m","choices":[{"message":{"role":"assistant","content":"```json\n{\"a\":1}\n```"},"finish_reason":"stop"}]}"#;
