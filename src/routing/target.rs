@@ -10,10 +10,9 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
-
-use pin_project_lite::pin_project;
 use std::time::Duration;
 
+use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower::{Service, ServiceBuilder, ServiceExt};
 
