@@ -292,11 +292,15 @@ impl Metrics {
     /// The bound handles for `chain`, if it belongs to the config these metrics were
     /// made for.
     fn chain(&self, chain: &Chain) -> Option<&ChainHandles> {
+        self.chain_at(&chain.name, chain.index)
+    }
+
+    fn chain_at(&self, name: &Arc<str>, index: usize) -> Option<&ChainHandles> {
         self.bound
             .chains
-            .get(chain.index)?
+            .get(index)?
             .as_ref()
-            .filter(|h| Arc::ptr_eq(&h.name, &chain.name))
+            .filter(|h| Arc::ptr_eq(&h.name, name))
     }
 
     fn model(&self, model: &Model) -> Option<&ModelHandles> {
@@ -347,11 +351,7 @@ impl Metrics {
         outcome: &str,
     ) {
         let bound = self
-            .bound
-            .chains
-            .get(index)
-            .and_then(Option::as_ref)
-            .filter(|h| Arc::ptr_eq(&h.name, chain))
+            .chain_at(chain, index)
             .and_then(|h| h.attempts_ok.get(position));
         match bound {
             Some(c) if outcome == "ok" => c.inc(),

@@ -490,7 +490,8 @@ fn outcome_headers(
     answered_by: Option<&Arc<Model>>,
     label: CacheOutcome,
 ) {
-    h.reserve(RESPONSE_HEADERS);
+    // `reserve` counts headers beyond those already set.
+    h.reserve(RESPONSE_HEADERS.saturating_sub(h.len()));
     h.insert(X_CACHE, HeaderValue::from_static(label.as_str()));
     if let Some(v) = &chain.name_header {
         h.insert(X_CHAIN, v.clone());

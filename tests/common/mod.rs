@@ -139,15 +139,7 @@ impl Harness {
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        let resp = req.send().await.expect("gateway answers");
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let text = resp.text().await.unwrap_or_default();
-        Reply {
-            status,
-            headers,
-            text,
-        }
+        reply(req.send().await.expect("gateway answers")).await
     }
 
     pub async fn chat(&self, model: &str, headers: &[(&str, &str)]) -> Reply {
@@ -167,14 +159,7 @@ impl Harness {
             .send()
             .await
             .expect("gateway answers");
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let text = resp.text().await.unwrap_or_default();
-        Reply {
-            status,
-            headers,
-            text,
-        }
+        reply(resp).await
     }
 }
 
