@@ -12,3 +12,4 @@ pub mod resilience;
 pub mod routing;
 pub mod secret;
 pub mod server;
+pub mod workers;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
-use cascade::config::Config;
+use cascade::config::{Config, Scheduler};
 use cascade::mock::{Knobs, MockState};
 use cascade::server::{self, AppState};
 
@@ -101,51 +101,71 @@ fn serve(path: &std::path::Path) -> ExitCode {
         Err(code) => return code,
     };
     init_tracing();
-    let rt = match runtime(config.server.worker_threads) {
-        Ok(rt) => rt,
+    if let Some(mock) = &config.mock {
+        if let Err(e) = start_demo_mock(mock.listen) {
+            eprintln!(
+                "cascade: cannot bind the mock provider on {}: {e}",
+                mock.listen
+            );
+            return ExitCode::FAILURE;
+        }
+        tracing::info!(addr = %mock.listen, "demo mock provider listening");
+    }
+    let listener = match std::net::TcpListener::bind(config.server.listen) {
+        Ok(l) => l,
         Err(e) => {
-            eprintln!("cascade: cannot start the runtime: {e}");
+            eprintln!("cascade: cannot listen on {}: {e}", config.server.listen);
             return ExitCode::FAILURE;
         }
     };
-    rt.block_on(async move {
-        if let Some(mock) = &config.mock {
-            match tokio::net::TcpListener::bind(mock.listen).await {
-                Ok(l) => {
-                    tracing::info!(addr = %mock.listen, "demo mock provider listening");
-                    tokio::spawn(cascade::mock::serve(l, Arc::new(MockState::default())));
-                }
-                Err(e) => {
-                    eprintln!(
-                        "cascade: cannot bind the mock provider on {}: {e}",
-                        mock.listen
-                    );
-                    return ExitCode::FAILURE;
-                }
-            }
+    tracing::info!(
+        addr = %config.server.listen,
+        chains = config.chains.len(),
+        models = config.models.len(),
+        workers = config.server.worker_threads,
+        scheduler = ?config.server.scheduler,
+        "cascade listening"
+    );
+    let served = match config.server.scheduler {
+        Scheduler::PerCore => {
+            server::serve_per_core(AppState::new(config), listener, shutdown_signal())
         }
-        let listener = match tokio::net::TcpListener::bind(config.server.listen).await {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("cascade: cannot listen on {}: {e}", config.server.listen);
-                return ExitCode::FAILURE;
-            }
-        };
-        tracing::info!(
-            addr = %config.server.listen,
-            chains = config.chains.len(),
-            models = config.models.len(),
-            "cascade listening"
-        );
-        let state = AppState::new(config);
-        match server::serve(state, listener, shutdown_signal()).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("cascade: server error: {e}");
-                ExitCode::FAILURE
-            }
+        Scheduler::WorkStealing => runtime(Some(config.server.worker_threads)).and_then(|rt| {
+            rt.block_on(async move {
+                listener.set_nonblocking(true)?;
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                server::serve(AppState::new(config), listener, shutdown_signal()).await
+            })
+        }),
+    };
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cascade: server error: {e}");
+            ExitCode::FAILURE
         }
-    })
+    }
+}
+
+/// The demo config's mock provider, on a thread of its own so it never competes with
+/// the gateway's workers for their runtimes.
+fn start_demo_mock(listen: std::net::SocketAddr) -> std::io::Result<()> {
+    let listener = std::net::TcpListener::bind(listen)?;
+    listener.set_nonblocking(true)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("cascade-demo-mock".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => cascade::mock::serve(l, Arc::new(MockState::default())).await,
+                    Err(e) => eprintln!("cascade: demo mock provider: {e}"),
+                }
+            })
+        })?;
+    Ok(())
 }
 
 fn mock(listen: &str, knobs: &[String], workers: Option<usize>) -> ExitCode {

@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use cascade::config::Config;
+use cascade::config::{Config, Scheduler};
 
 const GOOD: &str = r#"
 server:
@@ -73,6 +73,21 @@ fn the_contract_example_loads() {
     assert_eq!(implicit.targets.len(), 2);
     // Secrets never print.
     assert!(!format!("{c:?}").contains("sk-from-env"));
+}
+
+#[test]
+fn workers_default_to_one_per_core_on_per_core_runtimes() {
+    let c = Config::from_yaml_with_env(GOOD, &env).unwrap();
+    assert_eq!(c.server.scheduler, Scheduler::PerCore);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert_eq!(c.server.worker_threads, cores);
+    let yaml = GOOD.replace(
+        "max_body: 10MiB",
+        "max_body: 10MiB\n  scheduler: work_stealing\n  worker_threads: 3",
+    );
+    let c = Config::from_yaml_with_env(&yaml, &env).unwrap();
+    assert_eq!(c.server.scheduler, Scheduler::WorkStealing);
+    assert_eq!(c.server.worker_threads, 3);
 }
 
 #[test]
@@ -159,6 +174,16 @@ fn errors_name_the_path() {
             GOOD.replace("max_body: 10MiB", "max_body: 10 parsecs"),
             "server.max_body",
             "size",
+        ),
+        (
+            GOOD.replace("max_body: 10MiB", "max_body: 10MiB\n  scheduler: round_robin"),
+            "server.scheduler",
+            "round_robin",
+        ),
+        (
+            GOOD.replace("max_body: 10MiB", "max_body: 10MiB\n  worker_threads: 0"),
+            "server.worker_threads",
+            "at least 1",
         ),
         (
             GOOD.replace("listen: 127.0.0.1:8080", "listen: localhost"),

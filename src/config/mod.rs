@@ -15,8 +15,8 @@ use std::time::Duration;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use indexmap::IndexMap;
 
-pub use raw::ProviderKind;
 use raw::{ChainForm, RawAction, RawBreaker, RawBudget, RawConfig, RawRetry};
+pub use raw::{ProviderKind, Scheduler};
 
 use crate::classify::{Action, ErrorClass};
 use crate::resilience::breaker::{Breaker, BreakerSettings};
@@ -107,7 +107,9 @@ pub struct ServerSettings {
     pub first_token_timeout: Option<Duration>,
     pub idle_timeout: Option<Duration>,
     pub max_body: usize,
-    pub worker_threads: Option<usize>,
+    /// Worker threads; the number of cores unless set.
+    pub worker_threads: usize,
+    pub scheduler: Scheduler,
 }
 
 /// Game-day fault injection on a model.
@@ -970,7 +972,10 @@ fn validate_server(s: &raw::RawServer) -> Result<ServerSettings, ConfigError> {
         first_token_timeout: s.first_token_timeout,
         idle_timeout: s.idle_timeout,
         max_body: usize::try_from(max_body).unwrap_or(usize::MAX),
-        worker_threads: s.worker_threads,
+        worker_threads: s.worker_threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        }),
+        scheduler: s.scheduler.unwrap_or_default(),
     })
 }
 

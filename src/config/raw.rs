@@ -143,6 +143,18 @@ pub struct RawServer {
     #[serde(default, deserialize_with = "opt_size")]
     pub max_body: Option<u64>,
     pub worker_threads: Option<usize>,
+    pub scheduler: Option<Scheduler>,
+}
+
+/// How requests are spread over the worker threads (see `server::workers`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scheduler {
+    /// One single-threaded runtime and upstream pool per worker thread.
+    #[default]
+    PerCore,
+    /// tokio's multi-threaded, work-stealing runtime with one shared upstream pool.
+    WorkStealing,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -18,6 +18,26 @@ use crate::classify::ErrorClass;
 
 pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
+/// One client (one connection pool) per worker thread. A pooled connection is driven
+/// by a task on the runtime that opened it, so with per-core workers a shared pool
+/// would hand calls to another thread; see `crate::workers`.
+pub struct HttpClients {
+    per_worker: Box<[HttpClient]>,
+}
+
+impl HttpClients {
+    pub fn new(pools: usize) -> Self {
+        HttpClients {
+            per_worker: (0..pools.max(1)).map(|_| http_client()).collect(),
+        }
+    }
+
+    /// The calling worker's client.
+    pub fn local(&self) -> &HttpClient {
+        &self.per_worker[crate::workers::index() % self.per_worker.len()]
+    }
+}
+
 pub fn http_client() -> HttpClient {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
@@ -107,4 +127,43 @@ pub(crate) fn transport_error(e: &(dyn std::error::Error + 'static)) -> AttemptE
         ErrorClass::Transient
     };
     AttemptError::new(class, msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[test]
+    fn each_worker_gets_its_own_pool() {
+        let clients = Arc::new(HttpClients::new(2));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (c, s) = (clients.clone(), seen.clone());
+        crate::workers::run(2, move |i| {
+            let (c, s) = (c.clone(), s.clone());
+            async move {
+                let local: *const HttpClient = c.local();
+                s.lock()
+                    .map_err(|_| std::io::Error::other("poisoned"))?
+                    .push((i, local as usize));
+                Ok(())
+            }
+        })
+        .unwrap();
+        let mut seen = seen.lock().unwrap().clone();
+        seen.sort();
+        let expected: Vec<(usize, usize)> = (0..2)
+            .map(|i| (i, &clients.per_worker[i] as *const HttpClient as usize))
+            .collect();
+        assert_eq!(seen, expected);
+        assert_ne!(seen[0].1, seen[1].1);
+    }
+
+    #[test]
+    fn outside_workers_the_first_pool_serves() {
+        let one = HttpClients::new(1);
+        assert!(std::ptr::eq(one.local(), &one.per_worker[0]));
+        let zero = HttpClients::new(0);
+        assert_eq!(zero.per_worker.len(), 1, "never an empty set");
+    }
 }

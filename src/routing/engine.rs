@@ -121,7 +121,11 @@ struct Failure {
 type Walk = Result<(usize, Arc<Model>, Answer), Failure>;
 
 impl Engine {
-    pub fn new(http: crate::providers::HttpClient, metrics: Arc<Metrics>, config: &Config) -> Self {
+    pub fn new(
+        http: crate::providers::HttpClients,
+        metrics: Arc<Metrics>,
+        config: &Config,
+    ) -> Self {
         let jitter = Arc::new(Jitter::new(config.jitter_seed));
         Engine {
             shared: StackShared {

@@ -90,7 +90,7 @@ impl Attempt for Call {
 /// Gateway-wide pieces every stack shares.
 #[derive(Clone)]
 pub struct StackShared {
-    pub http: Arc<crate::providers::HttpClient>,
+    pub http: Arc<crate::providers::HttpClients>,
     pub metrics: Arc<Metrics>,
     pub retry: RetryShared,
     pub jitter: Arc<Jitter>,
@@ -148,7 +148,7 @@ where
 /// The innermost service: one upstream call; a stream comes back once committed.
 #[derive(Clone)]
 pub struct Upstream {
-    http: Arc<crate::providers::HttpClient>,
+    http: Arc<crate::providers::HttpClients>,
     model: Arc<Model>,
     idle_timeout: Option<Duration>,
     jitter: Arc<Jitter>,
@@ -173,7 +173,7 @@ impl Service<Call> for Upstream {
                 }
                 cut_stream = chaos.cut_stream > 0.0 && this.jitter.next_unit() < chaos.cut_stream;
             }
-            match providers::call(&this.http, &this.model, &call.req).await? {
+            match providers::call(this.http.local(), &this.model, &call.req).await? {
                 Reply::Complete(c) => Ok(Answer::Complete(c)),
                 // The stream's status was 2xx; what fails before the commit point fails with it.
                 Reply::Stream(s) => until_commit(s, this.idle_timeout)

@@ -21,7 +21,7 @@ use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
 use crate::api::ApiError;
 use crate::cache::ResponseCache;
-use crate::config::Config;
+use crate::config::{Config, Scheduler};
 use crate::metrics::Metrics;
 use crate::providers;
 use crate::routing::engine::Engine;
@@ -39,12 +39,24 @@ impl AppState {
     pub fn new(config: Arc<Config>) -> Arc<AppState> {
         let metrics = Arc::new(Metrics::for_config(&config));
         Arc::new(AppState {
-            engine: Engine::new(providers::http_client(), metrics.clone(), &config),
+            engine: Engine::new(
+                providers::HttpClients::new(upstream_pools(&config)),
+                metrics.clone(),
+                &config,
+            ),
             cache: Arc::new(ResponseCache::new(&config.cache, metrics.clone())),
             models_body: models_body(&config),
             config,
             metrics,
         })
+    }
+}
+
+/// Per-core workers each keep their own upstream pool; work stealing shares one.
+fn upstream_pools(config: &Config) -> usize {
+    match config.server.scheduler {
+        Scheduler::PerCore => config.server.worker_threads,
+        Scheduler::WorkStealing => 1,
     }
 }
 
@@ -93,6 +105,44 @@ pub async fn serve(
     axum::serve(listener, ServiceExt::<Request>::into_make_service(app))
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// Serves on `listener` with `scheduler: per_core`: one worker thread per
+/// `server.worker_threads`, each running [`serve`] on its own runtime over a handle of
+/// the same socket (the kernel wakes whichever is idle). Blocks until `shutdown`
+/// resolves (polled on worker 0) and every worker has drained.
+pub fn serve_per_core(
+    state: Arc<AppState>,
+    listener: std::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    listener.set_nonblocking(true)?;
+    let workers = state.config.server.worker_threads;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let shutdown = std::sync::Mutex::new(Some((shutdown, stop)));
+    crate::workers::run(workers, move |i| {
+        let state = state.clone();
+        let listener = listener.try_clone();
+        let mut stopped = stopped.clone();
+        let signal = if i == 0 {
+            shutdown.lock().ok().and_then(|mut s| s.take())
+        } else {
+            None
+        };
+        async move {
+            if let Some((signal, stop)) = signal {
+                tokio::spawn(async move {
+                    signal.await;
+                    let _ = stop.send(true);
+                });
+            }
+            let listener = tokio::net::TcpListener::from_std(listener?)?;
+            serve(state, listener, async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            })
+            .await
+        }
+    })
 }
 
 pub(crate) fn error_response(e: &ApiError) -> Response<Body> {
