@@ -111,7 +111,7 @@ fn serve(path: &std::path::Path) -> ExitCode {
         }
         tracing::info!(addr = %mock.listen, "demo mock provider listening");
     }
-    let listener = match std::net::TcpListener::bind(config.server.listen) {
+    let listener = match server::bind(config.server.listen) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("cascade: cannot listen on {}: {e}", config.server.listen);

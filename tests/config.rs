@@ -176,7 +176,10 @@ fn errors_name_the_path() {
             "size",
         ),
         (
-            GOOD.replace("max_body: 10MiB", "max_body: 10MiB\n  scheduler: round_robin"),
+            GOOD.replace(
+                "max_body: 10MiB",
+                "max_body: 10MiB\n  scheduler: round_robin",
+            ),
             "server.scheduler",
             "round_robin",
         ),

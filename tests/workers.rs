@@ -33,7 +33,7 @@ impl PerCore {
         let config = Config::from_yaml_with_env(&yaml, &|_| None).expect("valid config");
         assert_eq!(config.server.scheduler, Scheduler::PerCore, "the default");
         assert_eq!(config.server.worker_threads, 2);
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let listener = server::bind("127.0.0.1:0".parse().unwrap()).expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let state = AppState::new(Arc::new(config));

@@ -107,6 +107,17 @@ pub async fn serve(
         .await
 }
 
+/// The listening socket, with a backlog of 1,024 (std's `bind` keeps 128, short for a
+/// burst of new connections).
+pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
 /// Serves on `listener` with `scheduler: per_core`: one worker thread per
 /// `server.worker_threads`, each running [`serve`] on its own runtime over a handle of
 /// the same socket (the kernel wakes whichever is idle). Blocks until `shutdown`
