@@ -146,7 +146,7 @@ pub struct RawServer {
     pub scheduler: Option<Scheduler>,
 }
 
-/// How requests are spread over the worker threads (see `server::workers`).
+/// How requests are spread over the worker threads (see `crate::workers`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Scheduler {

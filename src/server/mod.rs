@@ -119,9 +119,9 @@ pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener
 }
 
 /// Serves on `listener` with `scheduler: per_core`: one worker thread per
-/// `server.worker_threads`, each running [`serve`] on its own runtime over a handle of
-/// the same socket (the kernel wakes whichever is idle). Blocks until `shutdown`
-/// resolves (polled on worker 0) and every worker has drained.
+/// `server.worker_threads`, each running [`serve`] on its own runtime over its own
+/// handle of the same socket (whichever worker accepts first keeps the connection).
+/// Blocks until `shutdown` resolves (polled on worker 0) and every worker has drained.
 pub fn serve_per_core(
     state: Arc<AppState>,
     listener: std::net::TcpListener,
