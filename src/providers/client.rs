@@ -38,7 +38,7 @@ impl HttpClients {
     }
 }
 
-pub fn http_client() -> HttpClient {
+fn http_client() -> HttpClient {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     http.set_connect_timeout(Some(Duration::from_secs(5)));

@@ -20,7 +20,7 @@ use crate::classify::ErrorClass;
 use crate::config::{Model, ProviderKind};
 pub use stream::{ChunkStream, StreamItem};
 
-pub use client::{http_client, HttpClient, HttpClients};
+pub use client::{HttpClient, HttpClients};
 
 /// A complete (non-streaming) answer, already in OpenAI format.
 #[derive(Debug, Clone)]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from test_openai_sdk import MESSAGES, http
+from test_openai_sdk import MESSAGES, stream_chunks
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Get the weather",
           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
@@ -71,14 +71,7 @@ def test_tool_calls_streamed_and_not_on_every_hop(gw, client, schemas, failing, 
 def test_streams_reassemble_like_the_plain_answer(gw, client, schemas, failing, provider, model_id):
     fail(gw, failing)
     plain = client.chat.completions.create(model="cross", messages=MESSAGES).choices[0].message.content
-    body = {"model": "cross", "messages": MESSAGES, "stream": True, "stream_options": {"include_usage": True}}
-    status, text = http("POST", gw.base + "/v1/chat/completions", body)
-    assert status == 200
-    events = [line[6:] for line in text.split("\n") if line.startswith("data: ")]
-    assert events[-1] == "[DONE]"
-    chunks = [json.loads(e) for e in events[:-1]]
-    for c in chunks:
-        schemas("CreateChatCompletionStreamResponse", c)
+    chunks = stream_chunks(gw, schemas, "cross")
     streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert streamed == plain
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] > 0

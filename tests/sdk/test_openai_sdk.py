@@ -22,6 +22,19 @@ def http(method, url, body=None):
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
 
 
+def stream_chunks(gw, schemas, model):
+    """The chunks of a raw streamed answer (usage included), each checked against the spec."""
+    body = {"model": model, "messages": MESSAGES, "stream": True, "stream_options": {"include_usage": True}}
+    status, text = http("POST", gw.base + "/v1/chat/completions", body)
+    assert status == 200
+    events = [line[6:] for line in text.split("\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    for c in chunks:
+        schemas("CreateChatCompletionStreamResponse", c)
+    return chunks
+
+
 def raw_create(client, **kw):
     raw = client.chat.completions.with_raw_response.create(messages=MESSAGES, **kw)
     return raw, raw.parse()
@@ -54,14 +67,7 @@ def test_streaming_answer_and_chunk_schema(gw, client, schemas):
     assert usage and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
     # The raw chunks, checked one by one against the spec.
-    body = {"model": "main", "messages": MESSAGES, "stream": True, "stream_options": {"include_usage": True}}
-    status, text = http("POST", gw.base + "/v1/chat/completions", body)
-    assert status == 200
-    events = [line[6:] for line in text.split("\n") if line.startswith("data: ")]
-    assert events[-1] == "[DONE]"
-    chunks = [json.loads(e) for e in events[:-1]]
-    for c in chunks:
-        schemas("CreateChatCompletionStreamResponse", c)
+    chunks = stream_chunks(gw, schemas, "main")
     assert len({(c["id"], c["created"], c["model"]) for c in chunks}) == 1
     assert sum(1 for c in chunks for ch in c["choices"] if ch["finish_reason"]) == 1
 
