@@ -1,4 +1,4 @@
-//! The `cascade` binary: `serve` (default), `check` and `mock`.
+//! The `cascade` binary: `serve` (default), `check`, `report` and `mock`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -32,6 +32,24 @@ enum Command {
     Serve,
     /// Validate the config and print each chain as resolved.
     Check,
+    /// The fallback-cost report from the store (works while a gateway runs on it).
+    Report {
+        /// The store file (default: the config's `store.path`).
+        #[arg(long)]
+        db: Option<PathBuf>,
+        /// Start of the window: a duration back from now (7d, 12h) or an RFC 3339 time.
+        #[arg(long, default_value = "7d")]
+        since: String,
+        /// End of the window: `now`, a duration back from now, or an RFC 3339 time.
+        #[arg(long, default_value = "now")]
+        until: String,
+        /// Group by chain, model or day.
+        #[arg(long, default_value = "chain")]
+        by: String,
+        /// table, json or csv.
+        #[arg(long, default_value = "table")]
+        format: String,
+    },
     /// Run the mock provider on its own.
     Mock {
         #[arg(long, default_value = "127.0.0.1:4010")]
@@ -51,6 +69,13 @@ fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(&config_path),
         Command::Check => check(&config_path),
+        Command::Report {
+            db,
+            since,
+            until,
+            by,
+            format,
+        } => report(&config_path, db, &since, &until, &by, &format),
         Command::Mock {
             listen,
             knobs,
@@ -71,10 +96,74 @@ fn check(path: &std::path::Path) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
+    if let Some(store) = &config.store {
+        if let Err(e) = cascade::store::check_path(&store.path) {
+            eprintln!("cascade: {e}");
+            return ExitCode::from(2);
+        }
+    }
     for (name, chain) in &config.chains {
         let names: Vec<&str> = chain.targets.iter().map(|t| &*t.model.name).collect();
         println!("{name}: {}", names.join(" -> "));
     }
+    ExitCode::SUCCESS
+}
+
+fn report(
+    path: &std::path::Path,
+    db: Option<PathBuf>,
+    since: &str,
+    until: &str,
+    by: &str,
+    format: &str,
+) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let db = match (db, &config.store) {
+        (Some(db), _) => db,
+        (None, Some(store)) => store.path.clone(),
+        (None, None) => {
+            eprintln!("cascade: the store is off in {} (store.enabled: false): there is nothing to report", path.display());
+            return ExitCode::from(2);
+        }
+    };
+    if !db.is_file() {
+        eprintln!("cascade: no store at {}", db.display());
+        return ExitCode::from(2);
+    }
+    if !matches!(format, "table" | "json" | "csv") {
+        eprintln!("cascade: unknown --format {format:?} (expected table, json or csv)");
+        return ExitCode::from(2);
+    }
+    let query = match cascade::server::report_query(
+        &config,
+        Some(since),
+        Some(until),
+        Some(by),
+        cascade::clock::now_ms(),
+    ) {
+        Ok(q) => q,
+        Err(e) => {
+            eprintln!("cascade: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let report = match cascade::server::read_report(&db, &query) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cascade: cannot read {}: {e}", db.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    use cascade::store::report as fmt;
+    let out = match format {
+        "json" => serde_json::to_string_pretty(&report).unwrap_or_default() + "\n",
+        "csv" => fmt::to_csv(&report),
+        _ => fmt::to_table(&report),
+    };
+    print!("{out}");
     ExitCode::SUCCESS
 }
 
@@ -86,21 +175,23 @@ fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
     b.enable_all().build()
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .try_init();
-}
-
 fn serve(path: &std::path::Path) -> ExitCode {
     let config = match load(path) {
         Ok(c) => Arc::new(c),
         Err(code) => return code,
     };
-    init_tracing();
+    let _log = cascade::log::init(config.log);
+    let state = match AppState::new(config.clone()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("cascade: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = server::start_scheduled_report(state.clone()) {
+        eprintln!("cascade: cannot start the scheduled report: {e}");
+        return ExitCode::FAILURE;
+    }
     if let Some(mock) = &config.mock {
         if let Err(e) = start_demo_mock(mock.listen) {
             eprintln!(
@@ -128,16 +219,21 @@ fn serve(path: &std::path::Path) -> ExitCode {
     );
     let served = match config.server.scheduler {
         Scheduler::PerCore => {
-            server::serve_per_core(AppState::new(config), listener, shutdown_signal())
+            server::serve_per_core(state.clone(), listener, shutdown_signal())
         }
         Scheduler::WorkStealing => runtime(Some(config.server.worker_threads)).and_then(|rt| {
+            let state = state.clone();
             rt.block_on(async move {
                 listener.set_nonblocking(true)?;
                 let listener = tokio::net::TcpListener::from_std(listener)?;
-                server::serve(AppState::new(config), listener, shutdown_signal()).await
+                server::serve(state, listener, shutdown_signal()).await
             })
         }),
     };
+    // Every answered request has its rows before the process ends.
+    if let Some(store) = &state.store {
+        store.flush_blocking();
+    }
     match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -31,6 +31,13 @@ pub struct Metrics {
     pub cache_bytes: IntGauge,
     pub cache_evictions: IntCounterVec,
     pub cache_errors: IntCounterVec,
+    /// Cost of answered requests by chain, and what the chain's first model would have
+    /// charged for the same tokens: their difference is the fallback cost differential.
+    pub request_cost_usd_total: CounterVec,
+    pub primary_cost_usd_total: CounterVec,
+    pub store: crate::store::StoreMetrics,
+    /// Log lines dropped because the log writer fell behind.
+    pub log_dropped: IntCounter,
     /// Handles for the configured chains and models, bound once so the hot path does
     /// not hash label values. Empty until [`Metrics::for_config`].
     bound: Bound,
@@ -54,6 +61,8 @@ struct ChainHandles {
     cache: [IntCounter; CACHE_RESULTS.len()],
     /// `cascade_attempts_total{outcome="ok"}` per target position.
     attempts_ok: Vec<IntCounter>,
+    request_cost: Counter,
+    primary_cost: Counter,
 }
 
 struct ModelHandles {
@@ -209,8 +218,72 @@ impl Metrics {
         registry
             .register(Box::new(cache_bytes.clone()))
             .expect("unique metric");
+        let cost_counter = |name: &str, help: &str| {
+            let c = CounterVec::new(Opts::new(name, help), &["chain"]).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let request_cost_usd_total = cost_counter(
+            "cascade_request_cost_usd_total",
+            "Cost of answered requests in US dollars, by chain.",
+        );
+        let primary_cost_usd_total = cost_counter(
+            "cascade_primary_cost_usd_total",
+            "What the chain's first model would have charged for the same requests' tokens.",
+        );
+        let int = |c: IntCounter| {
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let store_dropped = int(IntCounter::new(
+            "cascade_store_dropped_total",
+            "Store rows lost (full queue, write failure), one per row.",
+        )
+        .expect("valid metric"));
+        let log_dropped = int(IntCounter::new(
+            "cascade_log_dropped_total",
+            "Log lines dropped because the log writer fell behind.",
+        )
+        .expect("valid metric"));
+        let store_rows = counter(
+            "cascade_store_rows_total",
+            "Rows committed to the store, by table.",
+            &["table"],
+        );
+        let store_queue = IntGauge::new(
+            "cascade_store_queue_depth",
+            "Store rows waiting for the writer.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(store_queue.clone()))
+            .expect("unique metric");
+        let store_flush = Histogram::with_opts(
+            HistogramOpts::new(
+                "cascade_store_flush_seconds",
+                "Time to commit one batch of store rows.",
+            )
+            .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(store_flush.clone()))
+            .expect("unique metric");
         Metrics {
             registry,
+            request_cost_usd_total,
+            primary_cost_usd_total,
+            store: crate::store::StoreMetrics {
+                rows: store_rows,
+                dropped: store_dropped,
+                queue_depth: store_queue,
+                flush_seconds: store_flush,
+            },
+            log_dropped,
             cache_requests,
             cache_bytes,
             cache_evictions,
@@ -271,6 +344,8 @@ impl Metrics {
                         .with_label_values(&[name, &m.name, &m.provider.name, "ok"])
                 })
                 .collect(),
+            request_cost: self.request_cost_usd_total.with_label_values(&[name]),
+            primary_cost: self.primary_cost_usd_total.with_label_values(&[name]),
         }
     }
 
@@ -411,6 +486,24 @@ impl Metrics {
                         .inc_by(u.cached_tokens);
                 }
                 self.cost_usd_total.with_label_values(&[name]).inc_by(cost);
+            }
+        }
+    }
+
+    /// What one answered request cost, and what its chain's first model would have.
+    pub fn record_request_cost(&self, chain: &Chain, cost: f64, primary: f64) {
+        match self.chain(chain) {
+            Some(h) => {
+                h.request_cost.inc_by(cost.max(0.0));
+                h.primary_cost.inc_by(primary.max(0.0));
+            }
+            None => {
+                self.request_cost_usd_total
+                    .with_label_values(&[&chain.name])
+                    .inc_by(cost.max(0.0));
+                self.primary_cost_usd_total
+                    .with_label_values(&[&chain.name])
+                    .inc_by(primary.max(0.0));
             }
         }
     }

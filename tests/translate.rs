@@ -256,7 +256,7 @@ fn run_stream(
         .iter()
         .filter_map(|i| match i {
             StreamItem::Chunk { data, .. } => Some(serde_json::from_slice(data).unwrap()),
-            StreamItem::Done => None,
+            StreamItem::Done | StreamItem::Usage(_) => None,
         })
         .collect()
 }
@@ -301,7 +301,7 @@ fn gemini_stream_reassembles_to_the_non_streaming_answer() {
         .iter()
         .filter_map(|i| match i {
             StreamItem::Chunk { data, .. } => Some(serde_json::from_slice(data).unwrap()),
-            StreamItem::Done => None,
+            StreamItem::Done | StreamItem::Usage(_) => None,
         })
         .collect();
     let whole =

@@ -11,6 +11,7 @@ use serde_json::json;
 
 const CONFIG: &str = r#"
 server: { worker_threads: 2 }
+store: { enabled: false }
 providers:
   mock: { kind: openai, base_url: "{mock}", api_key: "sk-test" }
 models:
@@ -36,7 +37,7 @@ impl PerCore {
         let listener = server::bind("127.0.0.1:0".parse().unwrap()).expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let state = AppState::new(Arc::new(config));
+        let state = AppState::new(Arc::new(config)).expect("state");
         let thread = std::thread::spawn(move || {
             server::serve_per_core(state, listener, async move {
                 let _ = stopped.await;

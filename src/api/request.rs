@@ -17,6 +17,8 @@ pub struct ChatRequest {
     pub body: Bytes,
     pub model: Option<String>,
     model_span: Option<Range<usize>>,
+    /// Where the client's `stream_options` value sits, if it sent one.
+    stream_options_span: Option<Range<usize>>,
     pub stream: bool,
     pub include_usage: bool,
     pub max_tokens: Option<u64>,
@@ -63,7 +65,8 @@ struct Wire<'a> {
     model: Option<&'a RawValue>,
     messages: Option<Vec<MessageHead<'a>>>,
     stream: Option<bool>,
-    stream_options: Option<StreamOptions>,
+    #[serde(borrow)]
+    stream_options: Option<&'a RawValue>,
     temperature: Option<f64>,
     #[allow(dead_code)]
     top_p: Option<f64>,
@@ -132,15 +135,29 @@ impl ChatRequest {
         }
 
         let stream = wire.stream.unwrap_or(false);
+        let stream_options_span = wire.stream_options.map(|raw| span_in(&body, raw));
+        let stream_options = match wire.stream_options {
+            Some(raw) if raw.get() != "null" => {
+                let opts: StreamOptions = serde_json::from_str(raw.get()).map_err(|_| {
+                    ApiError::invalid_request(
+                        "Invalid type for 'stream_options': expected an object with a boolean 'include_usage'.",
+                    )
+                    .with_param("stream_options")
+                    .with_code("invalid_type")
+                })?;
+                Some(opts)
+            }
+            _ => None,
+        };
         Ok(ChatRequest {
             model,
             model_span,
             stream,
             include_usage: stream
-                && wire
-                    .stream_options
+                && stream_options
                     .and_then(|o| o.include_usage)
                     .unwrap_or(false),
+            stream_options_span,
             max_tokens: wire.max_completion_tokens.or(wire.max_tokens),
             wants_json: wire
                 .response_format
@@ -186,21 +203,32 @@ impl ChatRequest {
     /// The body for an OpenAI-format upstream: the original bytes with `model` set to
     /// `model_id_json` (an already-encoded JSON string). No re-serialisation.
     pub fn body_for_model(&self, model_id_json: &str) -> Bytes {
-        self.body_for(model_id_json, None)
+        self.body_for(model_id_json, None, false)
     }
 
     /// Like `body_for_model`, also adding `"FIELD":N` (the model's default output cap)
-    /// when the request sets neither `max_tokens` nor `max_completion_tokens`.
-    pub fn body_for(&self, model_id_json: &str, default_max: Option<(&str, u64)>) -> Bytes {
+    /// when the request sets neither `max_tokens` nor `max_completion_tokens`, and with
+    /// `ask_usage` setting `stream_options.include_usage` on a stream whose client did
+    /// not ask for it (so every stream's tokens are counted).
+    pub fn body_for(
+        &self,
+        model_id_json: &str,
+        default_max: Option<(&str, u64)>,
+        ask_usage: bool,
+    ) -> Bytes {
         // Everything after the object's opening brace; the body was validated as an object.
         let open = self.body.iter().position(|&b| b == b'{').unwrap_or(0) + 1;
         let cap = default_max
             .filter(|_| self.max_tokens.is_none())
             .map(|(field, n)| format!("\"{field}\":{n},"));
         let mut inserted_model = Vec::new();
-        let mut edits: Vec<(Range<usize>, &[u8])> = Vec::with_capacity(2);
+        let mut edits: Vec<(Range<usize>, &[u8])> = Vec::with_capacity(3);
         if let Some(c) = &cap {
             edits.push((open..open, c.as_bytes()));
+        }
+        let usage_edit = self.usage_edit(ask_usage);
+        if let Some((None, with)) = &usage_edit {
+            edits.push((open..open, with.as_bytes()));
         }
         match &self.model_span {
             Some(span) if &self.body[span.clone()] == model_id_json.as_bytes() => {}
@@ -217,10 +245,33 @@ impl ChatRequest {
                 edits.push((open..open, &inserted_model));
             }
         }
+        if let Some((Some(span), with)) = &usage_edit {
+            edits.push((span.clone(), with.as_bytes()));
+        }
         if edits.is_empty() {
             return self.body.clone();
         }
+        edits.sort_by_key(|(r, _)| r.start);
         splice_all(&self.body, &edits)
+    }
+
+    /// The edit that makes a stream report its usage: a `stream_options` member to
+    /// insert (no span), or the client's own `stream_options` value to replace.
+    fn usage_edit(&self, ask_usage: bool) -> Option<(Option<Range<usize>>, String)> {
+        if !(ask_usage && self.stream && !self.include_usage) {
+            return None;
+        }
+        match &self.stream_options_span {
+            None => Some((None, r#""stream_options":{"include_usage":true},"#.into())),
+            Some(span) => {
+                let mut opts: serde_json::Map<String, serde_json::Value> =
+                    serde_json::from_slice::<Option<_>>(&self.body[span.clone()])
+                        .ok()?
+                        .unwrap_or_default();
+                opts.insert("include_usage".into(), true.into());
+                Some((Some(span.clone()), serde_json::to_string(&opts).ok()?))
+            }
+        }
     }
 }
 
@@ -294,7 +345,7 @@ mod tests {
     fn adds_the_default_output_cap_only_when_absent() {
         let r = parse(r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#).unwrap();
         let v: serde_json::Value =
-            serde_json::from_slice(&r.body_for("\"x\"", Some(("max_tokens", 77)))).unwrap();
+            serde_json::from_slice(&r.body_for("\"x\"", Some(("max_tokens", 77)), false)).unwrap();
         assert_eq!(
             (v["max_tokens"].as_u64(), v["model"].as_str()),
             (Some(77), Some("x"))
@@ -303,7 +354,7 @@ mod tests {
             parse(r#"{"model":"m","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}"#)
                 .unwrap();
         let v: serde_json::Value =
-            serde_json::from_slice(&r.body_for("\"x\"", Some(("max_tokens", 77)))).unwrap();
+            serde_json::from_slice(&r.body_for("\"x\"", Some(("max_tokens", 77)), false)).unwrap();
         assert_eq!(v["max_tokens"], 5);
     }
 
@@ -315,7 +366,7 @@ mod tests {
         ] {
             let r = parse(body).unwrap();
             let v: serde_json::Value =
-                serde_json::from_slice(&r.body_for("\"x\"", Some(("max_tokens", 9)))).unwrap();
+                serde_json::from_slice(&r.body_for("\"x\"", Some(("max_tokens", 9)), false)).unwrap();
             assert_eq!(
                 (v["model"].as_str(), v["max_tokens"].as_u64()),
                 (Some("x"), Some(9)),
@@ -376,6 +427,28 @@ mod tests {
         ))
         .unwrap();
         assert!(r.estimated_prompt_tokens() < plain + 40);
+    }
+
+    #[test]
+    fn asks_a_stream_for_its_usage() {
+        let plain = parse(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream":true}"#).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&plain.body_for("\"x\"", Some(("max_tokens", 9)), true)).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!((v["model"].as_str(), v["max_tokens"].as_u64()), (Some("x"), Some(9)));
+        // The client's own options are kept, with include_usage turned on.
+        let own = parse(r#"{"stream_options":{"include_usage":false,"x":1},"model":"m","messages":[{"role":"user","content":"x"}],"stream":true}"#).unwrap();
+        assert!(!own.include_usage);
+        let v: serde_json::Value = serde_json::from_slice(&own.body_for("\"x\"", None, true)).unwrap();
+        assert_eq!(v["stream_options"], serde_json::json!({"include_usage": true, "x": 1}));
+        assert_eq!(v["model"], "x");
+        // Not a stream, or the client asked already: the body is left alone.
+        let asked = parse(r#"{"model":"x","messages":[{"role":"user","content":"x"}],"stream":true,"stream_options":{"include_usage":true}}"#).unwrap();
+        assert_eq!(asked.body_for("\"x\"", None, true), asked.body);
+        let whole = parse(r#"{"model":"x","messages":[{"role":"user","content":"x"}]}"#).unwrap();
+        assert_eq!(whole.body_for("\"x\"", None, true), whole.body);
+        let e = parse(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream":true,"stream_options":5}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("stream_options"));
     }
 
     #[test]

@@ -279,6 +279,8 @@ pub struct ChunkView {
     /// Carries nothing for the client: no choices and no usage (Azure's filter-results
     /// chunks), or only choices without a delta or finish (Azure annotations).
     pub skippable: bool,
+    /// Only usage, no choices: the last chunk of a stream that asked for usage.
+    pub usage_only: bool,
 }
 
 #[derive(Deserialize)]
@@ -309,6 +311,7 @@ impl ChunkView {
             && finish_reason.is_none()
             && w.choices.iter().all(|c| c.delta.is_none());
         Ok(ChunkView {
+            usage_only: w.usage.is_some() && w.choices.is_empty() && w.error.is_none(),
             model_span: w.model.map(|m| span_in(data, m)),
             has_content,
             finish_reason,

@@ -69,6 +69,34 @@ pub struct Config {
     /// Seed for the backoff jitter; `None` seeds from the clock.
     pub jitter_seed: Option<u64>,
     pub cache: CacheSettings,
+    pub health: HealthSettings,
+    /// `None` with `store.enabled: false`.
+    pub store: Option<crate::store::StoreSettings>,
+    pub log: LogSettings,
+    pub report: Option<ReportSchedule>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// One `info` line per request.
+    pub requests: bool,
+}
+
+/// The scheduled report (`report:`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReportSchedule {
+    pub every: Duration,
+    pub by: crate::store::report::GroupBy,
+    pub dir: std::path::PathBuf,
+    pub webhook: Option<http::Uri>,
 }
 
 /// Which requests the response cache serves.
@@ -615,6 +643,10 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         retry_budget: budget("retry_budget", &raw.retry_budget, (0.2, 10.0))?,
         hedge_budget: budget("hedge_budget", &raw.hedge_budget, (0.1, 5.0))?,
         jitter_seed: raw.retry.seed,
+        health,
+        store: store_settings(&raw.store)?,
+        log: log_settings(&raw.log)?,
+        report: report_schedule(&raw)?,
         cache: cache_settings(&raw.cache)?,
     })
 }
@@ -890,6 +922,92 @@ fn breaker_settings(
         ));
     }
     Ok(s)
+}
+
+pub const DEFAULT_STORE_PATH: &str = "cascade.db";
+
+fn store_settings(s: &raw::RawStore) -> Result<Option<crate::store::StoreSettings>, ConfigError> {
+    if s.enabled == Some(false) {
+        return Ok(None);
+    }
+    let path = s.path.as_deref().unwrap_or(DEFAULT_STORE_PATH);
+    if path.trim().is_empty() {
+        return Err(ConfigError::at("store.path", "must not be empty"));
+    }
+    let queue = s.queue.unwrap_or(65_536);
+    if queue == 0 {
+        return Err(ConfigError::at("store.queue", "must be at least 1"));
+    }
+    positive(
+        "store",
+        &[
+            ("retention", s.retention),
+            ("flush_interval", s.flush_interval),
+        ],
+    )?;
+    Ok(Some(crate::store::StoreSettings {
+        path: path.into(),
+        retention: s.retention.unwrap_or(Duration::from_secs(30 * 86_400)),
+        queue,
+        flush_interval: s.flush_interval.unwrap_or(Duration::from_secs(1)),
+    }))
+}
+
+fn log_settings(l: &raw::RawLog) -> Result<LogSettings, ConfigError> {
+    let format = match l.format.as_deref() {
+        None | Some("text") => LogFormat::Text,
+        Some("json") => LogFormat::Json,
+        Some(other) => {
+            return Err(ConfigError::at(
+                "log.format",
+                format!("unknown format {other:?} (expected text or json)"),
+            ))
+        }
+    };
+    Ok(LogSettings {
+        format,
+        requests: l.requests.unwrap_or(true),
+    })
+}
+
+fn report_schedule(raw: &RawConfig) -> Result<Option<ReportSchedule>, ConfigError> {
+    let Some(r) = &raw.report else {
+        return Ok(None);
+    };
+    if raw.store.enabled == Some(false) {
+        return Err(ConfigError::at(
+            "report",
+            "the scheduled report reads the store, and store.enabled is false",
+        ));
+    }
+    let every = r
+        .every
+        .ok_or_else(|| ConfigError::at("report.every", "missing: how often to report (e.g. 7d)"))?;
+    if every < Duration::from_secs(60) {
+        return Err(ConfigError::at("report.every", "must be at least 1m"));
+    }
+    let by = crate::store::report::GroupBy::parse(r.by.as_deref().unwrap_or("chain"))
+        .map_err(|e| ConfigError::at("report.by", e))?;
+    let webhook = r
+        .webhook
+        .as_deref()
+        .filter(|w| !w.is_empty())
+        .map(|w| {
+            url::Url::parse(w)
+                .ok()
+                .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+                .and_then(|u| http::Uri::try_from(u.as_str()).ok())
+                .ok_or_else(|| {
+                    ConfigError::at("report.webhook", "expected an http:// or https:// URL")
+                })
+        })
+        .transpose()?;
+    Ok(Some(ReportSchedule {
+        every,
+        by,
+        dir: r.dir.as_deref().unwrap_or("reports").into(),
+        webhook,
+    }))
 }
 
 fn health_settings(h: &raw::RawHealth) -> Result<HealthSettings, ConfigError> {

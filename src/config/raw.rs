@@ -34,6 +34,45 @@ pub struct RawConfig {
     pub health: RawHealth,
     #[serde(default)]
     pub cache: RawCache,
+    #[serde(default)]
+    pub store: RawStore,
+    #[serde(default)]
+    pub log: RawLog,
+    /// The scheduled fallback-cost report; off unless present.
+    #[serde(default)]
+    pub report: Option<RawReport>,
+}
+
+/// The embedded store of calls and requests.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    pub enabled: Option<bool>,
+    pub path: Option<String>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub retention: Option<Duration>,
+    pub queue: Option<usize>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub flush_interval: Option<Duration>,
+}
+
+/// The gateway's log output.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub format: Option<String>,
+    pub requests: Option<bool>,
+}
+
+/// The scheduled report: every period, a Markdown and a JSON file, and a webhook.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawReport {
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub every: Option<Duration>,
+    pub by: Option<String>,
+    pub dir: Option<String>,
+    pub webhook: Option<String>,
 }
 
 /// The response cache.

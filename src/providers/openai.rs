@@ -27,13 +27,20 @@ pub fn request(model: &Model, req: &ChatRequest) -> Result<Outgoing, AttemptErro
     let body = if p.rewrites_body() {
         rewrite(model, req, default_max)?
     } else {
-        req.body_for(&model.model_id_json, default_max)
+        req.body_for(&model.model_id_json, default_max, asks_usage(model))
     };
     Ok(Outgoing {
         url: super::url_for(model, req),
         body,
         headers: HeaderMap::new(),
     })
+}
+
+/// Whether streams to this provider ask for usage: always, unless the provider lists
+/// `stream_options` in `drop_params` (its server rejects it; its stream tokens are then
+/// unknown, never guessed).
+fn asks_usage(model: &Model) -> bool {
+    !model.provider.drop_params.iter().any(|p| p == "stream_options")
 }
 
 /// The body with the provider's `drop_params` removed and `extra_body` merged in.
@@ -58,6 +65,14 @@ fn rewrite(
         }
     }
     map.insert("model".into(), Value::String(model.model_id.clone()));
+    if req.stream && !req.include_usage && asks_usage(model) {
+        let opts = map
+            .entry("stream_options")
+            .or_insert_with(|| Value::Object(Default::default()));
+        if let Value::Object(o) = opts {
+            o.insert("include_usage".into(), Value::Bool(true));
+        }
+    }
     if let Some((field, n)) = default_max.filter(|_| req.max_tokens.is_none()) {
         map.insert(field.into(), Value::from(n));
     }
@@ -70,12 +85,15 @@ fn rewrite(
 /// classified, and chunks that carry nothing for the client are dropped.
 pub struct StreamState {
     model_id_json: Box<str>,
+    /// The client asked for the usage chunk; otherwise it is counted and not sent.
+    client_wants_usage: bool,
 }
 
 impl StreamState {
-    pub(crate) fn new(model: &Model) -> Self {
+    pub(crate) fn new(model: &Model, client_wants_usage: bool) -> Self {
         StreamState {
             model_id_json: model.model_id_json.clone(),
+            client_wants_usage,
         }
     }
 
@@ -106,6 +124,9 @@ impl StreamState {
         }
         if view.skippable {
             return Ok(Vec::new());
+        }
+        if let (true, false, Some(u)) = (view.usage_only, self.client_wants_usage, view.usage) {
+            return Ok(vec![StreamItem::Usage(u)]);
         }
         let data = match view.model_span {
             Some(span) if data[span.clone()] != *self.model_id_json.as_bytes() => {

@@ -20,6 +20,9 @@ pub enum StreamItem {
         finish_reason: Option<String>,
         usage: Option<Usage>,
     },
+    /// Usage the client did not ask for (cascade asked for it to count the tokens):
+    /// counted, not sent.
+    Usage(Usage),
     /// The stream is complete.
     Done,
 }
@@ -52,7 +55,7 @@ impl Dialect {
             ProviderKind::Gemini => {
                 Dialect::Gemini(gemini::StreamState::new(model, req.include_usage))
             }
-            _ => Dialect::OpenAi(openai::StreamState::new(model)),
+            _ => Dialect::OpenAi(openai::StreamState::new(model, req.include_usage)),
         }
     }
 

@@ -51,6 +51,9 @@ pub struct HealthSnapshot {
     pub p50: Option<Duration>,
     pub p95: Option<Duration>,
     pub ttft_p95: Option<Duration>,
+    pub avg_latency: Option<Duration>,
+    /// Below `degraded_below` success over at least `min_calls` calls.
+    pub degraded: bool,
 }
 
 fn percentile(mut values: Vec<Duration>, p: f64) -> Option<Duration> {
@@ -80,18 +83,30 @@ impl Health {
         }
     }
 
+    pub fn settings(&self) -> HealthSettings {
+        self.settings
+    }
+
     pub fn record_success(&self, latency: Duration, ttft: Option<Duration>) {
+        self.record_success_at(Instant::now(), latency, ttft);
+    }
+
+    /// A success at `at`: now, or a call from the store's history at start.
+    pub fn record_success_at(&self, at: Instant, latency: Duration, ttft: Option<Duration>) {
         let mut g = self.lock();
-        let now = Instant::now();
-        g.counts.add(now, 1, 0);
+        g.counts.add(at, 1, 0);
         if g.samples.len() == SAMPLES {
             g.samples.pop_front();
         }
-        g.samples.push_back((now, latency, ttft));
+        g.samples.push_back((at, latency, ttft));
     }
 
     pub fn record_failure(&self) {
-        self.lock().counts.add(Instant::now(), 0, 1);
+        self.record_failure_at(Instant::now());
+    }
+
+    pub fn record_failure_at(&self, at: Instant) {
+        self.lock().counts.add(at, 0, 1);
     }
 
     pub fn snapshot(&self) -> HealthSnapshot {
@@ -106,7 +121,11 @@ impl Health {
             .filter(|(t, _, _)| horizon.is_none_or(|h| *t >= h));
         let latencies: Vec<Duration> = recent.clone().map(|(_, l, _)| *l).collect();
         let ttfts: Vec<Duration> = recent.filter_map(|(_, _, t)| *t).collect();
+        let avg_latency = (!latencies.is_empty())
+            .then(|| latencies.iter().sum::<Duration>() / latencies.len() as u32);
         HealthSnapshot {
+            avg_latency,
+            degraded: self.degraded(ok, failed),
             success_rate: if calls == 0 {
                 1.0
             } else {
@@ -121,10 +140,14 @@ impl Health {
 
     /// Below `degraded_below` success over at least `min_calls` calls.
     pub fn is_degraded(&self) -> bool {
-        let g = self.lock();
-        let (ok, failed) = g.counts.totals(Instant::now());
+        let (ok, failed) = self.lock().counts.totals(Instant::now());
+        self.degraded(ok, failed)
+    }
+
+    fn degraded(&self, ok: u64, failed: u64) -> bool {
         let calls = ok + failed;
-        calls >= self.settings.min_calls
+        calls > 0
+            && calls >= self.settings.min_calls
             && (ok as f64 / calls as f64) < self.settings.degraded_below
     }
 }
@@ -152,6 +175,7 @@ mod tests {
         assert_eq!(s.p95, Some(Duration::from_millis(190)));
         assert_eq!(s.ttft_p95, Some(Duration::from_millis(19)));
         assert!(!h.is_degraded());
+        assert_eq!(s.avg_latency, Some(Duration::from_millis(105)));
         for _ in 0..10 {
             h.record_failure();
         }

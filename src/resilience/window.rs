@@ -20,12 +20,15 @@ pub struct Window {
 }
 
 impl Window {
-    /// A window of length `span`, kept in `buckets` slots.
+    /// A window of length `span`, kept in `buckets` slots. Its origin lies one span in
+    /// the past, so events from before it was made (restored history) still land in
+    /// their own buckets.
     pub fn new(span: Duration, buckets: usize) -> Window {
         let buckets = buckets.max(1);
         let width = (span / buckets as u32).max(Duration::from_millis(1));
+        let now = Instant::now();
         Window {
-            origin: Instant::now(),
+            origin: now.checked_sub(span).unwrap_or(now),
             width,
             slots: vec![Slot::default(); buckets],
         }

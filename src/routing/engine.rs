@@ -13,8 +13,9 @@ use http::StatusCode;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use super::target::{run_stack, stack, Call, RequestCtx, StackShared};
-use crate::api::{ApiError, ChatRequest};
+use super::target::{run_stack, stack, Call, Launch, RequestCtx, StackShared};
+use crate::api::{ApiError, ChatRequest, Usage};
+use crate::store::{CallKind, CallRow, Tokens};
 use crate::classify::{Action, AttemptError, ErrorClass};
 use crate::config::{Chain, Config, HedgeDelay, Model, Strategy, WhenAllOpen};
 use crate::metrics::Metrics;
@@ -25,21 +26,68 @@ use crate::resilience::breaker::BreakerState;
 use crate::resilience::budget::Budget;
 use crate::resilience::retry::RetryShared;
 
-/// One upstream call, as reported in headers and error bodies.
+/// One upstream call, as reported in headers, error bodies and the store.
 #[derive(Debug, Clone)]
 pub struct AttemptRecord {
     pub model: Arc<Model>,
+    /// The target's position in the chain.
+    pub position: usize,
+    pub kind: CallKind,
+    /// Wall-clock start (Unix milliseconds), for the store.
+    pub started_ms: i64,
+    pub started_at: Instant,
     pub status: Option<u16>,
     /// `None` when the attempt succeeded.
     pub class: Option<ErrorClass>,
+    /// To the answer, or for a committed stream to its commit point until the stream
+    /// ends (then to its end).
     pub latency: Duration,
+    /// Streams: time to the first content.
+    pub ttft: Option<Duration>,
     /// The upstream's hint for when to try again.
     pub retry_after: Option<Duration>,
+    pub usage: Option<Usage>,
     /// Dropped before it ended (a race or hedge lost, the client left).
     pub cancelled: bool,
+    /// Cut by the request's own deadline rather than the target's fault.
+    pub deadline_cut: bool,
 }
 
 impl AttemptRecord {
+    /// The error class as the store and logs name it: `None` for a success.
+    pub fn error_type(&self) -> Option<&'static str> {
+        if self.cancelled {
+            Some("cancelled")
+        } else {
+            self.class.map(ErrorClass::as_str)
+        }
+    }
+
+    /// This call as a `model_calls` row. A failed call costs nothing.
+    pub fn row(&self, request_id: &Arc<str>, chain: &Arc<str>) -> CallRow {
+        let success = self.error_type().is_none();
+        let tokens = self.usage.as_ref().map(Tokens::from);
+        CallRow {
+            started_ms: self.started_ms,
+            request_id: request_id.clone(),
+            chain: chain.clone(),
+            model: self.model.name.clone(),
+            provider: self.model.provider.name.clone(),
+            kind: self.kind,
+            success,
+            status: self.status,
+            error_type: self.error_type(),
+            latency_ms: self.latency.as_secs_f64() * 1000.0,
+            ttft_ms: self.ttft.map(|t| t.as_secs_f64() * 1000.0),
+            tokens,
+            cost_usd: match (&self.usage, success) {
+                (Some(u), true) => self.model.cost_usd(u),
+                _ => 0.0,
+            },
+            deadline_cut: self.deadline_cut,
+        }
+    }
+
     /// `ok`, the HTTP status of a failed call, or the class: the `x-cascade-trace` outcome.
     pub fn outcome(&self) -> String {
         let mut out = String::new();
@@ -149,8 +197,9 @@ impl Engine {
 
     /// Runs `req` through `chain` until a target answers, a failure must be returned
     /// as is, the chain or the attempt budget is exhausted, or `deadline` passes.
-    pub async fn run(&self, chain: &Chain, req: Arc<ChatRequest>, deadline: Instant) -> Outcome {
-        let ctx = Arc::new(RequestCtx::new(deadline, chain.max_attempts));
+    pub async fn run(&self, chain: &Chain, req: Arc<ChatRequest>, ctx: &Arc<RequestCtx>) -> Outcome {
+        let deadline = ctx.deadline;
+        let ctx = ctx.clone();
         let (walk, plan_order) = match plan(chain, &req) {
             Ok(plan) => {
                 let walk = match chain.strategy {
@@ -169,7 +218,7 @@ impl Engine {
                 }
             }
         };
-        let attempts = ctx.take_trace();
+        let attempts = ctx.attempts();
         let upstream_time = attempts.iter().map(|a| a.latency).sum();
         // `x-cascade-fallbacks` counts chain positions, whatever order the plan used.
         let position = |i: usize| plan_order.get(i).copied().unwrap_or(0);
@@ -208,6 +257,7 @@ impl Engine {
         plan: &Plan,
         req: &Arc<ChatRequest>,
         ctx: &Arc<RequestCtx>,
+        launch: Launch,
     ) -> impl std::future::Future<Output = Result<Answer, AttemptError>> + Send + 'static {
         let svc = stack(&self.shared, chain, pos, req.stream);
         run_stack(
@@ -216,19 +266,34 @@ impl Engine {
                 req: req.clone(),
                 ctx: ctx.clone(),
                 force: plan.forced == Some(pos),
+                launch,
             },
         )
     }
 
-    fn count_fallback(&self, chain: &Chain, from: usize, to: usize, class: ErrorClass) {
+    /// One move from chain position `from` to `to`: counted, and one `warn` line.
+    fn count_fallback(
+        &self,
+        chain: &Chain,
+        ctx: &RequestCtx,
+        (from, to): (usize, usize),
+        e: &AttemptError,
+    ) {
+        let (from, to) = (&chain.targets[from].model.name, &chain.targets[to].model.name);
+        tracing::warn!(
+            target: crate::log::FALLBACK,
+            request_id = &*ctx.request_id,
+            chain = &*chain.name,
+            from = &**from,
+            to = &**to,
+            reason = e.class.as_str(),
+            status = e.status,
+            "fallback"
+        );
+        let class = e.class;
         self.metrics()
             .fallbacks_total
-            .with_label_values(&[
-                &chain.name,
-                &chain.targets[from].model.name,
-                &chain.targets[to].model.name,
-                class.as_str(),
-            ])
+            .with_label_values(&[&chain.name, from, to, class.as_str()])
             .inc();
     }
 
@@ -242,6 +307,7 @@ impl Engine {
         i: usize,
         e: AttemptError,
         at_least: usize,
+        ctx: &RequestCtx,
     ) -> Result<usize, Failure> {
         let pos = plan.order[i];
         let action = chain.targets[pos].policy.action(e.class);
@@ -266,7 +332,7 @@ impl Engine {
         .max(at_least);
         match plan.order.get(next) {
             Some(&to) => {
-                self.count_fallback(chain, pos, to, e.class);
+                self.count_fallback(chain, ctx, (pos, to), &e);
                 Ok(next)
             }
             None => Err(Failure {
@@ -297,9 +363,10 @@ impl Engine {
             }
             last = i;
             let pos = plan.order[i];
-            match self.call(chain, pos, plan, req, ctx).await {
+            let launch = if i == 0 { Launch::First } else { Launch::Next };
+            match self.call(chain, pos, plan, req, ctx, launch).await {
                 Ok(answer) => return Ok((i, chain.targets[pos].model.clone(), answer)),
-                Err(e) => i = self.next_after(chain, plan, i, e, 0)?,
+                Err(e) => i = self.next_after(chain, plan, i, e, 0, ctx)?,
             }
         }
         Err(Failure {
@@ -322,7 +389,8 @@ impl Engine {
         let k = k.min(plan.order.len());
         let mut racing: FuturesUnordered<_> = (0..k)
             .map(|i| {
-                let fut = self.call(chain, plan.order[i], plan, req, ctx);
+                let launch = if i == 0 { Launch::First } else { Launch::Race };
+                let fut = self.call(chain, plan.order[i], plan, req, ctx, launch);
                 async move { (i, fut.await) }
             })
             .collect();
@@ -334,10 +402,10 @@ impl Engine {
             };
             if racing.is_empty() {
                 // The last racer decides where the chain goes on (or how it ends).
-                resume = self.next_after(chain, plan, i, e, k)?;
+                resume = self.next_after(chain, plan, i, e, k, ctx)?;
             } else if chain.targets[plan.order[i]].policy.action(e.class) == Action::Fail {
                 return Err(self
-                    .next_after(chain, plan, i, e, k)
+                    .next_after(chain, plan, i, e, k, ctx)
                     .err()
                     .unwrap_or(Failure {
                         last: i,
@@ -373,7 +441,12 @@ impl Engine {
         let hedges = &self.metrics().hedges_total;
         let mut inflight = FuturesUnordered::new();
         let launch = |i: usize, hedged: bool| {
-            let fut = self.call(chain, plan.order[i], plan, req, ctx);
+            let why = match (i, hedged) {
+                (0, _) => Launch::First,
+                (_, true) => Launch::Hedge,
+                _ => Launch::Next,
+            };
+            let fut = self.call(chain, plan.order[i], plan, req, ctx, why);
             async move { (i, hedged, fut.await) }
         };
         inflight.push(launch(0, false));
@@ -400,12 +473,12 @@ impl Engine {
                             if Instant::now() >= ctx.deadline || ctx.attempts_left() == 0 {
                                 break;
                             }
-                            let j = self.next_after(chain, plan, i, e, next)?;
+                            let j = self.next_after(chain, plan, i, e, next, ctx)?;
                             inflight.push(launch(j, false));
                             next = j + 1;
                             next_hedge = Instant::now() + delay;
                         } else if chain.targets[plan.order[i]].policy.action(e.class) == Action::Fail {
-                            return Err(self.next_after(chain, plan, i, e, next).err().unwrap_or(Failure {
+                            return Err(self.next_after(chain, plan, i, e, next, ctx).err().unwrap_or(Failure {
                                 last: i,
                                 fail_fast: None,
                                 filtered: None,

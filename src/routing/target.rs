@@ -17,8 +17,9 @@ use tokio::time::Instant;
 use tower::{Service, ServiceBuilder, ServiceExt};
 
 use super::engine::{Answer, AttemptRecord, CommittedStream};
-use crate::api::ChatRequest;
+use crate::api::{ChatRequest, Usage};
 use crate::classify::{AttemptError, ErrorClass};
+use crate::store::{CallKind, Row, Store};
 use crate::config::{Chain, Chaos, Model};
 use crate::metrics::Metrics;
 use crate::providers::{self, Reply};
@@ -30,19 +31,56 @@ use crate::resilience::timeout::TimeoutLayer;
 use crate::resilience::Attempt;
 
 /// State shared by every call made for one client request.
-#[derive(Debug)]
+///
+/// It also owns the request's call records: when the last handle goes (the answer
+/// sent, the stream ended, or the client gone and every call dropped), each call
+/// becomes one `model_calls` row. Calls still in flight at that point have already
+/// pushed their `cancelled` record, since each call holds a handle.
 pub struct RequestCtx {
     pub deadline: Instant,
     attempts_left: AtomicU32,
-    pub trace: Mutex<Vec<AttemptRecord>>,
+    trace: Mutex<Trace>,
+    pub request_id: Arc<str>,
+    pub chain: Arc<str>,
+    store: Option<Store>,
+}
+
+#[derive(Default)]
+struct Trace {
+    records: Vec<AttemptRecord>,
+    /// Chain positions called so far, to tell a retry from a first call.
+    started: Vec<usize>,
+}
+
+impl std::fmt::Debug for RequestCtx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestCtx")
+            .field("request_id", &self.request_id)
+            .field("chain", &self.chain)
+            .finish_non_exhaustive()
+    }
 }
 
 impl RequestCtx {
     pub fn new(deadline: Instant, max_attempts: u32) -> Self {
+        Self::for_request(deadline, max_attempts, "".into(), "".into(), None)
+    }
+
+    /// The context of request `request_id` on `chain`; its calls go to `store`.
+    pub fn for_request(
+        deadline: Instant,
+        max_attempts: u32,
+        request_id: Arc<str>,
+        chain: Arc<str>,
+        store: Option<Store>,
+    ) -> Self {
         RequestCtx {
             deadline,
             attempts_left: AtomicU32::new(max_attempts),
-            trace: Mutex::new(Vec::new()),
+            trace: Mutex::new(Trace::default()),
+            request_id,
+            chain,
+            store,
         }
     }
 
@@ -50,12 +88,101 @@ impl RequestCtx {
         self.attempts_left.load(Ordering::Relaxed)
     }
 
-    pub fn take_trace(&self) -> Vec<AttemptRecord> {
-        self.trace
-            .lock()
-            .map(|mut t| std::mem::take(&mut *t))
-            .unwrap_or_default()
+    fn lock(&self) -> std::sync::MutexGuard<'_, Trace> {
+        match self.trace.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
     }
+
+    /// The calls made so far, in the order they ended.
+    pub fn attempts(&self) -> Vec<AttemptRecord> {
+        self.lock().records.clone()
+    }
+
+    /// Calls started so far (ended or not).
+    pub fn calls_started(&self) -> usize {
+        self.lock().started.len()
+    }
+
+    /// Notes a call to the target at `position` and says what kind of call it is.
+    fn start_call(&self, position: usize, launch: Launch) -> CallKind {
+        let mut t = self.lock();
+        let again = t.started.contains(&position);
+        t.started.push(position);
+        match launch {
+            _ if again => CallKind::Retry,
+            Launch::First => CallKind::Primary,
+            Launch::Next => CallKind::Fallback,
+            Launch::Race => CallKind::Race,
+            Launch::Hedge => CallKind::Hedge,
+        }
+    }
+
+    fn push(&self, record: AttemptRecord) {
+        self.lock().records.push(record);
+    }
+
+    /// A committed stream ended: its call's record gets the whole stream's time and
+    /// usage, and how it ended after the commit point.
+    pub fn settle_stream(&self, usage: Option<Usage>, end: StreamEnding) {
+        let mut t = self.lock();
+        if let Some(r) = t
+            .records
+            .iter_mut()
+            .find(|r| r.class.is_none() && !r.cancelled)
+        {
+            r.latency = r.started_at.elapsed();
+            r.usage = usage;
+            match end {
+                StreamEnding::Complete => {}
+                StreamEnding::Failed { class, deadline_cut } => {
+                    r.class = Some(class);
+                    r.deadline_cut = deadline_cut;
+                }
+                StreamEnding::ClientGone => r.cancelled = true,
+            }
+        }
+    }
+}
+
+impl Drop for RequestCtx {
+    fn drop(&mut self) {
+        let Some(store) = &self.store else {
+            return;
+        };
+        let records = std::mem::take(&mut self.lock().records);
+        for r in records {
+            store.record(Row::Call(r.row(&self.request_id, &self.chain)));
+        }
+    }
+}
+
+/// How a committed stream ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamEnding {
+    Complete,
+    /// The upstream failed after the commit point (`deadline_cut`: the request's own
+    /// deadline ended it).
+    Failed {
+        class: ErrorClass,
+        deadline_cut: bool,
+    },
+    /// The client left before the end.
+    ClientGone,
+}
+
+/// Why the engine starts a call, which decides its `model_calls.kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Launch {
+    /// The request's first call.
+    First,
+    /// Moving on to a later target.
+    Next,
+    /// One of a race's other starters.
+    Race,
+    /// A hedge fired because the first answer was slow.
+    Hedge,
 }
 
 /// The request type that flows through a target stack.
@@ -64,6 +191,7 @@ pub struct Call {
     pub req: Arc<ChatRequest>,
     pub ctx: Arc<RequestCtx>,
     pub force: bool,
+    pub launch: Launch,
 }
 
 impl Attempt for Call {
@@ -225,6 +353,8 @@ async fn until_commit(
                 ))
             }
             Some(Err(e)) => return Err(e),
+            // Usage before any content: nothing to commit to yet.
+            Some(Ok(StreamItem::Usage(_))) => {}
             Some(Ok(StreamItem::Done)) => {
                 return Err(AttemptError::new(
                     ErrorClass::Empty,
@@ -293,6 +423,8 @@ where
 
     fn call(&mut self, call: Call) -> Self::Future {
         let recorder = Recorder {
+            kind: call.ctx.start_call(self.position, call.launch),
+            started_ms: crate::clock::now_ms(),
             model: self.model.clone(),
             chain: self.chain.clone(),
             position: self.position,
@@ -334,6 +466,9 @@ where
 /// Writes one call's record when it ends, or, if the call is dropped first (a race or
 /// hedge lost, the client left), a `cancelled` record.
 struct Recorder {
+    kind: CallKind,
+    /// Wall-clock start, for the store.
+    started_ms: i64,
     model: Arc<Model>,
     chain: (Arc<str>, usize),
     position: usize,
@@ -348,54 +483,67 @@ impl Recorder {
         self.done = true;
         let latency = self.start.elapsed();
         let model = &self.model;
-        let (status, class, retry_after, outcome) = match result {
+        let mut record = self.record(latency);
+        let outcome = match result {
             Ok(answer) => {
                 let ttft = matches!(answer, Answer::Stream(_)).then_some(latency);
                 self.metrics.observe_upstream(model, latency, ttft);
                 model.health.record_success(latency, ttft);
-                (Some(200), None, None, "ok")
+                record.status = Some(200);
+                record.ttft = ttft;
+                if let Answer::Complete(c) = answer {
+                    record.usage = c.usage;
+                }
+                "ok"
             }
             Err(e) => {
                 self.metrics.observe_upstream(model, latency, None);
                 if crate::resilience::breaker::counts_against_target(e.class) && !e.deadline_cut {
                     model.health.record_failure();
                 }
-                (e.status, Some(e.class), e.retry_after, e.class.as_str())
+                record.status = e.status;
+                record.class = Some(e.class);
+                record.retry_after = e.retry_after;
+                record.deadline_cut = e.deadline_cut;
+                e.class.as_str()
             }
         };
-        self.push(status, class, retry_after, outcome, false, latency);
+        self.push(record, outcome);
     }
 
-    fn push(
-        &self,
-        status: Option<u16>,
-        class: Option<ErrorClass>,
-        retry_after: Option<Duration>,
-        outcome: &str,
-        cancelled: bool,
-        latency: Duration,
-    ) {
-        let model = &self.model;
+    /// A record of this call, as if it ended now with no outcome yet.
+    fn record(&self, latency: Duration) -> AttemptRecord {
+        AttemptRecord {
+            model: self.model.clone(),
+            position: self.position,
+            kind: self.kind,
+            started_ms: self.started_ms,
+            started_at: self.start,
+            status: None,
+            class: None,
+            latency,
+            ttft: None,
+            retry_after: None,
+            usage: None,
+            cancelled: false,
+            deadline_cut: false,
+        }
+    }
+
+    fn push(&self, record: AttemptRecord, outcome: &str) {
         let chain = (&self.chain.0, self.chain.1);
         self.metrics
-            .count_attempt(chain, self.position, model, outcome);
-        if let Ok(mut trace) = self.ctx.trace.lock() {
-            trace.push(AttemptRecord {
-                model: model.clone(),
-                status,
-                class,
-                latency,
-                retry_after,
-                cancelled,
-            });
-        }
+            .count_attempt(chain, self.position, &self.model, outcome);
+        self.ctx.push(record);
     }
 }
 
 impl Drop for Recorder {
     fn drop(&mut self) {
         if !self.done {
-            self.push(None, None, None, "cancelled", true, self.start.elapsed());
+            let mut record = self.record(self.start.elapsed());
+            record.cancelled = true;
+            self.push(record, "cancelled");
         }
     }
 }

@@ -9,6 +9,7 @@ use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCod
 use bytes::Bytes;
 use tokio::time::Instant;
 
+use super::record::{failure_class, Answered, Ledger};
 use super::sse::{self, InflightGuard};
 use super::{error_response, AppState};
 use crate::api::{ApiError, ChatRequest};
@@ -17,6 +18,7 @@ use crate::config::{Chain, Model};
 use crate::providers::Completion;
 use crate::routing::engine::{Answer, AttemptRecord, Outcome};
 use crate::routing::resolve;
+use crate::routing::target::RequestCtx;
 
 const X_CHAIN: HeaderName = HeaderName::from_static("x-cascade-chain");
 const X_MODEL: HeaderName = HeaderName::from_static("x-cascade-model");
@@ -43,39 +45,55 @@ pub async fn chat_completions(
     let (parts, body) = request.into_parts();
     let headers = parts.headers;
     let inflight = InflightGuard::new(&app.metrics.inflight);
+    let mut ledger = Ledger::new(&app, &headers, start, "chat");
 
     let req = match read_body(body, &headers, app.config.server.max_body)
         .await
         .and_then(ChatRequest::parse)
     {
         Ok(r) => r,
-        Err(e) => return rejected(&app, &e),
+        Err(e) => return rejected(&app, ledger, &e),
     };
+    ledger.stream = req.stream;
     let task = headers.get(X_TASK).and_then(|v| v.to_str().ok());
     let chain = match resolve(&app.config, task, req.model.as_deref()) {
         Ok(c) => c.clone(),
-        Err(e) => return rejected(&app, &e),
+        Err(e) => return rejected(&app, ledger, &e),
     };
+    ledger.chain = Some(chain.clone());
     let timeout = match client_timeout(&headers) {
         Ok(Some(t)) => t.min(chain.request_timeout),
         Ok(None) => chain.request_timeout,
-        Err(e) => return rejected(&app, &e),
+        Err(e) => return rejected(&app, ledger, &e),
     };
-    let deadline = start + timeout;
+    let ctx = Arc::new(RequestCtx::for_request(
+        start + timeout,
+        chain.max_attempts,
+        ledger.request_id.clone(),
+        chain.name.clone(),
+        app.store.clone(),
+    ));
+    ledger.ctx = Some(ctx.clone());
     let req = Arc::new(req);
 
     let decision = app.cache.decide(&chain, &req, &headers);
     if let (true, Some(key)) = (decision.read, decision.key) {
         if let Some(entry) = app.cache.get(key).await.filter(|e| e.is_fresh()) {
-            if let Some(resp) = cached(&app, &chain, &entry, &req, CacheOutcome::Hit, start) {
-                return resp;
+            match cached(&app, &chain, &entry, &req, CacheOutcome::Hit, start) {
+                Some(resp) => {
+                    ledger.cache = CacheOutcome::Hit.as_str();
+                    ledger.finish(from_cache(&app, &entry, 0));
+                    return resp;
+                }
+                None => {}
             }
         }
     }
     let label = decision.unread_outcome();
+    ledger.cache = label.as_str();
 
     if req.stream {
-        let outcome = app.engine.run(&chain, req.clone(), deadline).await;
+        let outcome = app.engine.run(&chain, req.clone(), &ctx).await;
         if let Some(resp) = stale_instead(
             &app,
             &chain,
@@ -86,7 +104,10 @@ pub async fn chat_completions(
         )
         .await
         {
-            return resp;
+            ledger.cache = CacheOutcome::Stale.as_str();
+            let attempts = outcome.attempts.len();
+            ledger.finish(from_cache(&app, &resp.1, attempts));
+            return resp.0;
         }
         let store = match (decision.write, decision.key) {
             (true, Some(key)) => Some(StreamStore {
@@ -98,13 +119,14 @@ pub async fn chat_completions(
             _ => None,
         };
         return respond_stream(
-            &app, &chain, outcome, start, deadline, inflight, store, label,
+            &app, &chain, outcome, start, inflight, store, label, ledger, ctx,
         );
     }
 
-    // Identical misses share one upstream call; the one that runs it stores the answer.
+    // Identical misses share one upstream call; the one that runs it stores the answer
+    // (and its calls are recorded by its context).
     let run = || async {
-        let finished = Finished::from(app.engine.run(&chain, req.clone(), deadline).await);
+        let finished = Finished::from(app.engine.run(&chain, req.clone(), &ctx).await);
         if let (true, Some(key), Ok((model, c))) = (decision.write, decision.key, &finished.result)
         {
             if cache::storable_finish(c.finish_reason.as_deref()) && !c.refused {
@@ -138,9 +160,25 @@ pub async fn chat_completions(
     )
     .await
     {
-        return resp;
+        ledger.cache = CacheOutcome::Stale.as_str();
+        ledger.finish(from_cache(&app, &resp.1, finished.attempts.len()));
+        return resp.0;
     }
-    respond_complete(&app, &chain, &finished, start, label)
+    respond_complete(&app, &chain, &finished, start, label, ledger)
+}
+
+/// The record of an answer served from the cache: no cost, no call of its own.
+fn from_cache<'a>(app: &'a AppState, entry: &cache::Entry, attempts: usize) -> Answered<'a> {
+    Answered {
+        status: 200,
+        model: app.config.models.get(&*entry.model).map(|m| &**m),
+        attempts,
+        fallbacks: 0,
+        ttft: None,
+        usage: None,
+        charged: false,
+        error_type: None,
+    }
 }
 
 /// A non-streaming outcome, shareable between the callers of one single flight.
@@ -187,14 +225,15 @@ async fn stale_instead(
     decision: &cache::Decision,
     error: Option<&ApiError>,
     start: Instant,
-) -> Option<Response<Body>> {
+) -> Option<(Response<Body>, Arc<cache::Entry>)> {
     let e = error?;
     let chain_failed = e.status.is_server_error() || e.status == StatusCode::TOO_MANY_REQUESTS;
     if !(chain_failed && decision.stale) {
         return None;
     }
     let entry = app.cache.get(decision.key?).await?;
-    cached(app, chain, &entry, req, CacheOutcome::Stale, start)
+    let resp = cached(app, chain, &entry, req, CacheOutcome::Stale, start)?;
+    Some((resp, entry))
 }
 
 /// An answer from the cache, as JSON or replayed as a stream; `None` when the entry
@@ -271,7 +310,8 @@ fn observe(
     app.metrics.observe_request(chain, status, elapsed);
 }
 
-fn rejected(app: &AppState, e: &ApiError) -> Response<Body> {
+fn rejected(app: &AppState, ledger: Ledger, e: &ApiError) -> Response<Body> {
+    ledger.finish(Answered::rejected(e));
     app.metrics
         .requests_total
         .with_label_values(&[NO_CHAIN, e.status.as_str()])
@@ -393,6 +433,7 @@ fn respond_complete(
     f: &Finished,
     start: Instant,
     label: CacheOutcome,
+    ledger: Ledger,
 ) -> Response<Body> {
     app.metrics.count_cache(chain, label.as_str());
     let (mut resp, answered_by) = match &f.result {
@@ -416,6 +457,20 @@ fn respond_complete(
         Err(e) => (error_response(e), None),
     };
     observe(app, chain, start, f.upstream_time, resp.status());
+    ledger.finish(Answered {
+        status: resp.status().as_u16(),
+        model: answered_by.map(|m| &**m),
+        attempts: f.attempts.len(),
+        fallbacks: f.fallbacks,
+        ttft: None,
+        usage: f.result.as_ref().ok().and_then(|(_, c)| c.usage),
+        charged: true,
+        error_type: f
+            .result
+            .as_ref()
+            .err()
+            .map(|e| failure_class(e, &f.attempts)),
+    });
     outcome_headers(
         resp.headers_mut(),
         chain,
@@ -433,21 +488,30 @@ fn respond_stream(
     chain: &Chain,
     outcome: Outcome,
     start: Instant,
-    deadline: Instant,
     inflight: InflightGuard,
     store: Option<StreamStore>,
     label: CacheOutcome,
+    ledger: Ledger,
+    ctx: Arc<RequestCtx>,
 ) -> Response<Body> {
     app.metrics.count_cache(chain, label.as_str());
+    let mut ledger = Some(ledger);
     let (mut resp, answered_by) = match outcome.result {
         Ok((model, Answer::Stream(committed))) => {
+            let end = sse::StreamEnd {
+                ledger: ledger.take(),
+                ctx,
+                attempts: outcome.attempts.len(),
+                fallbacks: outcome.fallbacks,
+                ttft: start.elapsed(),
+            };
             let body = sse::body(
                 *committed,
                 model.clone(),
                 app.metrics.clone(),
-                deadline,
                 inflight,
                 store,
+                end,
             );
             let mut r = Response::new(Body::from_stream(body));
             let h = r.headers_mut();
@@ -457,7 +521,7 @@ fn respond_stream(
             );
             h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
             h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-            (r, Some(model))
+            (r, Ok(model))
         }
         Ok((model, Answer::Complete(c))) => {
             let mut r = Response::new(Body::from(c.body));
@@ -465,10 +529,44 @@ fn respond_stream(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
             );
-            (r, Some(model))
+            (r, Ok(model))
         }
-        Err(e) => (error_response(&e), None),
+        Err(e) => {
+            let class = failure_class(&e, &outcome.attempts);
+            (error_response(&e), Err(class))
+        }
     };
+    let answered_by = match answered_by {
+        Ok(model) => Some(model),
+        Err(class) => {
+            if let Some(l) = ledger.take() {
+                l.finish(Answered {
+                    status: resp.status().as_u16(),
+                    model: None,
+                    attempts: outcome.attempts.len(),
+                    fallbacks: outcome.fallbacks,
+                    ttft: None,
+                    usage: None,
+                    charged: true,
+                    error_type: Some(class),
+                });
+            }
+            None
+        }
+    };
+    if let (Some(l), Some(model)) = (ledger.take(), &answered_by) {
+        // A whole answer to a streaming request (a refusal at the end of the chain).
+        l.finish(Answered {
+            status: resp.status().as_u16(),
+            model: Some(model),
+            attempts: outcome.attempts.len(),
+            fallbacks: outcome.fallbacks,
+            ttft: None,
+            usage: None,
+            charged: true,
+            error_type: None,
+        });
+    }
     observe(app, chain, start, outcome.upstream_time, resp.status());
     outcome_headers(
         resp.headers_mut(),

@@ -1,7 +1,10 @@
 //! HTTP surface: routes, handlers, SSE encoding and response headers. Routing
 //! decisions belong to `routing`; this module only translates to and from HTTP.
 
+mod admin;
+pub use admin::{read_report, report_query, start_scheduled_report};
 mod chat;
+mod record;
 mod request_id;
 mod sse;
 
@@ -25,6 +28,7 @@ use crate::config::{Config, Scheduler};
 use crate::metrics::Metrics;
 use crate::providers;
 use crate::routing::engine::Engine;
+use crate::store::{OpenError, Store};
 
 /// Everything a handler needs, built once at startup.
 pub struct AppState {
@@ -32,13 +36,30 @@ pub struct AppState {
     pub engine: Engine,
     pub cache: Arc<ResponseCache>,
     pub metrics: Arc<Metrics>,
+    /// `None` with `store.enabled: false`.
+    pub store: Option<Store>,
+    /// When the gateway started, for the scheduled report.
+    pub started_ms: i64,
     models_body: Bytes,
 }
 
 impl AppState {
-    pub fn new(config: Arc<Config>) -> Arc<AppState> {
+    /// Builds the state; opens the store (creating it) and fills each model's health
+    /// window from the calls it recorded within `health.window`, so a restart forgets
+    /// nothing it knew about its targets.
+    pub fn new(config: Arc<Config>) -> Result<Arc<AppState>, OpenError> {
         let metrics = Arc::new(Metrics::for_config(&config));
-        Arc::new(AppState {
+        let store = match &config.store {
+            Some(settings) => {
+                let store = Store::open(settings.clone(), metrics.store.clone())?;
+                admin::restore_health(&config, &settings.path);
+                Some(store)
+            }
+            None => None,
+        };
+        Ok(Arc::new(AppState {
+            store,
+            started_ms: crate::clock::now_ms(),
             engine: Engine::new(
                 providers::HttpClients::new(upstream_pools(&config)),
                 metrics.clone(),
@@ -48,7 +69,7 @@ impl AppState {
             models_body: models_body(&config),
             config,
             metrics,
-        })
+        }))
     }
 }
 
@@ -67,7 +88,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .route("/admin/health", get(admin_health))
+        .route("/admin/health", get(admin::health))
+        .route("/admin/report", get(admin::report))
         .fallback(not_found)
         .with_state(state)
 }
@@ -224,84 +246,15 @@ async fn metrics(State(app): State<Arc<AppState>>) -> Response<Body> {
             .with_label_values(&[name])
             .set(m.breaker.state().gauge());
     }
+    let m = &app.metrics;
+    let lost = crate::log::dropped_lines();
+    m.log_dropped.inc_by(lost.saturating_sub(m.log_dropped.get()));
     let mut resp = Response::new(Body::from(app.metrics.render()));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
     resp
-}
-
-#[derive(serde::Serialize)]
-struct TargetHealth<'a> {
-    model: &'a str,
-    provider: &'a str,
-    state: &'static str,
-    success_rate: f64,
-    calls: u64,
-    p50_ms: Option<f64>,
-    p95_ms: Option<f64>,
-    ttft_p95_ms: Option<f64>,
-    /// RFC 3339 time when an open breaker lets calls through again.
-    retry_at: Option<String>,
-}
-
-/// `GET /admin/health`: the health window and breaker of every pool model.
-async fn admin_health(State(app): State<Arc<AppState>>) -> Response<Body> {
-    let ms = |d: Option<std::time::Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
-    let now = tokio::time::Instant::now();
-    let targets: Vec<TargetHealth> = app
-        .config
-        .models
-        .values()
-        .map(|m| {
-            let h = m.health.snapshot();
-            TargetHealth {
-                model: &m.name,
-                provider: &m.provider.name,
-                state: m.breaker.state().as_str(),
-                success_rate: h.success_rate,
-                calls: h.calls,
-                p50_ms: ms(h.p50),
-                p95_ms: ms(h.p95),
-                ttft_p95_ms: ms(h.ttft_p95),
-                retry_at: m.breaker.retry_at().map(|t| {
-                    let at = SystemTime::now() + t.saturating_duration_since(now);
-                    httpdate_rfc3339(at)
-                }),
-            }
-        })
-        .collect();
-    json_response(
-        serde_json::to_vec(&serde_json::json!({ "targets": targets }))
-            .unwrap_or_default()
-            .into(),
-    )
-}
-
-/// `2026-11-21T20:58:17Z` for a system time.
-fn httpdate_rfc3339(t: SystemTime) -> String {
-    let secs = t
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0) as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
 }
 
 async fn not_found() -> Response<Body> {

@@ -40,10 +40,15 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let id = match req.headers().get(X_REQUEST_ID) {
             Some(id) => id.clone(),
-            None => new_id(),
+            None => {
+                // The handler records the request under the same id the client sees.
+                let id = new_id();
+                req.headers_mut().insert(X_REQUEST_ID, id.clone());
+                id
+            }
         };
         RequestIdFuture {
             inner: self.inner.call(req),

@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::StatusCode;
@@ -10,6 +11,7 @@ use prometheus::IntGauge;
 use tokio::time::{timeout_at, Instant};
 
 use super::chat::StreamStore;
+use super::record::{Answered, Ledger};
 use crate::api::{ApiError, Usage};
 use crate::cache::Assembler;
 use crate::classify::ErrorClass;
@@ -19,6 +21,7 @@ use crate::providers::AttemptError;
 use crate::providers::{ChunkStream, StreamItem};
 use crate::resilience::breaker::{Admission, CallResult};
 use crate::routing::engine::CommittedStream;
+use crate::routing::target::{RequestCtx, StreamEnding};
 
 /// Decrements the in-flight gauge when the request (or its stream) ends.
 pub struct InflightGuard(IntGauge);
@@ -36,11 +39,21 @@ impl Drop for InflightGuard {
     }
 }
 
+/// What the stream reports when it ends: the request's ledger and call context.
+pub struct StreamEnd {
+    pub ledger: Option<Ledger>,
+    pub ctx: Arc<RequestCtx>,
+    pub attempts: usize,
+    pub fallbacks: usize,
+    /// From the request's arrival to the commit point.
+    pub ttft: Duration,
+}
+
 struct State {
     head: VecDeque<Bytes>,
     rest: Option<Box<ChunkStream>>,
     deadline: Instant,
-    idle_timeout: Option<std::time::Duration>,
+    idle_timeout: Option<Duration>,
     chaos_cut: bool,
     saw_finish: bool,
     ended: bool,
@@ -50,6 +63,7 @@ struct State {
     metrics: Arc<Metrics>,
     /// Where to store the answer once it completes, and the answer so far.
     store: Option<(StreamStore, Assembler)>,
+    end: StreamEnd,
     _inflight: InflightGuard,
 }
 
@@ -57,12 +71,13 @@ impl State {
     /// The stream completed: count its tokens and cost, and store it if asked to.
     async fn complete(&mut self) -> Bytes {
         self.ended = true;
-        if let Some(u) = self.usage.take() {
-            self.metrics.record_usage(&self.model, &u);
+        if let Some(u) = &self.usage {
+            self.metrics.record_usage(&self.model, u);
         }
         self.model
             .breaker
             .record(Admission::Allowed, CallResult::Success);
+        self.report(StreamEnding::Complete, None);
         if let Some((store, asm)) = self.store.take() {
             let has_usage = asm.has_usage();
             if let Some(body) = asm.finish() {
@@ -78,14 +93,55 @@ impl State {
 
     /// The upstream failed after the commit point: the target's breaker and health
     /// window hear of it, and the client gets an error event.
-    fn fail(&mut self, event: Bytes) -> Bytes {
+    fn fail(&mut self, event: Bytes, class: ErrorClass) -> Bytes {
         self.ended = true;
         self.model.breaker.record(
             Admission::Allowed,
             CallResult::Failure { retry_after: None },
         );
         self.model.health.record_failure();
+        let ending = StreamEnding::Failed {
+            class,
+            deadline_cut: false,
+        };
+        self.report(ending, Some(class.as_str()));
         event
+    }
+
+    /// The request's own deadline ended the stream: not the target's fault.
+    fn deadline_passed(&mut self, event: Bytes) -> Bytes {
+        self.ended = true;
+        let ending = StreamEnding::Failed {
+            class: ErrorClass::Timeout,
+            deadline_cut: true,
+        };
+        self.report(ending, Some("timeout"));
+        event
+    }
+
+    /// The call's record and the request's row, once.
+    fn report(&mut self, ending: StreamEnding, error_type: Option<&'static str>) {
+        let Some(ledger) = self.end.ledger.take() else {
+            return;
+        };
+        self.end.ctx.settle_stream(self.usage, ending);
+        ledger.finish(Answered {
+            status: 200,
+            model: Some(&self.model),
+            attempts: self.end.attempts,
+            fallbacks: self.end.fallbacks,
+            ttft: Some(self.end.ttft),
+            usage: self.usage,
+            charged: true,
+            error_type,
+        });
+    }
+}
+
+impl Drop for State {
+    fn drop(&mut self) {
+        // The client left mid-stream (the body was dropped before its end).
+        self.report(StreamEnding::ClientGone, Some("cancelled"));
     }
 }
 
@@ -120,9 +176,9 @@ pub fn body(
     committed: CommittedStream,
     model: Arc<Model>,
     metrics: Arc<Metrics>,
-    deadline: Instant,
     inflight: InflightGuard,
     store: Option<StreamStore>,
+    end: StreamEnd,
 ) -> impl futures_util::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send {
     let store = store.map(|s| {
         let mut asm = Assembler::new(s.wants_json);
@@ -134,7 +190,7 @@ pub fn body(
     let state = State {
         head: committed.head.into(),
         rest: committed.rest,
-        deadline,
+        deadline: end.ctx.deadline,
         idle_timeout: committed.idle_timeout,
         chaos_cut: committed.chaos_cut,
         saw_finish: committed.head_finished,
@@ -143,6 +199,7 @@ pub fn body(
         model,
         metrics,
         store,
+        end,
         _inflight: inflight,
     };
     futures_util::stream::unfold(state, |mut s| async move {
@@ -159,7 +216,7 @@ pub fn body(
         }
         if s.chaos_cut {
             let e = AttemptError::new(ErrorClass::Transient, "chaos: stream cut");
-            let out = s.fail(failure_event(&e));
+            let out = s.fail(failure_event(&e), e.class);
             return Some((Ok(out), s));
         }
         let Some(rest) = s.rest.as_mut() else {
@@ -171,62 +228,69 @@ pub fn body(
             Some(idle) => s.deadline.min(Instant::now() + idle),
             None => s.deadline,
         };
-        let out = match timeout_at(limit, rest.next()).await {
-            Ok(Some(Ok(StreamItem::Chunk {
-                data,
-                finish_reason,
-                usage,
-                ..
-            }))) => {
-                s.saw_finish |= finish_reason.is_some();
-                if usage.is_some() {
-                    s.usage = usage;
+        let out = loop {
+            break match timeout_at(limit, rest.next()).await {
+                Ok(Some(Ok(StreamItem::Chunk {
+                    data,
+                    finish_reason,
+                    usage,
+                    ..
+                }))) => {
+                    s.saw_finish |= finish_reason.is_some();
+                    if usage.is_some() {
+                        s.usage = usage;
+                    }
+                    if let Some((_, asm)) = s.store.as_mut() {
+                        asm.push(&data);
+                    }
+                    event(&data)
                 }
-                if let Some((_, asm)) = s.store.as_mut() {
-                    asm.push(&data);
+                // Counted, not sent: the client did not ask for usage.
+                Ok(Some(Ok(StreamItem::Usage(u)))) => {
+                    s.usage = Some(u);
+                    continue;
                 }
-                event(&data)
-            }
-            Ok(Some(Ok(StreamItem::Done))) => s.complete().await,
-            Ok(Some(Err(e))) => s.fail(failure_event(&e)),
-            // Some servers close after the finish chunk without `[DONE]`.
-            Ok(None)
-                if s.saw_finish
-                    && s.rest
-                        .as_ref()
-                        .is_some_and(|r| r.eof_after_finish_is_complete()) =>
-            {
-                s.complete().await
-            }
-            Ok(None) => s.fail(
-                ApiError::new(
-                    StatusCode::BAD_GATEWAY,
-                    "server_error",
-                    "the upstream stream ended before it finished",
-                )
-                .with_code("stream_interrupted")
-                .sse_event(),
-            ),
-            Err(_) if limit < s.deadline => s.fail(
-                ApiError::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "timeout_error",
-                    "the upstream stream went idle for longer than idle_timeout",
-                )
-                .with_code("idle_timeout")
-                .sse_event(),
-            ),
-            Err(_) => {
-                // The request's own deadline: not the target's fault.
-                s.ended = true;
-                ApiError::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "timeout_error",
-                    "the request deadline passed while streaming",
-                )
-                .with_code("deadline_exceeded")
-                .sse_event()
-            }
+                Ok(Some(Ok(StreamItem::Done))) => s.complete().await,
+                Ok(Some(Err(e))) => s.fail(failure_event(&e), e.class),
+                // Some servers close after the finish chunk without `[DONE]`.
+                Ok(None)
+                    if s.saw_finish
+                        && s.rest
+                            .as_ref()
+                            .is_some_and(|r| r.eof_after_finish_is_complete()) =>
+                {
+                    s.complete().await
+                }
+                Ok(None) => s.fail(
+                    ApiError::new(
+                        StatusCode::BAD_GATEWAY,
+                        "server_error",
+                        "the upstream stream ended before it finished",
+                    )
+                    .with_code("stream_interrupted")
+                    .sse_event(),
+                    ErrorClass::Transient,
+                ),
+                Err(_) if limit < s.deadline => s.fail(
+                    ApiError::new(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "timeout_error",
+                        "the upstream stream went idle for longer than idle_timeout",
+                    )
+                    .with_code("idle_timeout")
+                    .sse_event(),
+                    ErrorClass::Timeout,
+                ),
+                Err(_) => s.deadline_passed(
+                    ApiError::new(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "timeout_error",
+                        "the request deadline passed while streaming",
+                    )
+                    .with_code("deadline_exceeded")
+                    .sse_event(),
+                ),
+            };
         };
         Some((Ok(out), s))
     })

@@ -47,11 +47,15 @@ chains:
 /// mock's `/v1` base URL and `{mock_addr}` by its address.
 pub async fn start(yaml: &str) -> Harness {
     let mock = MockServer::start("127.0.0.1:0").await.expect("mock starts");
-    let yaml = yaml
+    let mut yaml = yaml
         .replace("{mock}", &mock.url())
         .replace("{mock_addr}", &mock.addr.to_string());
+    // The store is on by default; tests that don't test it keep it off.
+    if !yaml.contains("\nstore:") {
+        yaml.push_str("\nstore: { enabled: false }\n");
+    }
     let config = Config::from_yaml_with_env(&yaml, &|_| None).expect("valid test config");
-    let state = AppState::new(Arc::new(config));
+    let state = AppState::new(Arc::new(config)).expect("state");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");

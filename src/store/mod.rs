@@ -1,0 +1,278 @@
+//! The operator's record: one row per upstream call (`model_calls`) and one per client
+//! request (`requests`) in an embedded SQLite file, WAL mode.
+//!
+//! The request path never writes: it hands a [`Row`] to [`Store::record`], which puts
+//! it on a bounded queue and returns at once. One background thread (`writer.rs`)
+//! commits batches in transactions. A full queue, a full disk, a locked or deleted file
+//! drop rows and count them (`cascade_store_dropped_total`); an answer never waits.
+
+pub mod report;
+mod schema;
+mod writer;
+
+use std::path::PathBuf;
+use std::sync::mpsc::{self, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge};
+
+pub use schema::{open_read_only, VERSION as SCHEMA_VERSION};
+
+/// How a call came to be made, as `model_calls.kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallKind {
+    /// The request's first call (whichever target the health order put first).
+    Primary,
+    /// The first call to any later target.
+    Fallback,
+    /// A same-target retry.
+    Retry,
+    /// A hedged extra call.
+    Hedge,
+    /// Every call of a race after the first.
+    Race,
+    /// A shadow call, compared with the served answer.
+    Shadow,
+}
+
+impl CallKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallKind::Primary => "primary",
+            CallKind::Fallback => "fallback",
+            CallKind::Retry => "retry",
+            CallKind::Hedge => "hedge",
+            CallKind::Race => "race",
+            CallKind::Shadow => "shadow",
+        }
+    }
+}
+
+/// Token counts as the store keeps them. `input` counts every prompt token, cached
+/// ones included; `cached_input` is the part read from the provider's prompt cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Tokens {
+    pub input: u64,
+    pub cached_input: u64,
+    pub output: u64,
+}
+
+impl From<&crate::api::Usage> for Tokens {
+    fn from(u: &crate::api::Usage) -> Self {
+        Tokens {
+            input: u.prompt_tokens,
+            cached_input: u.cached_tokens.min(u.prompt_tokens),
+            output: u.completion_tokens,
+        }
+    }
+}
+
+/// One upstream call.
+#[derive(Debug, Clone)]
+pub struct CallRow {
+    /// When the call started, Unix milliseconds.
+    pub started_ms: i64,
+    pub request_id: Arc<str>,
+    pub chain: Arc<str>,
+    pub model: Arc<str>,
+    pub provider: Arc<str>,
+    pub kind: CallKind,
+    pub success: bool,
+    pub status: Option<u16>,
+    /// The error class; `None` on success.
+    pub error_type: Option<&'static str>,
+    pub latency_ms: f64,
+    pub ttft_ms: Option<f64>,
+    /// `None` when the provider reported no usage.
+    pub tokens: Option<Tokens>,
+    pub cost_usd: f64,
+    /// The call failed because the request's own deadline cut it: not the target's
+    /// fault, so it does not count against the target's health.
+    pub deadline_cut: bool,
+}
+
+/// One client request.
+#[derive(Debug, Clone)]
+pub struct RequestRow {
+    pub request_id: Arc<str>,
+    /// When the request arrived, Unix milliseconds.
+    pub arrived_ms: i64,
+    pub surface: &'static str,
+    /// `None` when no chain was resolved (bad input).
+    pub chain: Option<Arc<str>>,
+    pub status: u16,
+    /// Who answered, or whose cached answer was served.
+    pub model: Option<Arc<str>>,
+    pub provider: Option<Arc<str>>,
+    pub attempts: u32,
+    pub fallbacks: u32,
+    pub cache: &'static str,
+    pub stream: bool,
+    pub latency_ms: f64,
+    pub ttft_ms: Option<f64>,
+    pub tokens: Option<Tokens>,
+    pub cost_usd: f64,
+    pub primary_cost_usd: f64,
+    pub error_type: Option<&'static str>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Row {
+    Call(CallRow),
+    Request(RequestRow),
+}
+
+/// What the writer is sent.
+enum Msg {
+    Row(Row),
+    /// Commit everything queued before this, then answer.
+    Flush(mpsc::SyncSender<()>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreSettings {
+    pub path: PathBuf,
+    pub retention: Duration,
+    pub queue: usize,
+    pub flush_interval: Duration,
+}
+
+/// The store's metrics, registered by `Metrics`.
+#[derive(Clone)]
+pub struct StoreMetrics {
+    pub rows: IntCounterVec,
+    pub dropped: IntCounter,
+    pub queue_depth: IntGauge,
+    pub flush_seconds: Histogram,
+}
+
+/// A cheap handle to the store; clone it freely.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    tx: SyncSender<Msg>,
+    metrics: StoreMetrics,
+    settings: StoreSettings,
+}
+
+/// The store could not be opened at start.
+#[derive(Debug, thiserror::Error)]
+#[error("config error at store.path: {message}")]
+pub struct OpenError {
+    pub message: String,
+}
+
+impl Store {
+    /// Opens (or creates) the file, applies migrations and starts the writer thread.
+    /// Fails when the file can't be created or opened: a wrong path is a start error,
+    /// not a silent loss of every row.
+    pub fn open(settings: StoreSettings, metrics: StoreMetrics) -> Result<Store, OpenError> {
+        check_path(&settings.path)?;
+        let conn = schema::open(&settings.path).map_err(|e| OpenError {
+            message: format!("cannot open {}: {e}", settings.path.display()),
+        })?;
+        let (tx, rx) = mpsc::sync_channel(settings.queue.max(1));
+        let writer = writer::Writer::new(settings.clone(), metrics.clone(), conn);
+        std::thread::Builder::new()
+            .name("cascade-store".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| OpenError {
+                message: format!("cannot start the store writer: {e}"),
+            })?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                tx,
+                metrics,
+                settings,
+            }),
+        })
+    }
+
+    pub fn settings(&self) -> &StoreSettings {
+        &self.inner.settings
+    }
+
+    /// Queues a row for the writer. Never blocks: a full queue drops the row and counts it.
+    pub fn record(&self, row: Row) {
+        let m = &self.inner.metrics;
+        m.queue_depth.inc();
+        match self.inner.tx.try_send(Msg::Row(row)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                m.queue_depth.dec();
+                m.dropped.inc();
+            }
+        }
+    }
+
+    /// Waits (blocking, off the request path) until every row queued so far is
+    /// committed or counted as dropped.
+    pub fn flush_blocking(&self) {
+        let (ack, done) = mpsc::sync_channel(1);
+        if self.inner.tx.send(Msg::Flush(ack)).is_ok() {
+            let _ = done.recv();
+        }
+    }
+
+    /// [`Self::flush_blocking`] from async code.
+    pub async fn flush(&self) {
+        let store = self.clone();
+        let _ = tokio::task::spawn_blocking(move || store.flush_blocking()).await;
+    }
+
+}
+
+/// The directory must exist; the store creates the file, not the directories above it.
+pub fn check_path(path: &std::path::Path) -> Result<(), OpenError> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(OpenError {
+            message: format!("{} is not a directory", dir.display()),
+        }),
+        Err(e) => Err(OpenError {
+            message: format!("the directory {} does not exist ({e})", dir.display()),
+        }),
+    }
+}
+
+/// A call from the store's history, as the health window needs it.
+#[derive(Debug, Clone)]
+pub struct PastCall {
+    pub model: String,
+    pub started_ms: i64,
+    pub latency_ms: f64,
+    pub ttft_ms: Option<f64>,
+    pub error_type: Option<String>,
+    pub deadline_cut: bool,
+}
+
+/// Calls that started at or after `since_ms`, oldest first.
+pub fn recent_calls(path: &std::path::Path, since_ms: i64) -> rusqlite::Result<Vec<PastCall>> {
+    let conn = open_read_only(path)?;
+    let mut stmt = conn.prepare(
+        "SELECT model_name, timestamp, latency_ms, ttft_ms, error_type, deadline_cut
+         FROM model_calls WHERE timestamp >= ?1 ORDER BY timestamp",
+    )?;
+    let rows = stmt.query_map([crate::clock::rfc3339_ms(since_ms)], |r| {
+        let ts: String = r.get(1)?;
+        Ok(PastCall {
+            model: r.get(0)?,
+            started_ms: humantime::parse_rfc3339(&ts)
+                .map(crate::clock::to_ms)
+                .unwrap_or(since_ms),
+            latency_ms: r.get(2)?,
+            ttft_ms: r.get(3)?,
+            error_type: r.get(4)?,
+            deadline_cut: r.get(5)?,
+        })
+    })?;
+    rows.collect()
+}

@@ -1,0 +1,504 @@
+//! The fallback-cost report: requests, success and fallback rates, latency and what
+//! fallbacks cost, grouped by chain, day or model, over a window of the store.
+//!
+//! One query per report reads the window through the time index; grouping and
+//! percentiles are computed here, in one pass. The same JSON value feeds `cascade
+//! report` (table, JSON, CSV), `GET /admin/report` and the scheduled Markdown file.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use rusqlite::Connection;
+use serde_json::{json, Map, Value};
+
+use crate::clock;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupBy {
+    Chain,
+    Model,
+    Day,
+}
+
+impl GroupBy {
+    pub fn parse(s: &str) -> Result<GroupBy, String> {
+        match s {
+            "chain" => Ok(GroupBy::Chain),
+            "model" => Ok(GroupBy::Model),
+            "day" => Ok(GroupBy::Day),
+            other => Err(format!(
+                "unknown grouping {other:?} (expected chain, model or day)"
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GroupBy::Chain => "chain",
+            GroupBy::Model => "model",
+            GroupBy::Day => "day",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReportQuery {
+    pub since_ms: i64,
+    pub until_ms: i64,
+    pub by: GroupBy,
+    /// `health.degraded_below` and `health.min_calls`, for the model report's `degraded`.
+    pub degraded_below: f64,
+    pub min_calls: u64,
+}
+
+/// The report as JSON: `{"since", "until", "by", "rows": [...], "totals": {...}}`.
+pub fn run(conn: &Connection, q: &ReportQuery) -> rusqlite::Result<Value> {
+    let since = clock::rfc3339_ms(q.since_ms);
+    let until = clock::rfc3339_ms(q.until_ms);
+    let (rows, totals) = match q.by {
+        GroupBy::Chain | GroupBy::Day => request_report(conn, q.by, &since, &until)?,
+        GroupBy::Model => model_report(conn, q, &since, &until)?,
+    };
+    Ok(json!({
+        "since": clock::rfc3339_s(q.since_ms),
+        "until": clock::rfc3339_s(q.until_ms),
+        "by": q.by.as_str(),
+        "rows": rows,
+        "totals": totals,
+    }))
+}
+
+/// Latencies of one group, for nearest-rank percentiles.
+#[derive(Default)]
+struct Latencies(Vec<f64>);
+
+impl Latencies {
+    fn percentile(&mut self, p: f64) -> Option<f64> {
+        if self.0.is_empty() {
+            return None;
+        }
+        self.0.sort_unstable_by(f64::total_cmp);
+        let rank = ((p * self.0.len() as f64).ceil() as usize).clamp(1, self.0.len());
+        Some(self.0[rank - 1])
+    }
+}
+
+#[derive(Default)]
+struct RequestGroup {
+    requests: u64,
+    /// Requests that count for the success rate: all but clients that left.
+    judged: u64,
+    succeeded: u64,
+    via_fallback: u64,
+    latencies: Latencies,
+    input_tokens: u64,
+    output_tokens: u64,
+    cost: f64,
+    primary_cost: f64,
+}
+
+impl RequestGroup {
+    fn add(&mut self, r: &RequestFields) {
+        self.requests += 1;
+        let ok = r.error_type.is_none() && r.status < 400;
+        if r.error_type.as_deref() != Some("cancelled") {
+            self.judged += 1;
+        }
+        if ok {
+            self.succeeded += 1;
+            if r.fallbacks > 0 {
+                self.via_fallback += 1;
+            }
+        }
+        self.latencies.0.push(r.latency_ms);
+        self.input_tokens += r.input_tokens;
+        self.output_tokens += r.output_tokens;
+        self.cost += r.cost;
+        self.primary_cost += r.primary_cost;
+    }
+
+    fn columns(mut self, key: (&str, Value)) -> Value {
+        let mut m = Map::new();
+        m.insert(key.0.into(), key.1);
+        m.insert("requests".into(), json!(self.requests));
+        m.insert("success_rate".into(), rate(self.succeeded, self.judged));
+        m.insert("fallback_rate".into(), rate(self.via_fallback, self.requests));
+        m.insert("p50_ms".into(), json!(self.latencies.percentile(0.50).map(round3)));
+        m.insert("p95_ms".into(), json!(self.latencies.percentile(0.95).map(round3)));
+        m.insert("input_tokens".into(), json!(self.input_tokens));
+        m.insert("output_tokens".into(), json!(self.output_tokens));
+        m.insert("cost_usd".into(), json!(usd(self.cost)));
+        m.insert("primary_cost_usd".into(), json!(usd(self.primary_cost)));
+        m.insert(
+            "fallback_cost_delta_usd".into(),
+            json!(usd(self.cost - self.primary_cost)),
+        );
+        Value::Object(m)
+    }
+}
+
+struct RequestFields {
+    status: i64,
+    error_type: Option<String>,
+    fallbacks: i64,
+    latency_ms: f64,
+    input_tokens: u64,
+    output_tokens: u64,
+    cost: f64,
+    primary_cost: f64,
+}
+
+fn request_report(
+    conn: &Connection,
+    by: GroupBy,
+    since: &str,
+    until: &str,
+) -> rusqlite::Result<(Vec<Value>, Value)> {
+    let key_sql = match by {
+        GroupBy::Day => "substr(timestamp, 1, 10)",
+        _ => "chain",
+    };
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {key_sql}, status, error_type, fallbacks, latency_ms, input_tokens,
+                output_tokens, cost_usd, primary_cost_usd
+         FROM requests WHERE timestamp >= ?1 AND timestamp < ?2"
+    ))?;
+    let mut groups: BTreeMap<Option<String>, RequestGroup> = BTreeMap::new();
+    let mut total = RequestGroup::default();
+    let mut rows = stmt.query([since, until])?;
+    while let Some(row) = rows.next()? {
+        let key: Option<String> = row.get(0)?;
+        let f = RequestFields {
+            status: row.get(1)?,
+            error_type: row.get(2)?,
+            fallbacks: row.get(3)?,
+            latency_ms: row.get(4)?,
+            input_tokens: row.get::<_, Option<i64>>(5)?.unwrap_or(0).max(0) as u64,
+            output_tokens: row.get::<_, Option<i64>>(6)?.unwrap_or(0).max(0) as u64,
+            cost: row.get(7)?,
+            primary_cost: row.get(8)?,
+        };
+        groups.entry(key).or_default().add(&f);
+        total.add(&f);
+    }
+    let name = by.as_str();
+    let out = groups
+        .into_iter()
+        .map(|(k, g)| g.columns((name, json!(k))))
+        .collect();
+    Ok((out, total.columns((name, json!("total")))))
+}
+
+#[derive(Default)]
+struct ModelGroup {
+    calls: u64,
+    judged: u64,
+    succeeded: u64,
+    latency_sum: f64,
+    latencies: Latencies,
+    cost: f64,
+    errors: BTreeMap<String, u64>,
+    served_as_fallback: u64,
+}
+
+impl ModelGroup {
+    fn add(&mut self, success: bool, error_type: Option<String>, latency_ms: f64, cost: f64) {
+        self.calls += 1;
+        if error_type.as_deref() != Some("cancelled") {
+            self.judged += 1;
+        }
+        if success {
+            self.succeeded += 1;
+        }
+        self.latency_sum += latency_ms;
+        self.latencies.0.push(latency_ms);
+        self.cost += cost;
+        if let Some(e) = error_type {
+            *self.errors.entry(e).or_default() += 1;
+        }
+    }
+
+    fn columns(mut self, key: Value, degraded: Option<bool>) -> Value {
+        let mut m = Map::new();
+        m.insert("model".into(), key);
+        m.insert("calls".into(), json!(self.calls));
+        m.insert("success_rate".into(), rate(self.succeeded, self.judged));
+        m.insert(
+            "avg_latency_ms".into(),
+            json!((self.calls > 0).then(|| round3(self.latency_sum / self.calls as f64))),
+        );
+        m.insert("p50_ms".into(), json!(self.latencies.percentile(0.50).map(round3)));
+        m.insert("p95_ms".into(), json!(self.latencies.percentile(0.95).map(round3)));
+        m.insert("degraded".into(), json!(degraded));
+        m.insert("served_as_fallback".into(), json!(self.served_as_fallback));
+        m.insert("cost_usd".into(), json!(usd(self.cost)));
+        m.insert("errors".into(), json!(self.errors));
+        Value::Object(m)
+    }
+}
+
+fn model_report(
+    conn: &Connection,
+    q: &ReportQuery,
+    since: &str,
+    until: &str,
+) -> rusqlite::Result<(Vec<Value>, Value)> {
+    let mut stmt = conn.prepare(
+        "SELECT model_name, success, error_type, latency_ms, cost_usd
+         FROM model_calls WHERE timestamp >= ?1 AND timestamp < ?2",
+    )?;
+    let mut groups: BTreeMap<String, ModelGroup> = BTreeMap::new();
+    let mut total = ModelGroup::default();
+    let mut rows = stmt.query([since, until])?;
+    while let Some(row) = rows.next()? {
+        let model: String = row.get(0)?;
+        let success: bool = row.get(1)?;
+        let error_type: Option<String> = row.get(2)?;
+        let latency: f64 = row.get(3)?;
+        let cost: f64 = row.get(4)?;
+        total.add(success, error_type.clone(), latency, cost);
+        groups
+            .entry(model)
+            .or_default()
+            .add(success, error_type, latency, cost);
+    }
+    // Requests each model answered from a position other than the chain's first.
+    let mut stmt = conn.prepare(
+        "SELECT model_name, COUNT(*) FROM requests
+         WHERE timestamp >= ?1 AND timestamp < ?2 AND fallbacks > 0
+           AND model_name IS NOT NULL AND error_type IS NULL AND cache NOT IN ('hit', 'stale')
+         GROUP BY model_name",
+    )?;
+    let mut rows = stmt.query([since, until])?;
+    while let Some(row) = rows.next()? {
+        let model: String = row.get(0)?;
+        let n: i64 = row.get(1)?;
+        let n = n.max(0) as u64;
+        total.served_as_fallback += n;
+        groups.entry(model).or_default().served_as_fallback += n;
+    }
+    let out = groups
+        .into_iter()
+        .map(|(k, g)| {
+            let degraded = g.judged >= q.min_calls
+                && (g.succeeded as f64) < q.degraded_below * g.judged as f64;
+            g.columns(json!(k), Some(degraded))
+        })
+        .collect();
+    Ok((out, total.columns(json!("total"), None)))
+}
+
+fn rate(n: u64, of: u64) -> Value {
+    if of == 0 {
+        Value::Null
+    } else {
+        json!(((n as f64 / of as f64) * 10_000.0).round() / 10_000.0)
+    }
+}
+
+fn round3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}
+
+/// Dollars to ten decimals: float sums without their last-digit noise.
+fn usd(v: f64) -> f64 {
+    (v * 1e10).round() / 1e10
+}
+
+/// The columns of a report as flat cells: `errors` becomes one `errors_<class>` column
+/// per class seen.
+fn flat(report: &Value) -> (Vec<String>, Vec<Vec<String>>, Vec<String>) {
+    let rows: Vec<&Map<String, Value>> = report["rows"]
+        .as_array()
+        .map(|r| r.iter().filter_map(Value::as_object).collect())
+        .unwrap_or_default();
+    let totals = report["totals"].as_object();
+    let mut classes: Vec<String> = Vec::new();
+    for r in rows.iter().copied().chain(totals) {
+        if let Some(e) = r.get("errors").and_then(Value::as_object) {
+            for k in e.keys() {
+                if !classes.contains(k) {
+                    classes.push(k.clone());
+                }
+            }
+        }
+    }
+    classes.sort();
+    let mut header: Vec<String> = Vec::new();
+    if let Some(first) = totals {
+        for k in first.keys() {
+            if k == "errors" {
+                header.extend(classes.iter().map(|c| format!("errors_{c}")));
+            } else {
+                header.push(k.clone());
+            }
+        }
+    }
+    let cells = |r: &Map<String, Value>| -> Vec<String> {
+        let mut out = Vec::with_capacity(header.len());
+        for (k, v) in r {
+            if k == "errors" {
+                for c in &classes {
+                    out.push(v.get(c).and_then(Value::as_u64).unwrap_or(0).to_string());
+                }
+            } else {
+                out.push(cell(k, v));
+            }
+        }
+        out
+    };
+    let body = rows.iter().map(|r| cells(r)).collect();
+    let total = totals.map(cells).unwrap_or_default();
+    (header, body, total)
+}
+
+fn cell(key: &str, v: &Value) -> String {
+    match v {
+        Value::Null => String::new(),
+        Value::String(s) => s.clone(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) => match n.as_f64() {
+            Some(f) if key.ends_with("_usd") => format!("{f:.6}"),
+            Some(f) if key.ends_with("_rate") => format!("{f:.4}"),
+            Some(f) if key.ends_with("_ms") => format!("{f:.1}"),
+            _ => n.to_string(),
+        },
+        other => other.to_string(),
+    }
+}
+
+fn is_empty(report: &Value) -> bool {
+    report["rows"].as_array().is_none_or(Vec::is_empty)
+}
+
+const NO_TRAFFIC: &str = "no traffic in this window";
+
+/// Aligned columns for a terminal; the totals last.
+pub fn to_table(report: &Value) -> String {
+    let (header, rows, total) = flat(report);
+    let mut out = format!(
+        "cascade report by {} from {} to {}\n\n",
+        report["by"].as_str().unwrap_or(""),
+        report["since"].as_str().unwrap_or(""),
+        report["until"].as_str().unwrap_or("")
+    );
+    let mut all: Vec<&Vec<String>> = rows.iter().collect();
+    if !is_empty(report) {
+        all.push(&total);
+    }
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| {
+            all.iter()
+                .filter_map(|r| r.get(i))
+                .map(String::len)
+                .chain([header[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: &[String], out: &mut String| {
+        let parts: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                if i == 0 {
+                    format!("{c:<w$}", w = widths[i])
+                } else {
+                    format!("{c:>w$}", w = widths[i])
+                }
+            })
+            .collect();
+        out.push_str(parts.join("  ").trim_end());
+        out.push('\n');
+    };
+    line(&header, &mut out);
+    if is_empty(report) {
+        out.push_str(NO_TRAFFIC);
+        out.push('\n');
+        return out;
+    }
+    for r in &rows {
+        line(r, &mut out);
+    }
+    line(&total, &mut out);
+    out
+}
+
+/// CSV with a header line; the totals row last, keyed `total`.
+pub fn to_csv(report: &Value) -> String {
+    let (header, rows, total) = flat(report);
+    let esc = |c: &String| {
+        if c.contains([',', '"', '\n']) {
+            format!("\"{}\"", c.replace('"', "\"\""))
+        } else {
+            c.clone()
+        }
+    };
+    let mut out = String::new();
+    let mut line = |cells: &[String]| {
+        out.push_str(&cells.iter().map(esc).collect::<Vec<_>>().join(","));
+        out.push('\n');
+    };
+    line(&header);
+    if !is_empty(report) {
+        for r in &rows {
+            line(r);
+        }
+        line(&total);
+    }
+    out
+}
+
+/// A Markdown document: a title and one table (the scheduled report's file).
+pub fn to_markdown(report: &Value) -> String {
+    let (header, rows, total) = flat(report);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# cascade report by {}\n\n{} to {}\n",
+        report["by"].as_str().unwrap_or(""),
+        report["since"].as_str().unwrap_or(""),
+        report["until"].as_str().unwrap_or("")
+    );
+    let _ = writeln!(out, "| {} |", header.join(" | "));
+    let _ = writeln!(out, "|{}", "---|".repeat(header.len()));
+    if is_empty(report) {
+        let _ = writeln!(out, "\n{NO_TRAFFIC}");
+        return out;
+    }
+    for r in rows.iter().chain([&total]) {
+        let _ = writeln!(out, "| {} |", r.join(" | "));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let mut l = Latencies((1..=20).map(f64::from).collect());
+        assert_eq!(l.percentile(0.5), Some(10.0));
+        assert_eq!(l.percentile(0.95), Some(19.0));
+        assert_eq!(Latencies::default().percentile(0.5), None);
+    }
+
+    #[test]
+    fn flat_cells_spread_the_error_map() {
+        let r = json!({"by": "model", "since": "a", "until": "b",
+            "rows": [{"model": "m", "calls": 3, "success_rate": 0.5, "errors": {"timeout": 1, "transient": 2}}],
+            "totals": {"model": "total", "calls": 3, "success_rate": 0.5, "errors": {"timeout": 1, "transient": 2}}});
+        let csv = to_csv(&r);
+        assert_eq!(
+            csv,
+            "model,calls,success_rate,errors_timeout,errors_transient\nm,3,0.5000,1,2\ntotal,3,0.5000,1,2\n"
+        );
+        let table = to_table(&r);
+        assert!(table.contains("errors_transient"), "{table}");
+        let empty = json!({"by": "chain", "since": "a", "until": "b", "rows": [],
+            "totals": {"chain": "total", "requests": 0}});
+        assert!(to_table(&empty).ends_with("chain  requests\nno traffic in this window\n"));
+        assert_eq!(to_csv(&empty), "chain,requests\n");
+    }
+}
