@@ -44,9 +44,9 @@ pub fn parse_instant(text: &str, now_ms: i64) -> Result<i64, String> {
     if let Ok(d) = humantime::parse_duration(t) {
         return Ok(now_ms - i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2));
     }
-    humantime::parse_rfc3339_weak(t)
-        .map(to_ms)
-        .map_err(|_| format!("{t:?} is neither a duration back from now (7d, 12h) nor an RFC 3339 time"))
+    humantime::parse_rfc3339_weak(t).map(to_ms).map_err(|_| {
+        format!("{t:?} is neither a duration back from now (7d, 12h) nor an RFC 3339 time")
+    })
 }
 
 #[cfg(test)]

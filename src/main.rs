@@ -218,9 +218,7 @@ fn serve(path: &std::path::Path) -> ExitCode {
         "cascade listening"
     );
     let served = match config.server.scheduler {
-        Scheduler::PerCore => {
-            server::serve_per_core(state.clone(), listener, shutdown_signal())
-        }
+        Scheduler::PerCore => server::serve_per_core(state.clone(), listener, shutdown_signal()),
         Scheduler::WorkStealing => runtime(Some(config.server.worker_threads)).and_then(|rt| {
             let state = state.clone();
             rt.block_on(async move {

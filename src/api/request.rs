@@ -366,7 +366,8 @@ mod tests {
         ] {
             let r = parse(body).unwrap();
             let v: serde_json::Value =
-                serde_json::from_slice(&r.body_for("\"x\"", Some(("max_tokens", 9)), false)).unwrap();
+                serde_json::from_slice(&r.body_for("\"x\"", Some(("max_tokens", 9)), false))
+                    .unwrap();
             assert_eq!(
                 (v["model"].as_str(), v["max_tokens"].as_u64()),
                 (Some("x"), Some(9)),
@@ -431,16 +432,26 @@ mod tests {
 
     #[test]
     fn asks_a_stream_for_its_usage() {
-        let plain = parse(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream":true}"#).unwrap();
+        let plain =
+            parse(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream":true}"#)
+                .unwrap();
         let v: serde_json::Value =
-            serde_json::from_slice(&plain.body_for("\"x\"", Some(("max_tokens", 9)), true)).unwrap();
+            serde_json::from_slice(&plain.body_for("\"x\"", Some(("max_tokens", 9)), true))
+                .unwrap();
         assert_eq!(v["stream_options"]["include_usage"], true);
-        assert_eq!((v["model"].as_str(), v["max_tokens"].as_u64()), (Some("x"), Some(9)));
+        assert_eq!(
+            (v["model"].as_str(), v["max_tokens"].as_u64()),
+            (Some("x"), Some(9))
+        );
         // The client's own options are kept, with include_usage turned on.
         let own = parse(r#"{"stream_options":{"include_usage":false,"x":1},"model":"m","messages":[{"role":"user","content":"x"}],"stream":true}"#).unwrap();
         assert!(!own.include_usage);
-        let v: serde_json::Value = serde_json::from_slice(&own.body_for("\"x\"", None, true)).unwrap();
-        assert_eq!(v["stream_options"], serde_json::json!({"include_usage": true, "x": 1}));
+        let v: serde_json::Value =
+            serde_json::from_slice(&own.body_for("\"x\"", None, true)).unwrap();
+        assert_eq!(
+            v["stream_options"],
+            serde_json::json!({"include_usage": true, "x": 1})
+        );
         assert_eq!(v["model"], "x");
         // Not a stream, or the client asked already: the body is left alone.
         let asked = parse(r#"{"model":"x","messages":[{"role":"user","content":"x"}],"stream":true,"stream_options":{"include_usage":true}}"#).unwrap();

@@ -983,8 +983,8 @@ fn report_schedule(raw: &RawConfig) -> Result<Option<ReportSchedule>, ConfigErro
     let every = r
         .every
         .ok_or_else(|| ConfigError::at("report.every", "missing: how often to report (e.g. 7d)"))?;
-    if every < Duration::from_secs(60) {
-        return Err(ConfigError::at("report.every", "must be at least 1m"));
+    if every < Duration::from_secs(1) {
+        return Err(ConfigError::at("report.every", "must be at least 1s"));
     }
     let by = crate::store::report::GroupBy::parse(r.by.as_deref().unwrap_or("chain"))
         .map_err(|e| ConfigError::at("report.by", e))?;

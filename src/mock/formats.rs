@@ -38,10 +38,19 @@ pub struct Answer {
     /// In OpenAI's words: stop, length, tool_calls, content_filter.
     pub finish: String,
     pub prompt_tokens: u64,
+    /// The part of the prompt read from the provider's prompt cache.
+    pub cached_tokens: u64,
     pub completion_tokens: u64,
     pub include_usage: bool,
     /// Gemini: the prompt was blocked (no candidates).
     pub blocked: bool,
+}
+
+/// OpenAI's usage object; `prompt_tokens` includes the cached part.
+fn openai_usage(a: &Answer) -> Value {
+    json!({"prompt_tokens": a.prompt_tokens, "completion_tokens": a.completion_tokens,
+           "total_tokens": a.prompt_tokens + a.completion_tokens,
+           "prompt_tokens_details": {"cached_tokens": a.cached_tokens}})
 }
 
 impl Answer {
@@ -92,8 +101,7 @@ pub fn body(format: Format, a: &Answer) -> Value {
             json!({
                 "id": a.id, "object": "chat.completion", "created": a.created, "model": a.model,
                 "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": a.finish}],
-                "usage": {"prompt_tokens": a.prompt_tokens, "completion_tokens": a.completion_tokens,
-                          "total_tokens": a.prompt_tokens + a.completion_tokens},
+                "usage": openai_usage(a),
             })
         }
         Format::Anthropic => {
@@ -110,13 +118,14 @@ pub fn body(format: Format, a: &Answer) -> Value {
             json!({
                 "id": a.id, "type": "message", "role": "assistant", "model": a.model, "content": content,
                 "stop_reason": anthropic_stop(&a.finish), "stop_sequence": null,
-                "usage": {"input_tokens": a.prompt_tokens, "output_tokens": a.completion_tokens,
-                          "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0},
+                "usage": {"input_tokens": a.prompt_tokens - a.cached_tokens, "output_tokens": a.completion_tokens,
+                          "cache_creation_input_tokens": 0, "cache_read_input_tokens": a.cached_tokens},
             })
         }
         Format::Gemini => {
             let usage = json!({"promptTokenCount": a.prompt_tokens, "candidatesTokenCount": a.completion_tokens,
-                               "totalTokenCount": a.prompt_tokens + a.completion_tokens});
+                               "totalTokenCount": a.prompt_tokens + a.completion_tokens,
+                               "cachedContentTokenCount": a.cached_tokens});
             if a.blocked {
                 return json!({"promptFeedback": {"blockReason": "SAFETY"}, "usageMetadata": usage,
                               "modelVersion": a.model, "responseId": a.id});
@@ -158,8 +167,7 @@ pub fn tail(format: Format, a: &Answer) -> Vec<Bytes> {
             let mut out = Vec::new();
             if a.include_usage {
                 let u = json!({"id": a.id, "object": "chat.completion.chunk", "created": a.created, "model": a.model, "choices": [],
-                    "usage": {"prompt_tokens": a.prompt_tokens, "completion_tokens": a.completion_tokens,
-                              "total_tokens": a.prompt_tokens + a.completion_tokens}});
+                    "usage": openai_usage(a)});
                 out.push(sse(None, &u));
             }
             out.push(Bytes::from_static(b"data: [DONE]\n\n"));
@@ -210,7 +218,7 @@ fn anthropic_event(a: &Answer, step: &Step) -> Option<Bytes> {
         Step::Start => {
             let start = json!({"type": "message_start", "message": {"id": a.id, "type": "message", "role": "assistant",
                 "content": [], "model": a.model, "stop_reason": null, "stop_sequence": null,
-                "usage": {"input_tokens": a.prompt_tokens, "output_tokens": 1, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}});
+                "usage": {"input_tokens": a.prompt_tokens - a.cached_tokens, "output_tokens": 1, "cache_creation_input_tokens": 0, "cache_read_input_tokens": a.cached_tokens}}});
             let mut out = sse(Some("message_start"), &start).to_vec();
             if !a.pieces.is_empty() {
                 out.extend_from_slice(&sse(
@@ -307,7 +315,8 @@ fn gemini_event(a: &Answer, step: &Step) -> Option<Bytes> {
             json!([{"text": ""}]),
             Some(gemini_finish(&a.finish)),
             json!({"promptTokenCount": a.prompt_tokens, "candidatesTokenCount": a.completion_tokens,
-                   "totalTokenCount": a.prompt_tokens + a.completion_tokens}),
+                   "totalTokenCount": a.prompt_tokens + a.completion_tokens,
+                   "cachedContentTokenCount": a.cached_tokens}),
         ),
         Step::Error => sse(
             None,

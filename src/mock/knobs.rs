@@ -49,6 +49,8 @@ pub struct Knobs {
     pub blocked: bool,
     /// Streams: an in-stream error event after this many content chunks.
     pub error_event_after: Option<usize>,
+    /// Prompt tokens reported as read from the provider's prompt cache.
+    pub cached: u64,
 }
 
 impl Default for Knobs {
@@ -74,6 +76,7 @@ impl Default for Knobs {
             tool: None,
             blocked: false,
             error_event_after: None,
+            cached: 0,
         }
     }
 }
@@ -150,6 +153,7 @@ impl Knobs {
                 "tool" => k.tool = Some(value.to_string()),
                 "blocked" => k.blocked = true,
                 "error_event_after" => k.error_event_after = Some(num(value)?),
+                "cached" => k.cached = num(value)? as u64,
                 other => return Err(format!("unknown mock knob {other:?}")),
             }
         }

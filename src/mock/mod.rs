@@ -513,6 +513,7 @@ fn plan_answer(
         tool,
         finish,
         prompt_tokens: (body_len / 4).max(1) as u64,
+        cached_tokens: k.cached.min((body_len / 4).max(1) as u64),
         include_usage: head
             .stream_options
             .as_ref()

@@ -40,7 +40,11 @@ pub fn request(model: &Model, req: &ChatRequest) -> Result<Outgoing, AttemptErro
 /// `stream_options` in `drop_params` (its server rejects it; its stream tokens are then
 /// unknown, never guessed).
 fn asks_usage(model: &Model) -> bool {
-    !model.provider.drop_params.iter().any(|p| p == "stream_options")
+    !model
+        .provider
+        .drop_params
+        .iter()
+        .any(|p| p == "stream_options")
 }
 
 /// The body with the provider's `drop_params` removed and `extra_body` merged in.

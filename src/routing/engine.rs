@@ -15,7 +15,6 @@ use tokio::time::Instant;
 
 use super::target::{run_stack, stack, Call, Launch, RequestCtx, StackShared};
 use crate::api::{ApiError, ChatRequest, Usage};
-use crate::store::{CallKind, CallRow, Tokens};
 use crate::classify::{Action, AttemptError, ErrorClass};
 use crate::config::{Chain, Config, HedgeDelay, Model, Strategy, WhenAllOpen};
 use crate::metrics::Metrics;
@@ -25,6 +24,7 @@ use crate::resilience::backoff::Jitter;
 use crate::resilience::breaker::BreakerState;
 use crate::resilience::budget::Budget;
 use crate::resilience::retry::RetryShared;
+use crate::store::{CallKind, CallRow, Tokens};
 
 /// One upstream call, as reported in headers, error bodies and the store.
 #[derive(Debug, Clone)]
@@ -197,7 +197,12 @@ impl Engine {
 
     /// Runs `req` through `chain` until a target answers, a failure must be returned
     /// as is, the chain or the attempt budget is exhausted, or `deadline` passes.
-    pub async fn run(&self, chain: &Chain, req: Arc<ChatRequest>, ctx: &Arc<RequestCtx>) -> Outcome {
+    pub async fn run(
+        &self,
+        chain: &Chain,
+        req: Arc<ChatRequest>,
+        ctx: &Arc<RequestCtx>,
+    ) -> Outcome {
         let deadline = ctx.deadline;
         let ctx = ctx.clone();
         let (walk, plan_order) = match plan(chain, &req) {
@@ -279,7 +284,10 @@ impl Engine {
         (from, to): (usize, usize),
         e: &AttemptError,
     ) {
-        let (from, to) = (&chain.targets[from].model.name, &chain.targets[to].model.name);
+        let (from, to) = (
+            &chain.targets[from].model.name,
+            &chain.targets[to].model.name,
+        );
         tracing::warn!(
             target: crate::log::FALLBACK,
             request_id = &*ctx.request_id,

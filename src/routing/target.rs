@@ -19,7 +19,6 @@ use tower::{Service, ServiceBuilder, ServiceExt};
 use super::engine::{Answer, AttemptRecord, CommittedStream};
 use crate::api::{ChatRequest, Usage};
 use crate::classify::{AttemptError, ErrorClass};
-use crate::store::{CallKind, Row, Store};
 use crate::config::{Chain, Chaos, Model};
 use crate::metrics::Metrics;
 use crate::providers::{self, Reply};
@@ -29,6 +28,7 @@ use crate::resilience::circuit::CircuitLayer;
 use crate::resilience::retry::{RetryLayer, RetryPolicy, RetryShared};
 use crate::resilience::timeout::TimeoutLayer;
 use crate::resilience::Attempt;
+use crate::store::{CallKind, Row, Store};
 
 /// State shared by every call made for one client request.
 ///
@@ -136,7 +136,10 @@ impl RequestCtx {
             r.usage = usage;
             match end {
                 StreamEnding::Complete => {}
-                StreamEnding::Failed { class, deadline_cut } => {
+                StreamEnding::Failed {
+                    class,
+                    deadline_cut,
+                } => {
                     r.class = Some(class);
                     r.deadline_cut = deadline_cut;
                 }

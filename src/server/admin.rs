@@ -82,8 +82,8 @@ pub fn report_query(
     by: Option<&str>,
     now_ms: i64,
 ) -> Result<ReportQuery, String> {
-    let since_ms = clock::parse_instant(since.unwrap_or("7d"), now_ms)
-        .map_err(|e| format!("since: {e}"))?;
+    let since_ms =
+        clock::parse_instant(since.unwrap_or("7d"), now_ms).map_err(|e| format!("since: {e}"))?;
     let until_ms =
         clock::parse_instant(until.unwrap_or("now"), now_ms).map_err(|e| format!("until: {e}"))?;
     if until_ms <= since_ms {
@@ -229,7 +229,9 @@ pub fn start_scheduled_report(app: Arc<AppState>) -> std::io::Result<()> {
                     let built = tokio::task::spawn_blocking(move || read_report(&path, &q)).await;
                     match built {
                         Ok(Ok(v)) => publish(&schedule, &v, until_ms, &http).await,
-                        Ok(Err(e)) => tracing::error!(error = %e, "scheduled report: cannot read the store"),
+                        Ok(Err(e)) => {
+                            tracing::error!(error = %e, "scheduled report: cannot read the store")
+                        }
                         Err(e) => tracing::error!(error = %e, "scheduled report failed"),
                     }
                 }
@@ -253,8 +255,12 @@ pub async fn publish(
         .and_then(|()| std::fs::write(base.with_extension("md"), report::to_markdown(report)))
         .and_then(|()| std::fs::write(base.with_extension("json"), &json));
     match written {
-        Ok(()) => tracing::info!(file = %base.with_extension("md").display(), "scheduled report written"),
-        Err(e) => tracing::error!(dir = %schedule.dir.display(), error = %e, "scheduled report: cannot write its files"),
+        Ok(()) => {
+            tracing::info!(file = %base.with_extension("md").display(), "scheduled report written")
+        }
+        Err(e) => {
+            tracing::error!(dir = %schedule.dir.display(), error = %e, "scheduled report: cannot write its files")
+        }
     }
     let Some(url) = &schedule.webhook else {
         return;

@@ -79,13 +79,10 @@ pub async fn chat_completions(
     let decision = app.cache.decide(&chain, &req, &headers);
     if let (true, Some(key)) = (decision.read, decision.key) {
         if let Some(entry) = app.cache.get(key).await.filter(|e| e.is_fresh()) {
-            match cached(&app, &chain, &entry, &req, CacheOutcome::Hit, start) {
-                Some(resp) => {
-                    ledger.cache = CacheOutcome::Hit.as_str();
-                    ledger.finish(from_cache(&app, &entry, 0));
-                    return resp;
-                }
-                None => {}
+            if let Some(resp) = cached(&app, &chain, &entry, &req, CacheOutcome::Hit, start) {
+                ledger.cache = CacheOutcome::Hit.as_str();
+                ledger.finish(from_cache(&app, &entry, 0));
+                return resp;
             }
         }
     }

@@ -248,7 +248,8 @@ async fn metrics(State(app): State<Arc<AppState>>) -> Response<Body> {
     }
     let m = &app.metrics;
     let lost = crate::log::dropped_lines();
-    m.log_dropped.inc_by(lost.saturating_sub(m.log_dropped.get()));
+    m.log_dropped
+        .inc_by(lost.saturating_sub(m.log_dropped.get()));
     let mut resp = Response::new(Body::from(app.metrics.render()));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -69,7 +69,12 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    pub fn new(app: &Arc<AppState>, headers: &HeaderMap, start: Instant, surface: &'static str) -> Ledger {
+    pub fn new(
+        app: &Arc<AppState>,
+        headers: &HeaderMap,
+        start: Instant,
+        surface: &'static str,
+    ) -> Ledger {
         Ledger {
             app: app.clone(),
             request_id: request_id(headers),

@@ -223,7 +223,6 @@ impl Store {
         let store = self.clone();
         let _ = tokio::task::spawn_blocking(move || store.flush_blocking()).await;
     }
-
 }
 
 /// The directory must exist; the store creates the file, not the directories above it.

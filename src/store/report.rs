@@ -122,9 +122,18 @@ impl RequestGroup {
         m.insert(key.0.into(), key.1);
         m.insert("requests".into(), json!(self.requests));
         m.insert("success_rate".into(), rate(self.succeeded, self.judged));
-        m.insert("fallback_rate".into(), rate(self.via_fallback, self.requests));
-        m.insert("p50_ms".into(), json!(self.latencies.percentile(0.50).map(round3)));
-        m.insert("p95_ms".into(), json!(self.latencies.percentile(0.95).map(round3)));
+        m.insert(
+            "fallback_rate".into(),
+            rate(self.via_fallback, self.requests),
+        );
+        m.insert(
+            "p50_ms".into(),
+            json!(self.latencies.percentile(0.50).map(round3)),
+        );
+        m.insert(
+            "p95_ms".into(),
+            json!(self.latencies.percentile(0.95).map(round3)),
+        );
         m.insert("input_tokens".into(), json!(self.input_tokens));
         m.insert("output_tokens".into(), json!(self.output_tokens));
         m.insert("cost_usd".into(), json!(usd(self.cost)));
@@ -227,8 +236,14 @@ impl ModelGroup {
             "avg_latency_ms".into(),
             json!((self.calls > 0).then(|| round3(self.latency_sum / self.calls as f64))),
         );
-        m.insert("p50_ms".into(), json!(self.latencies.percentile(0.50).map(round3)));
-        m.insert("p95_ms".into(), json!(self.latencies.percentile(0.95).map(round3)));
+        m.insert(
+            "p50_ms".into(),
+            json!(self.latencies.percentile(0.50).map(round3)),
+        );
+        m.insert(
+            "p95_ms".into(),
+            json!(self.latencies.percentile(0.95).map(round3)),
+        );
         m.insert("degraded".into(), json!(degraded));
         m.insert("served_as_fallback".into(), json!(self.served_as_fallback));
         m.insert("cost_usd".into(), json!(usd(self.cost)));

@@ -297,7 +297,10 @@ fn insert_call(stmt: &mut rusqlite::CachedStatement<'_>, c: &CallRow) -> rusqlit
     Ok(())
 }
 
-fn insert_request(stmt: &mut rusqlite::CachedStatement<'_>, r: &RequestRow) -> rusqlite::Result<()> {
+fn insert_request(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    r: &RequestRow,
+) -> rusqlite::Result<()> {
     let (input, cached, output) = token_columns(r.tokens);
     stmt.execute(params![
         &*r.request_id,

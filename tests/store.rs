@@ -1,0 +1,806 @@
+//! The store against a live gateway and mock: one `requests` row per client request
+//! and one `model_calls` row per upstream call the mock counted, with the right kind,
+//! class, tokens and cost; health restored across a restart; faults that drop rows
+//! count them and never cost an answer.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use cascade::store::report::{self, GroupBy, ReportQuery};
+use common::{start, TempDir};
+use rusqlite::Connection;
+use serde_json::{json, Value};
+
+const CONFIG: &str = r#"
+server: { request_timeout: 60s, attempt_timeout: 10s }
+retry: { max_retries: 0, seed: 1 }
+breaker: { consecutive_failures: 1000, failure_rate: 1.0 }
+store: { path: "{db}", flush_interval: 20ms }
+cache: { mode: deterministic }
+providers:
+  mock: { kind: openai, base_url: "{mock}", api_key: "sk-test-SECRET-123" }
+  claude: { kind: anthropic, base_url: "http://{mock_addr}", api_key: "sk-ant-SECRET-456" }
+  quiet: { kind: openai_compatible, base_url: "{mock}", drop_params: [stream_options] }
+models:
+  primary:   { provider: mock, model_id: p, cost_per_1k_input: 0.01, cost_per_1k_output: 0.02, cost_per_1k_cached_input: 0.005 }
+  secondary: { provider: mock, model_id: s, cost_per_1k_input: 0.001, cost_per_1k_output: 0.002 }
+  tertiary:  { provider: mock, model_id: t, cost_per_1k_input: 0.003, cost_per_1k_output: 0.004 }
+  sonnet:    { provider: claude, model_id: c, cost_per_1k_input: 0.003, cost_per_1k_output: 0.015, cost_per_1k_cached_input: 0.0003 }
+  plain:     { provider: quiet, model_id: q, cost_per_1k_input: 0.001, cost_per_1k_output: 0.001 }
+chains:
+  main: [primary, secondary, tertiary]
+  cross: [primary, sonnet]
+  quiet: [plain]
+"#;
+
+fn config(db: &Path) -> String {
+    CONFIG.replace("{db}", &db.display().to_string())
+}
+
+fn db(h: &common::Harness) -> Connection {
+    let path = &h.state.config.store.as_ref().unwrap().path;
+    Connection::open(path).unwrap()
+}
+
+/// Waits until the store holds `n` request rows (streams end asynchronously).
+async fn settle(h: &common::Harness, n: i64) -> Connection {
+    let store = h.state.store.clone().unwrap();
+    for _ in 0..200 {
+        store.flush().await;
+        let conn = db(h);
+        let got: i64 = conn
+            .query_row("SELECT COUNT(*) FROM requests", [], |r| r.get(0))
+            .unwrap();
+        if got >= n {
+            return conn;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the store never reached {n} request rows");
+}
+
+fn rows(conn: &Connection, sql: &str) -> Vec<Value> {
+    let mut stmt = conn.prepare(sql).unwrap();
+    let names: Vec<String> = stmt.column_names().map(str::to_string).collect();
+    stmt.query_map([], |r| {
+        let mut m = serde_json::Map::new();
+        for (i, n) in names.iter().enumerate() {
+            let v = match r.get_ref(i)? {
+                rusqlite::types::ValueRef::Null => Value::Null,
+                rusqlite::types::ValueRef::Integer(x) => json!(x),
+                rusqlite::types::ValueRef::Real(x) => json!(x),
+                rusqlite::types::ValueRef::Text(t) => json!(String::from_utf8_lossy(t)),
+                rusqlite::types::ValueRef::Blob(_) => Value::Null,
+            };
+            m.insert(n.clone(), v);
+        }
+        Ok(Value::Object(m))
+    })
+    .unwrap()
+    .map(Result::unwrap)
+    .collect()
+}
+
+/// The `requests` row of the answer `r`.
+fn request_row(conn: &Connection, r: &common::Reply) -> Value {
+    let id = r.header("x-request-id").expect("x-request-id");
+    let mut found = rows(
+        conn,
+        &format!("SELECT * FROM requests WHERE request_id = '{id}'"),
+    );
+    assert_eq!(found.len(), 1, "one row for request {id}");
+    found.remove(0)
+}
+
+fn calls_of(conn: &Connection, r: &common::Reply) -> Vec<Value> {
+    let id = r.header("x-request-id").expect("x-request-id");
+    rows(
+        conn,
+        &format!("SELECT * FROM model_calls WHERE request_id = '{id}' ORDER BY id"),
+    )
+}
+
+/// `(model_name, kind, success, error_type)` of each call, in the order they ended.
+fn summary(calls: &[Value]) -> Vec<(String, String, i64, Option<String>)> {
+    calls
+        .iter()
+        .map(|c| {
+            (
+                c["model_name"].as_str().unwrap().to_string(),
+                c["kind"].as_str().unwrap().to_string(),
+                c["success"].as_i64().unwrap(),
+                c["error_type"].as_str().map(str::to_string),
+            )
+        })
+        .collect()
+}
+
+fn call(
+    model: &str,
+    kind: &str,
+    ok: bool,
+    error: Option<&str>,
+) -> (String, String, i64, Option<String>) {
+    (
+        model.into(),
+        kind.into(),
+        i64::from(ok),
+        error.map(str::to_string),
+    )
+}
+
+#[tokio::test]
+async fn every_request_and_call_has_its_row() {
+    let dir = TempDir::new("store-rows");
+    let h = start(&config(&dir.path().join("cascade.db"))).await;
+    let mut sent = 0;
+
+    // 1. The primary answers.
+    let ok = h.chat("main", &[]).await;
+    assert_eq!(ok.status, 200);
+    sent += 1;
+    // 2. A fallback.
+    h.mock.set("p", "status=500");
+    let fell_back = h.chat("main", &[]).await;
+    assert_eq!(fell_back.header("x-cascade-model"), Some("secondary"));
+    sent += 1;
+    // 3. Fail fast on the caller's own bad request.
+    h.mock.set("p", "status=400");
+    let bad = h.chat("main", &[]).await;
+    assert_eq!(bad.status, 400);
+    sent += 1;
+    // 4. Every target fails.
+    for m in ["p", "s", "t"] {
+        h.mock.set(m, "status=500");
+    }
+    let all_failed = h.chat("main", &[]).await;
+    assert_eq!(all_failed.status, 502);
+    sent += 1;
+    for m in ["s", "t"] {
+        h.mock.set(m, "");
+    }
+    // 5. The deadline passes.
+    h.mock.set("p", "stall");
+    let late = h.chat("main", &[("x-cascade-timeout-ms", "150")]).await;
+    assert_eq!(late.status, 504);
+    sent += 1;
+    h.mock.set("p", "");
+    // 6. A miss, then a cache hit (temperature 0 is cacheable).
+    let body = json!({"model": "main", "temperature": 0, "messages": [{"role": "user", "content": "cache me"}]});
+    let miss = h.post_raw(body.to_string(), &[]).await;
+    let hit = h.post_raw(body.to_string(), &[]).await;
+    assert_eq!(
+        (
+            miss.header("x-cascade-cache"),
+            hit.header("x-cascade-cache")
+        ),
+        (Some("miss"), Some("hit"))
+    );
+    sent += 2;
+    // 7. A stream.
+    let streamed = h.chat_stream("main", &[]).await;
+    assert!(streamed.text.ends_with("data: [DONE]\n\n"));
+    sent += 1;
+    // 8. A stream cut after its commit point.
+    h.mock.set("p", "chunks=4,cut_after=2");
+    let cut = h.chat_stream("main", &[]).await;
+    assert_eq!(cut.status, 200);
+    assert!(!cut.text.contains("[DONE]"));
+    sent += 1;
+    // 9. A client that leaves mid-stream.
+    h.mock.set("p", "chunks=50,gap=50ms");
+    let resp = h
+        .http
+        .post(h.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(common::chat_body("main", true).to_string())
+        .send()
+        .await
+        .unwrap();
+    let gone_id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    let mut resp = resp;
+    assert!(resp.chunk().await.unwrap().is_some());
+    drop(resp);
+    sent += 1;
+    // 10. Our own refusals: bad JSON, an unknown model.
+    let not_json = h.post_raw("{oops", &[]).await;
+    assert_eq!(not_json.status, 400);
+    let unknown = h.chat("nope", &[]).await;
+    assert_eq!(unknown.status, 404);
+    sent += 2;
+
+    let conn = settle(&h, sent).await;
+    let n: i64 = conn
+        .query_row("SELECT COUNT(*) FROM requests", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, sent, "exactly one row per request");
+    let calls: i64 = conn
+        .query_row("SELECT COUNT(*) FROM model_calls", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(
+        calls as u64,
+        h.mock.total_calls(),
+        "one row per upstream call"
+    );
+
+    let r = request_row(&conn, &ok);
+    assert_eq!(
+        (
+            &r["status"],
+            &r["model_name"],
+            &r["provider"],
+            &r["attempts"],
+            &r["fallbacks"],
+            &r["cache"],
+            &r["surface"],
+            &r["chain"]
+        ),
+        (
+            &json!(200),
+            &json!("primary"),
+            &json!("mock"),
+            &json!(1),
+            &json!(0),
+            &json!("bypass"),
+            &json!("chat"),
+            &json!("main")
+        )
+    );
+    assert_eq!(r["error_type"], Value::Null);
+    assert!(r["timestamp"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(
+        r["timestamp"].as_str().unwrap().len(),
+        24,
+        "RFC 3339 with milliseconds"
+    );
+    assert_eq!(
+        summary(&calls_of(&conn, &ok)),
+        [call("primary", "primary", true, None)]
+    );
+
+    let r = request_row(&conn, &fell_back);
+    assert_eq!(
+        (&r["model_name"], &r["attempts"], &r["fallbacks"]),
+        (&json!("secondary"), &json!(2), &json!(1))
+    );
+    let c = calls_of(&conn, &fell_back);
+    assert_eq!(
+        summary(&c),
+        [
+            call("primary", "primary", false, Some("transient")),
+            call("secondary", "fallback", true, None)
+        ]
+    );
+    assert_eq!(
+        (&c[0]["status"], &c[0]["cost_usd"]),
+        (&json!(500), &json!(0.0))
+    );
+
+    let r = request_row(&conn, &bad);
+    assert_eq!(
+        (&r["status"], &r["model_name"], &r["error_type"]),
+        (&json!(400), &Value::Null, &json!("bad_request"))
+    );
+    assert_eq!(
+        summary(&calls_of(&conn, &bad)),
+        [call("primary", "primary", false, Some("bad_request"))]
+    );
+
+    let r = request_row(&conn, &all_failed);
+    assert_eq!(
+        (
+            &r["status"],
+            &r["attempts"],
+            &r["fallbacks"],
+            &r["error_type"],
+            &r["provider"]
+        ),
+        (
+            &json!(502),
+            &json!(3),
+            &json!(2),
+            &json!("transient"),
+            &Value::Null
+        )
+    );
+    assert_eq!(
+        summary(&calls_of(&conn, &all_failed)),
+        [
+            call("primary", "primary", false, Some("transient")),
+            call("secondary", "fallback", false, Some("transient")),
+            call("tertiary", "fallback", false, Some("transient")),
+        ]
+    );
+
+    let r = request_row(&conn, &late);
+    assert_eq!(
+        (&r["status"], &r["error_type"]),
+        (&json!(504), &json!("timeout"))
+    );
+    let c = calls_of(&conn, &late);
+    assert_eq!(
+        summary(&c),
+        [call("primary", "primary", false, Some("timeout"))]
+    );
+    assert_eq!(c[0]["deadline_cut"], 1);
+
+    let r = request_row(&conn, &miss);
+    assert_eq!(r["cache"], "miss");
+    let r = request_row(&conn, &hit);
+    assert_eq!(
+        (
+            &r["cache"],
+            &r["attempts"],
+            &r["cost_usd"],
+            &r["primary_cost_usd"],
+            &r["model_name"]
+        ),
+        (
+            &json!("hit"),
+            &json!(0),
+            &json!(0.0),
+            &json!(0.0),
+            &json!("primary")
+        )
+    );
+    assert!(calls_of(&conn, &hit).is_empty(), "a hit makes no call");
+
+    let r = request_row(&conn, &streamed);
+    assert_eq!(
+        (&r["stream"], &r["status"], &r["error_type"]),
+        (&json!(1), &json!(200), &Value::Null)
+    );
+    assert!(r["ttft_ms"].as_f64().unwrap() <= r["latency_ms"].as_f64().unwrap());
+    let c = calls_of(&conn, &streamed);
+    assert_eq!(summary(&c), [call("primary", "primary", true, None)]);
+    assert!(c[0]["ttft_ms"].is_number());
+    assert!(
+        c[0]["output_tokens"].as_i64().unwrap() > 0,
+        "stream tokens counted"
+    );
+
+    let r = request_row(&conn, &cut);
+    assert_eq!(
+        (&r["status"], &r["error_type"], &r["model_name"]),
+        (&json!(200), &json!("transient"), &json!("primary"))
+    );
+    assert_eq!(
+        summary(&calls_of(&conn, &cut)),
+        [call("primary", "primary", false, Some("transient"))]
+    );
+
+    let gone = rows(
+        &conn,
+        &format!("SELECT * FROM requests WHERE request_id = '{gone_id}'"),
+    );
+    assert_eq!(gone.len(), 1);
+    assert_eq!(
+        (&gone[0]["error_type"], &gone[0]["stream"]),
+        (&json!("cancelled"), &json!(1))
+    );
+    let gone_calls = rows(
+        &conn,
+        &format!("SELECT * FROM model_calls WHERE request_id = '{gone_id}'"),
+    );
+    assert_eq!(
+        summary(&gone_calls),
+        [call("primary", "primary", false, Some("cancelled"))]
+    );
+
+    for (reply, class) in [(&not_json, "bad_request"), (&unknown, "not_found")] {
+        let r = request_row(&conn, reply);
+        assert_eq!(
+            (&r["chain"], &r["error_type"], &r["attempts"]),
+            (&Value::Null, &json!(class), &json!(0))
+        );
+    }
+
+    // The store's metrics agree.
+    let metrics = h.get("/metrics").await.text;
+    assert!(
+        metrics.contains(&format!(
+            "cascade_store_rows_total{{table=\"requests\"}} {sent}"
+        )),
+        "{metrics}"
+    );
+    assert!(metrics.contains("cascade_store_dropped_total 0"));
+}
+
+#[tokio::test]
+async fn retries_races_and_hedges_have_their_kinds() {
+    let dir = TempDir::new("store-kinds");
+    let yaml = config(&dir.path().join("cascade.db")).replace(
+        "  quiet: [plain]\n",
+        "  quiet: [plain]
+  retried: { models: [primary, secondary], retry: { max_retries: 1, base: 1ms, cap: 1ms } }
+  raced: { models: [primary, secondary], strategy: race }
+  hedged: { models: [primary, secondary], strategy: hedge, hedge_delay: 50ms }
+",
+    );
+    let h = start(&yaml).await;
+    h.mock.set("p", "fail_first=1");
+    let retried = h.chat("retried", &[]).await;
+    assert_eq!(retried.header("x-cascade-model"), Some("primary"));
+    h.mock.set("p", "latency=300ms");
+    let raced = h.chat("raced", &[]).await;
+    assert_eq!(raced.header("x-cascade-model"), Some("secondary"));
+    let hedged = h.chat("hedged", &[]).await;
+    assert_eq!(hedged.header("x-cascade-model"), Some("secondary"));
+    let conn = settle(&h, 3).await;
+    assert_eq!(
+        summary(&calls_of(&conn, &retried)),
+        [
+            call("primary", "primary", false, Some("transient")),
+            call("primary", "retry", true, None)
+        ]
+    );
+    assert_eq!(
+        summary(&calls_of(&conn, &raced)),
+        [
+            call("secondary", "race", true, None),
+            call("primary", "primary", false, Some("cancelled"))
+        ]
+    );
+    assert_eq!(
+        summary(&calls_of(&conn, &hedged)),
+        [
+            call("secondary", "hedge", true, None),
+            call("primary", "primary", false, Some("cancelled"))
+        ]
+    );
+}
+
+#[tokio::test]
+async fn streams_count_tokens_without_showing_the_usage_chunk() {
+    let dir = TempDir::new("store-usage");
+    let h = start(&config(&dir.path().join("cascade.db"))).await;
+    h.mock.set("p", "cached=3");
+    let plain = h.chat_stream("main", &[]).await;
+    let sent = h.mock.bodies("p").pop().unwrap();
+    assert_eq!(
+        sent["stream_options"]["include_usage"], true,
+        "cascade asks for usage"
+    );
+    assert!(
+        plain.chunks().iter().all(|c| c["usage"].is_null()),
+        "the client did not ask for usage: {}",
+        plain.text
+    );
+    assert!(plain
+        .chunks()
+        .iter()
+        .all(|c| !c["choices"].as_array().unwrap().is_empty()));
+
+    let asked = h
+        .post_raw(
+            json!({"model": "main", "stream": true, "stream_options": {"include_usage": true},
+                   "messages": [{"role": "user", "content": "hello"}]})
+            .to_string(),
+            &[],
+        )
+        .await;
+    let last = asked.chunks().pop().unwrap();
+    assert!(
+        last["usage"]["prompt_tokens"].as_u64().unwrap() > 0,
+        "{}",
+        asked.text
+    );
+
+    // Anthropic streams carry usage in their own events.
+    h.mock.set("p", "status=503");
+    h.mock.set("c", "cached=2");
+    let claude = h.chat_stream("cross", &[]).await;
+    assert_eq!(claude.header("x-cascade-model"), Some("sonnet"));
+    // A provider whose server rejects stream_options: tokens unknown, never guessed.
+    let quiet = h.chat_stream("quiet", &[]).await;
+    assert!(h
+        .mock
+        .bodies("q")
+        .pop()
+        .unwrap()
+        .get("stream_options")
+        .is_none());
+
+    let conn = settle(&h, 4).await;
+    for (reply, model, price_in, price_cached, price_out) in [
+        (&plain, "primary", 0.01, 0.005, 0.02),
+        (&asked, "primary", 0.01, 0.005, 0.02),
+        (&claude, "sonnet", 0.003, 0.0003, 0.015),
+    ] {
+        let r = request_row(&conn, reply);
+        assert_eq!(r["model_name"], model);
+        let input = r["input_tokens"].as_f64().unwrap();
+        let cached = r["cached_input_tokens"].as_f64().unwrap();
+        let output = r["output_tokens"].as_f64().unwrap();
+        assert!(input > 0.0 && output > 0.0, "{r}");
+        let want =
+            ((input - cached) * price_in + cached * price_cached + output * price_out) / 1000.0;
+        assert!(
+            (r["cost_usd"].as_f64().unwrap() - want).abs() < 1e-9,
+            "{r} want {want}"
+        );
+        let calls = calls_of(&conn, reply);
+        let answered = calls.iter().find(|c| c["success"] == 1).unwrap();
+        assert_eq!(answered["input_tokens"], r["input_tokens"]);
+        assert_eq!(answered["cost_usd"], r["cost_usd"]);
+    }
+    let r = request_row(&conn, &plain);
+    assert_eq!(r["cached_input_tokens"], 3);
+    let r = request_row(&conn, &claude);
+    assert_eq!(r["cached_input_tokens"], 2, "Anthropic's cache reads");
+    // The primary's price for the same tokens: the fallback's cost differential.
+    let input = r["input_tokens"].as_f64().unwrap();
+    let output = r["output_tokens"].as_f64().unwrap();
+    let primary = ((input - 2.0) * 0.01 + 2.0 * 0.005 + output * 0.02) / 1000.0;
+    assert!(
+        (r["primary_cost_usd"].as_f64().unwrap() - primary).abs() < 1e-9,
+        "{r}"
+    );
+    let r = request_row(&conn, &quiet);
+    assert_eq!(
+        (&r["input_tokens"], &r["cost_usd"]),
+        (&Value::Null, &json!(0.0))
+    );
+}
+
+#[tokio::test]
+async fn the_report_sums_what_fallbacks_cost() {
+    let dir = TempDir::new("store-report");
+    let h = start(&config(&dir.path().join("cascade.db"))).await;
+    for _ in 0..3 {
+        assert_eq!(h.chat("main", &[]).await.status, 200);
+    }
+    h.mock.set("p", "status=500");
+    for _ in 0..4 {
+        assert_eq!(
+            h.chat("main", &[]).await.header("x-cascade-model"),
+            Some("secondary")
+        );
+    }
+    h.mock.set("p", "status=503");
+    for _ in 0..2 {
+        assert_eq!(
+            h.chat("cross", &[]).await.header("x-cascade-model"),
+            Some("sonnet")
+        );
+    }
+    let conn = settle(&h, 9).await;
+    let (cost, primary): (f64, f64) = conn
+        .query_row(
+            "SELECT SUM(cost_usd), SUM(primary_cost_usd) FROM requests WHERE chain = 'main'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert!(primary > cost, "the fallback is cheaper than the primary");
+
+    let now = cascade::clock::now_ms();
+    let q = |by| ReportQuery {
+        since_ms: now - 3_600_000,
+        until_ms: now + 60_000,
+        by,
+        degraded_below: 0.8,
+        min_calls: 3,
+    };
+    let by_chain = report::run(&conn, &q(GroupBy::Chain)).unwrap();
+    let main = by_chain["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["chain"] == "main")
+        .unwrap()
+        .clone();
+    assert_eq!(main["requests"], 7);
+    assert_eq!(main["success_rate"], 1.0);
+    assert!((main["fallback_rate"].as_f64().unwrap() - 4.0 / 7.0).abs() < 1e-3);
+    let delta = main["fallback_cost_delta_usd"].as_f64().unwrap();
+    assert!(
+        (delta - (cost - primary)).abs() < 1e-9,
+        "{delta} vs {}",
+        cost - primary
+    );
+    assert!(delta < 0.0);
+    assert_eq!(by_chain["totals"]["requests"], 9);
+
+    let by_model = report::run(&conn, &q(GroupBy::Model)).unwrap();
+    let model = |name: &str| {
+        by_model["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["model"] == name)
+            .unwrap()
+            .clone()
+    };
+    let p = model("primary");
+    assert_eq!((&p["calls"], &p["degraded"]), (&json!(9), &json!(true)));
+    assert_eq!(p["errors"], json!({"transient": 6}));
+    assert_eq!(model("secondary")["served_as_fallback"], 4);
+    assert_eq!(model("sonnet")["served_as_fallback"], 2);
+
+    // The running gateway answers the same report.
+    let live = h.get("/admin/report?since=1h&by=chain").await;
+    assert_eq!(live.status, 200, "{}", live.text);
+    assert_eq!(live.json()["rows"], by_chain["rows"]);
+    let bad = h.get("/admin/report?by=week").await;
+    assert_eq!(bad.status, 400);
+}
+
+#[tokio::test]
+async fn a_restart_remembers_a_degraded_model() {
+    let dir = TempDir::new("store-restart");
+    let yaml = config(&dir.path().join("cascade.db")).replace(
+        "store: {",
+        "health: { window: 5m, min_calls: 5, degraded_below: 0.8 }\nstore: {",
+    );
+    {
+        let h = start(&yaml).await;
+        h.mock.set("p", "status=500");
+        for _ in 0..6 {
+            assert_eq!(
+                h.chat("main", &[]).await.header("x-cascade-model"),
+                Some("secondary")
+            );
+        }
+        let health = h.get("/admin/health").await.json();
+        let p = &health["targets"][0];
+        assert_eq!(
+            (&p["model"], &p["degraded"]),
+            (&json!("primary"), &json!(true))
+        );
+        let conn = settle(&h, 6).await;
+        let n: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM model_calls WHERE model_name = 'primary'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        // After five failures it is degraded and moved last: the sixth request went
+        // straight to the secondary.
+        assert_eq!(n, 5, "{:?}", rows(&conn, "SELECT * FROM model_calls"));
+    }
+    // A new gateway on the same store, and a primary that would answer.
+    let h = start(&yaml).await;
+    let health = h.get("/admin/health").await.json();
+    let p = &health["targets"][0];
+    assert_eq!(
+        (&p["degraded"], &p["calls"]),
+        (&json!(true), &json!(5)),
+        "{health}"
+    );
+    assert!(
+        p["avg_latency_ms"].is_null(),
+        "no successful call to average"
+    );
+    let r = h.chat("main", &[]).await;
+    assert_eq!(r.header("x-cascade-model"), Some("secondary"), "moved last");
+    assert_eq!(h.mock.calls("p"), 0, "before any new call to it");
+}
+
+#[tokio::test]
+async fn a_deleted_store_is_created_again_and_a_locked_one_drops_and_counts() {
+    let dir = TempDir::new("store-faults");
+    let path = dir.path().join("cascade.db");
+    let h = start(&config(&path)).await;
+    for _ in 0..3 {
+        assert_eq!(h.chat("main", &[]).await.status, 200);
+    }
+    settle(&h, 3).await;
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+    for _ in 0..5 {
+        assert_eq!(h.chat("main", &[]).await.status, 200);
+    }
+    let conn = settle(&h, 5).await;
+    let n: i64 = conn
+        .query_row("SELECT COUNT(*) FROM requests", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 5, "the new file holds what came after the delete");
+
+    // Another connection holds the write lock: answers go on, rows are dropped and counted.
+    let locker = Connection::open(&path).unwrap();
+    locker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    for _ in 0..10 {
+        assert_eq!(h.chat("main", &[]).await.status, 200);
+    }
+    h.state.store.clone().unwrap().flush().await;
+    locker.execute_batch("COMMIT").unwrap();
+    drop(locker);
+    for _ in 0..2 {
+        assert_eq!(h.chat("main", &[]).await.status, 200);
+    }
+    let conn = settle(&h, 7).await;
+    let requests: i64 = conn
+        .query_row("SELECT COUNT(*) FROM requests", [], |r| r.get(0))
+        .unwrap();
+    let calls: i64 = conn
+        .query_row("SELECT COUNT(*) FROM model_calls", [], |r| r.get(0))
+        .unwrap();
+    let dropped = h.state.metrics.store.dropped.get();
+    assert_eq!(requests, 7, "the rows after the lock was released");
+    assert_eq!(dropped, 20, "10 requests and 10 calls lost, and counted");
+    assert_eq!(
+        requests + calls + dropped as i64,
+        2 * 20 - 2 * 3,
+        "all but the deleted rows"
+    );
+}
+
+#[test]
+fn a_full_queue_drops_and_counts() {
+    let dir = TempDir::new("store-queue");
+    let path = dir.path().join("q.db");
+    let metrics = cascade::metrics::Metrics::new();
+    let settings = cascade::store::StoreSettings {
+        path: path.clone(),
+        retention: Duration::from_secs(86_400),
+        queue: 8,
+        flush_interval: Duration::from_millis(10),
+    };
+    let store = cascade::store::Store::open(settings, metrics.store.clone()).unwrap();
+    // Hold the lock so the writer stalls on its first batch.
+    let locker = Connection::open(&path).unwrap();
+    locker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let row = cascade::store::RequestRow {
+        request_id: "r".into(),
+        arrived_ms: cascade::clock::now_ms(),
+        surface: "chat",
+        chain: None,
+        status: 200,
+        model: None,
+        provider: None,
+        attempts: 0,
+        fallbacks: 0,
+        cache: "bypass",
+        stream: false,
+        latency_ms: 1.0,
+        ttft_ms: None,
+        tokens: None,
+        cost_usd: 0.0,
+        primary_cost_usd: 0.0,
+        error_type: None,
+    };
+    let started = std::time::Instant::now();
+    for _ in 0..1000 {
+        store.record(cascade::store::Row::Request(row.clone()));
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(200),
+        "recording never waits"
+    );
+    locker.execute_batch("COMMIT").unwrap();
+    drop(locker);
+    store.flush_blocking();
+    let conn = Connection::open(&path).unwrap();
+    let written: i64 = conn
+        .query_row("SELECT COUNT(*) FROM requests", [], |r| r.get(0))
+        .unwrap();
+    let dropped = metrics.store.dropped.get() as i64;
+    assert!(dropped > 900, "{dropped}");
+    assert_eq!(written + dropped, 1000, "every row written or counted");
+    assert_eq!(metrics.store.queue_depth.get(), 0);
+}
+
+#[test]
+fn a_store_directory_that_does_not_exist_is_a_start_error() {
+    let yaml = r#"
+store: { path: /nonexistent-dir/cascade.db }
+providers:
+  mock: { kind: openai, base_url: "http://127.0.0.1:9/v1" }
+models:
+  m: { provider: mock, model_id: m }
+"#;
+    let config = cascade::config::Config::from_yaml_with_env(yaml, &|_| None).unwrap();
+    let e = match cascade::server::AppState::new(std::sync::Arc::new(config)) {
+        Ok(_) => panic!("started without its store"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.contains("store.path") && e.contains("/nonexistent-dir"),
+        "{e}"
+    );
+}
