@@ -27,6 +27,7 @@ import urllib.request
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BIN = ROOT / "target" / "release" / "cascade"
 PROBE = ROOT / "target" / "release" / "examples" / "stream_probe"
+STORE_LOAD = ROOT / "target" / "release" / "examples" / "store_load"
 OHA = shutil.which("oha") or str(pathlib.Path.home() / ".cargo" / "bin" / "oha")
 PCTS = ["p50", "p90", "p99", "p99.9"]
 
@@ -189,20 +190,33 @@ def main():
         mock = procs.start([str(BIN), "mock", "--listen", f"127.0.0.1:{mock_port}",
                             "--knobs", "slow=latency=1s", "--knobs", "stream=chunks=20;gap=2ms"])
         wait_port(mock_port, mock)
-        cfg = ((ROOT / "bench" / "gateway.yaml").read_text()
-               .replace("MOCK", f"127.0.0.1:{mock_port}")
-               .replace("LISTEN", f"127.0.0.1:{gw_port}")
-               .replace("WORKERS", str(args.workers)))
-        cfg_path = pathlib.Path(tmp) / "gateway.yaml"
-        cfg_path.write_text(cfg)
-        env = dict(os.environ, RUST_LOG="warn")
+        template = (ROOT / "bench" / "gateway.yaml").read_text()
+
+        def gateway_config(name, port, store, log):
+            cfg = (template.replace("MOCK", f"127.0.0.1:{mock_port}")
+                   .replace("LISTEN", f"127.0.0.1:{port}")
+                   .replace("WORKERS", str(args.workers)))
+            cfg += f"store: {store}\nlog: {log}\n"
+            path = pathlib.Path(tmp) / f"{name}.yaml"
+            path.write_text(cfg)
+            return path
+
+        # The gateway under test runs as shipped: the store on, one JSON log line per
+        # request (to /dev/null, as a log shipper would read it).
+        cfg_path = gateway_config("gateway", gw_port, f'{{ path: "{tmp}/cascade.db" }}', "{ format: json, requests: true }")
+        env = dict(os.environ, RUST_LOG="info")
         gw = procs.start([str(BIN), "serve", "--config", str(cfg_path)], env=env)
         wait_port(gw_port, gw)
+        # The same binary with the store and the request log off, for S7.
+        bare_port = free_port()
+        bare_cfg = gateway_config("bare", bare_port, "{ enabled: false }", "{ requests: false }")
+        bare = procs.start([str(BIN), "serve", "--config", str(bare_cfg)], env=dict(os.environ, RUST_LOG="warn"))
+        wait_port(bare_port, bare)
         time.sleep(0.5)
         idle_at_start = rss_kib(gw.pid)
         nginx_conf = pathlib.Path(tmp) / "nginx.conf"
         nginx_conf.write_text(f"""
-worker_processes 1;
+worker_processes {args.workers};
 pid {tmp}/nginx.pid;
 error_log {tmp}/nginx-error.log;
 daemon off;
@@ -384,6 +398,59 @@ http {{
         report["S6"] = {"table": diff_table(res), "raw": res}
         t = report["S6"]["table"]
         print(f"S6: cache hits {t['cached']['rps']:.0f} req/s, p99 {t['cached']['p99']:.3f} ms (direct-to-mock {t['direct']['rps']:.0f})", flush=True)
+
+        # S7: what the store and the request log cost: the gateway as shipped against the
+        # same binary with both off, side by side (closed loop, and added p50 at 1 connection).
+        bare_url = f"http://127.0.0.1:{bare_port}/v1/chat/completions"
+        s7_urls = {"store_on": gateway, "store_off": bare_url}
+        oha(bare_url, bodies[("direct", 1024)], 8, 1)
+        closed = paired(list(s7_urls), lambda t: oha(s7_urls[t], bodies[("direct", 1024)], 64, secs), closed_reps)
+        ratios = [a["rps"] / max(b["rps"], 1) for a, b in zip(closed["store_on"], closed["store_off"])]
+        one = paired(["direct", "store_on", "store_off"],
+                     lambda t: oha(direct if t == "direct" else s7_urls[t], bodies[("ok" if t == "direct" else "direct", 1024)], 1, secs, 1000), reps)
+        one_table = diff_table(one)
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{gw_port}/metrics", timeout=10).read().decode()
+        report["S7"] = {"closed": diff_table(closed, base="store_off"), "closed_ratios": ratios, "c1": one_table,
+                        "rows_written": metric_sum(metrics, "cascade_store_rows_total"),
+                        "rows_dropped": metric_sum(metrics, "cascade_store_dropped_total"),
+                        "log_dropped": metric_sum(metrics, "cascade_log_dropped_total")}
+        print(f"S7: closed loop store+log on {statistics.median(r['rps'] for r in closed['store_on']):.0f} vs off"
+              f" {statistics.median(r['rps'] for r in closed['store_off']):.0f} req/s (ratio per repetition:"
+              f" {', '.join(f'{x:.2f}' for x in ratios)}); added p50 at 1 connection on {one_table['store_on']['added_p50']:.3f} ms,"
+              f" off {one_table['store_off']['added_p50']:.3f} ms; rows written {report['S7']['rows_written']:.0f},"
+              f" dropped {report['S7']['rows_dropped']:.0f}", flush=True)
+
+        # S8: the writer's own rate: rows recorded through Store::record as fast as the
+        # queue takes them, committed in batches.
+        def store_load(path, calls, days):
+            out = subprocess.run([str(STORE_LOAD), str(path), str(calls), str(days)], capture_output=True, text=True, timeout=900)
+            if out.returncode != 0:
+                raise RuntimeError(f"store_load failed: {out.stderr[-300:]}")
+            return json.loads(out.stdout)
+
+        s8 = [store_load(pathlib.Path(tmp) / f"s8-{i}.db", 200_000 if args.quick else 1_000_000, 0) for i in range(reps)]
+        report["S8"] = {"runs": s8, "rows_per_sec": statistics.median(r["rows_per_sec"] for r in s8)}
+        print(f"S8: writer {report['S8']['rows_per_sec']:.0f} rows/s (runs: {', '.join(str(r['rows_per_sec']) for r in s8)};"
+              f" dropped {sum(r['dropped'] for r in s8)})", flush=True)
+
+        # S9: a store of 10 million calls (5 million requests) over 30 days, and the
+        # report over its last 7 days by each grouping, and over all of it.
+        s9_db = pathlib.Path(tmp) / "s9.db"
+        fill = store_load(s9_db, 1_000_000 if args.quick else 10_000_000, 30)
+        timings = {}
+        for by, since in [("chain", "7d"), ("model", "7d"), ("day", "7d"), ("model", "30d")]:
+            runs = []
+            for _ in range(reps):
+                t0 = time.time()
+                out = subprocess.run([str(BIN), "report", "--config", str(cfg_path), "--db", str(s9_db), "--since", since,
+                                      "--by", by, "--format", "json"], capture_output=True, text=True, timeout=300)
+                runs.append(time.time() - t0)
+                if out.returncode != 0:
+                    raise RuntimeError(f"report failed: {out.stderr[-300:]}")
+            timings[f"{by}_{since}"] = statistics.median(runs)
+        report["S9"] = {"fill": fill, "db_mib": s9_db.stat().st_size / 2**20, "report_seconds": timings}
+        print(f"S9: {fill['rows']} rows in {fill['seconds']:.0f} s ({s9_db.stat().st_size / 2**30:.1f} GiB);"
+              f" report seconds {', '.join(f'{k} {v:.2f}' for k, v in timings.items())}", flush=True)
     finally:
         procs.stop_all()
 
@@ -442,6 +509,22 @@ def markdown(r):
     t = r["S6"]["table"]
     L += ["", "## S6: 100% cache hits (64 connections)", "",
           f"{t['cached']['rps']:.0f} req/s, p50 {t['cached']['p50']:.3f} ms, p99 {t['cached']['p99']:.3f} ms (direct-to-mock: {t['direct']['rps']:.0f} req/s)."]
+    s7 = r["S7"]
+    L += ["", "## S7: the store and the request log (as shipped) against both off", "",
+          "| | closed-loop req/s | closed-loop p99 | added p50, 1 connection at 1,000 req/s |", "|---|---|---|---|"]
+    for k in ("store_on", "store_off"):
+        L.append(f"| {k} | {s7['closed'][k]['rps']:.0f} | {s7['closed'][k]['p99']:.3f} | {s7['c1'][k]['added_p50']:.3f} |")
+    L.append(f"\non/off per repetition: {', '.join(f'{x:.2f}x' for x in s7['closed_ratios'])}; rows written"
+             f" {s7['rows_written']:.0f}, dropped {s7['rows_dropped']:.0f}; log lines dropped {s7['log_dropped']:.0f}.")
+    s8 = r["S8"]
+    L += ["", "## S8: store writer", "", f"{s8['rows_per_sec']:.0f} rows/s committed (median of {len(s8['runs'])};"
+          f" {', '.join(str(x['rows_per_sec']) for x in s8['runs'])}), dropped {sum(x['dropped'] for x in s8['runs'])}."]
+    s9 = r["S9"]
+    L += ["", "## S9: report over a large store", "",
+          f"{s9['fill']['rows']} rows ({s9['db_mib']:.0f} MiB) over 30 days, written at {s9['fill']['rows_per_sec']} rows/s.", "",
+          "| report | seconds |", "|---|---|"]
+    for k, v in s9["report_seconds"].items():
+        L.append(f"| {k} | {v:.2f} |")
     return "\n".join(L) + "\n"
 
 

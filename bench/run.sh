@@ -17,5 +17,5 @@ if ! command -v nginx >/dev/null 2>&1; then
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq nginx-light >/dev/null
 fi
 echo "== building release binaries"
-cargo build --release --bin cascade --example stream_probe
+cargo build --release --bin cascade --example stream_probe --example store_load
 exec python3 bench/run.py "$@"

@@ -584,7 +584,11 @@ async fn the_report_sums_what_fallbacks_cost() {
         degraded_below: 0.8,
         min_calls: 3,
     };
-    let by_chain = report::run(&conn, &q(GroupBy::Chain)).unwrap();
+    let by_chain = report::run(
+        &h.state.config.store.as_ref().unwrap().path,
+        &q(GroupBy::Chain),
+    )
+    .unwrap();
     let main = by_chain["rows"]
         .as_array()
         .unwrap()
@@ -604,7 +608,11 @@ async fn the_report_sums_what_fallbacks_cost() {
     assert!(delta < 0.0);
     assert_eq!(by_chain["totals"]["requests"], 9);
 
-    let by_model = report::run(&conn, &q(GroupBy::Model)).unwrap();
+    let by_model = report::run(
+        &h.state.config.store.as_ref().unwrap().path,
+        &q(GroupBy::Model),
+    )
+    .unwrap();
     let model = |name: &str| {
         by_model["rows"]
             .as_array()
@@ -802,5 +810,59 @@ models:
     assert!(
         e.contains("store.path") && e.contains("/nonexistent-dir"),
         "{e}"
+    );
+}
+
+#[test]
+fn retention_deletes_old_rows_at_start() {
+    let dir = TempDir::new("store-retention");
+    let path = dir.path().join("r.db");
+    let settings = |retention| cascade::store::StoreSettings {
+        path: path.clone(),
+        retention,
+        queue: 1024,
+        flush_interval: Duration::from_millis(10),
+    };
+    let now = cascade::clock::now_ms();
+    let day = 86_400_000;
+    {
+        let metrics = cascade::metrics::Metrics::new();
+        let store = cascade::store::Store::open(
+            settings(Duration::from_secs(3650 * 86_400)),
+            metrics.store.clone(),
+        )
+        .unwrap();
+        for age_days in [40, 31, 29, 1] {
+            store.record(cascade::store::Row::Call(cascade::store::CallRow {
+                started_ms: now - age_days * day,
+                request_id: format!("r{age_days}").into(),
+                chain: "c".into(),
+                model: "m".into(),
+                provider: "p".into(),
+                kind: cascade::store::CallKind::Primary,
+                success: true,
+                status: Some(200),
+                error_type: None,
+                latency_ms: 1.0,
+                ttft_ms: None,
+                tokens: None,
+                cost_usd: 0.0,
+                deadline_cut: false,
+            }));
+        }
+        store.flush_blocking();
+    }
+    let metrics = cascade::metrics::Metrics::new();
+    let store = cascade::store::Store::open(
+        settings(Duration::from_secs(30 * 86_400)),
+        metrics.store.clone(),
+    )
+    .unwrap();
+    store.flush_blocking();
+    let conn = Connection::open(&path).unwrap();
+    let left = rows(&conn, "SELECT request_id FROM model_calls ORDER BY id");
+    assert_eq!(
+        left,
+        [json!({"request_id": "r29"}), json!({"request_id": "r1"})]
     );
 }

@@ -148,8 +148,7 @@ pub async fn report(
 
 /// Reads the report from the store at `path` (read-only; the file must exist).
 pub fn read_report(path: &Path, q: &ReportQuery) -> Result<serde_json::Value, String> {
-    let conn = crate::store::open_read_only(path).map_err(|e| e.to_string())?;
-    report::run(&conn, q).map_err(|e| e.to_string())
+    report::run(path, q).map_err(|e| e.to_string())
 }
 
 /// Fills each model's health window from the calls the store recorded within

@@ -8,6 +8,8 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+use std::path::Path;
+
 use rusqlite::Connection;
 use serde_json::{json, Map, Value};
 
@@ -52,12 +54,11 @@ pub struct ReportQuery {
 }
 
 /// The report as JSON: `{"since", "until", "by", "rows": [...], "totals": {...}}`.
-pub fn run(conn: &Connection, q: &ReportQuery) -> rusqlite::Result<Value> {
-    let since = clock::rfc3339_ms(q.since_ms);
-    let until = clock::rfc3339_ms(q.until_ms);
+/// Reads the store at `path` read-only (a gateway may be writing to it).
+pub fn run(path: &Path, q: &ReportQuery) -> rusqlite::Result<Value> {
     let (rows, totals) = match q.by {
-        GroupBy::Chain | GroupBy::Day => request_report(conn, q.by, &since, &until)?,
-        GroupBy::Model => model_report(conn, q, &since, &until)?,
+        GroupBy::Chain | GroupBy::Day => request_report(path, q)?,
+        GroupBy::Model => model_report(path, q)?,
     };
     Ok(json!({
         "since": clock::rfc3339_s(q.since_ms),
@@ -68,9 +69,108 @@ pub fn run(conn: &Connection, q: &ReportQuery) -> rusqlite::Result<Value> {
     }))
 }
 
+/// Reading rows is the cost of a report (a few hundred nanoseconds each in SQLite), so
+/// the window is cut into equal slices of time, each read on its own thread with its
+/// own connection, and the partial groups are merged.
+fn slices(q: &ReportQuery) -> Vec<(String, String)> {
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get().min(4)) as i64;
+    let span = (q.until_ms - q.since_ms).max(1);
+    (0..n)
+        .map(|i| {
+            let from = q.since_ms + span * i / n;
+            let to = if i + 1 == n {
+                q.until_ms
+            } else {
+                q.since_ms + span * (i + 1) / n
+            };
+            (clock::rfc3339_ms(from), clock::rfc3339_ms(to))
+        })
+        .collect()
+}
+
+/// Runs `scan` over every slice in parallel and merges what they found.
+fn scan_slices<G: Default + Send, F>(path: &Path, q: &ReportQuery, scan: F) -> rusqlite::Result<G>
+where
+    F: Fn(&Connection, &str, &str) -> rusqlite::Result<G> + Sync,
+    G: Merge,
+{
+    let parts: Vec<rusqlite::Result<G>> = std::thread::scope(|s| {
+        let handles: Vec<_> = slices(q)
+            .into_iter()
+            .map(|(from, to)| {
+                let scan = &scan;
+                s.spawn(move || {
+                    let conn = super::open_read_only(path)?;
+                    scan(&conn, &from, &to)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(rusqlite::Error::InvalidParameterName(
+                        "a report thread failed".into(),
+                    ))
+                })
+            })
+            .collect()
+    });
+    let mut out = G::default();
+    for part in parts {
+        out.merge(part?);
+    }
+    Ok(out)
+}
+
+trait Merge {
+    fn merge(&mut self, other: Self);
+}
+
+impl<K: Ord, V: Merge + Default> Merge for BTreeMap<K, V> {
+    fn merge(&mut self, other: Self) {
+        for (k, v) in other {
+            self.entry(k).or_default().merge(v);
+        }
+    }
+}
+
+impl<A: Merge, B: Merge> Merge for (A, B) {
+    fn merge(&mut self, other: Self) {
+        self.0.merge(other.0);
+        self.1.merge(other.1);
+    }
+}
+
+/// Finds the slot of a group by its key, borrowing the key from the row (no
+/// allocation per row: there are few distinct keys).
+fn slot<'a, G: Default>(groups: &'a mut Vec<(Option<String>, G)>, key: Option<&str>) -> &'a mut G {
+    let i = match groups.iter().position(|(k, _)| k.as_deref() == key) {
+        Some(i) => i,
+        None => {
+            groups.push((key.map(str::to_string), G::default()));
+            groups.len() - 1
+        }
+    };
+    &mut groups[i].1
+}
+
+fn text(v: rusqlite::types::ValueRef<'_>) -> Option<&str> {
+    match v {
+        rusqlite::types::ValueRef::Text(t) => std::str::from_utf8(t).ok(),
+        _ => None,
+    }
+}
+
 /// Latencies of one group, for nearest-rank percentiles.
 #[derive(Default)]
 struct Latencies(Vec<f64>);
+
+impl Merge for Latencies {
+    fn merge(&mut self, other: Self) {
+        self.0.extend(other.0);
+    }
+}
 
 impl Latencies {
     fn percentile(&mut self, p: f64) -> Option<f64> {
@@ -97,11 +197,25 @@ struct RequestGroup {
     primary_cost: f64,
 }
 
+impl Merge for RequestGroup {
+    fn merge(&mut self, o: Self) {
+        self.requests += o.requests;
+        self.judged += o.judged;
+        self.succeeded += o.succeeded;
+        self.via_fallback += o.via_fallback;
+        self.latencies.merge(o.latencies);
+        self.input_tokens += o.input_tokens;
+        self.output_tokens += o.output_tokens;
+        self.cost += o.cost;
+        self.primary_cost += o.primary_cost;
+    }
+}
+
 impl RequestGroup {
-    fn add(&mut self, r: &RequestFields) {
+    fn add(&mut self, r: &RequestFields<'_>) {
         self.requests += 1;
         let ok = r.error_type.is_none() && r.status < 400;
-        if r.error_type.as_deref() != Some("cancelled") {
+        if r.error_type != Some("cancelled") {
             self.judged += 1;
         }
         if ok {
@@ -117,7 +231,7 @@ impl RequestGroup {
         self.primary_cost += r.primary_cost;
     }
 
-    fn columns(mut self, key: (&str, Value)) -> Value {
+    fn columns(&mut self, key: (&str, Value)) -> Value {
         let mut m = Map::new();
         m.insert(key.0.into(), key.1);
         m.insert("requests".into(), json!(self.requests));
@@ -146,9 +260,9 @@ impl RequestGroup {
     }
 }
 
-struct RequestFields {
+struct RequestFields<'a> {
     status: i64,
-    error_type: Option<String>,
+    error_type: Option<&'a str>,
     fallbacks: i64,
     latency_ms: f64,
     input_tokens: u64,
@@ -157,44 +271,42 @@ struct RequestFields {
     primary_cost: f64,
 }
 
-fn request_report(
-    conn: &Connection,
-    by: GroupBy,
-    since: &str,
-    until: &str,
-) -> rusqlite::Result<(Vec<Value>, Value)> {
-    let key_sql = match by {
+fn request_report(path: &Path, q: &ReportQuery) -> rusqlite::Result<(Vec<Value>, Value)> {
+    let key_sql = match q.by {
         GroupBy::Day => "substr(timestamp, 1, 10)",
         _ => "chain",
     };
-    let mut stmt = conn.prepare(&format!(
+    let sql = format!(
         "SELECT {key_sql}, status, error_type, fallbacks, latency_ms, input_tokens,
                 output_tokens, cost_usd, primary_cost_usd
          FROM requests WHERE timestamp >= ?1 AND timestamp < ?2"
-    ))?;
-    let mut groups: BTreeMap<Option<String>, RequestGroup> = BTreeMap::new();
+    );
+    let groups: BTreeMap<Option<String>, RequestGroup> = scan_slices(path, q, |conn, from, to| {
+        let mut stmt = conn.prepare(&sql)?;
+        let mut groups: Vec<(Option<String>, RequestGroup)> = Vec::new();
+        let mut rows = stmt.query([from, to])?;
+        while let Some(row) = rows.next()? {
+            let f = RequestFields {
+                status: row.get(1)?,
+                error_type: text(row.get_ref(2)?),
+                fallbacks: row.get(3)?,
+                latency_ms: row.get(4)?,
+                input_tokens: row.get::<_, Option<i64>>(5)?.unwrap_or(0).max(0) as u64,
+                output_tokens: row.get::<_, Option<i64>>(6)?.unwrap_or(0).max(0) as u64,
+                cost: row.get(7)?,
+                primary_cost: row.get(8)?,
+            };
+            slot(&mut groups, text(row.get_ref(0)?)).add(&f);
+        }
+        Ok(groups.into_iter().collect())
+    })?;
     let mut total = RequestGroup::default();
-    let mut rows = stmt.query([since, until])?;
-    while let Some(row) = rows.next()? {
-        let key: Option<String> = row.get(0)?;
-        let f = RequestFields {
-            status: row.get(1)?,
-            error_type: row.get(2)?,
-            fallbacks: row.get(3)?,
-            latency_ms: row.get(4)?,
-            input_tokens: row.get::<_, Option<i64>>(5)?.unwrap_or(0).max(0) as u64,
-            output_tokens: row.get::<_, Option<i64>>(6)?.unwrap_or(0).max(0) as u64,
-            cost: row.get(7)?,
-            primary_cost: row.get(8)?,
-        };
-        groups.entry(key).or_default().add(&f);
-        total.add(&f);
+    let name = q.by.as_str();
+    let mut out = Vec::with_capacity(groups.len());
+    for (k, mut g) in groups {
+        out.push(g.columns((name, json!(k))));
+        total.merge(g);
     }
-    let name = by.as_str();
-    let out = groups
-        .into_iter()
-        .map(|(k, g)| g.columns((name, json!(k))))
-        .collect();
     Ok((out, total.columns((name, json!("total")))))
 }
 
@@ -210,10 +322,25 @@ struct ModelGroup {
     served_as_fallback: u64,
 }
 
+impl Merge for ModelGroup {
+    fn merge(&mut self, o: Self) {
+        self.calls += o.calls;
+        self.judged += o.judged;
+        self.succeeded += o.succeeded;
+        self.latency_sum += o.latency_sum;
+        self.latencies.merge(o.latencies);
+        self.cost += o.cost;
+        for (k, v) in o.errors {
+            *self.errors.entry(k).or_default() += v;
+        }
+        self.served_as_fallback += o.served_as_fallback;
+    }
+}
+
 impl ModelGroup {
-    fn add(&mut self, success: bool, error_type: Option<String>, latency_ms: f64, cost: f64) {
+    fn add(&mut self, success: bool, error_type: Option<&str>, latency_ms: f64, cost: f64) {
         self.calls += 1;
-        if error_type.as_deref() != Some("cancelled") {
+        if error_type != Some("cancelled") {
             self.judged += 1;
         }
         if success {
@@ -223,11 +350,16 @@ impl ModelGroup {
         self.latencies.0.push(latency_ms);
         self.cost += cost;
         if let Some(e) = error_type {
-            *self.errors.entry(e).or_default() += 1;
+            match self.errors.get_mut(e) {
+                Some(n) => *n += 1,
+                None => {
+                    self.errors.insert(e.to_string(), 1);
+                }
+            }
         }
     }
 
-    fn columns(mut self, key: Value, degraded: Option<bool>) -> Value {
+    fn columns(&mut self, key: Value, degraded: Option<bool>) -> Value {
         let mut m = Map::new();
         m.insert("model".into(), key);
         m.insert("calls".into(), json!(self.calls));
@@ -247,59 +379,71 @@ impl ModelGroup {
         m.insert("degraded".into(), json!(degraded));
         m.insert("served_as_fallback".into(), json!(self.served_as_fallback));
         m.insert("cost_usd".into(), json!(usd(self.cost)));
-        m.insert("errors".into(), json!(self.errors));
+        m.insert("errors".into(), json!(&self.errors));
         Value::Object(m)
     }
 }
 
-fn model_report(
-    conn: &Connection,
-    q: &ReportQuery,
-    since: &str,
-    until: &str,
-) -> rusqlite::Result<(Vec<Value>, Value)> {
-    let mut stmt = conn.prepare(
-        "SELECT model_name, success, error_type, latency_ms, cost_usd
-         FROM model_calls WHERE timestamp >= ?1 AND timestamp < ?2",
-    )?;
-    let mut groups: BTreeMap<String, ModelGroup> = BTreeMap::new();
+/// Counts of requests answered from a position other than the chain's first.
+#[derive(Default)]
+struct Count(u64);
+
+impl Merge for Count {
+    fn merge(&mut self, o: Self) {
+        self.0 += o.0;
+    }
+}
+
+fn model_report(path: &Path, q: &ReportQuery) -> rusqlite::Result<(Vec<Value>, Value)> {
+    type Part = (BTreeMap<String, ModelGroup>, BTreeMap<String, Count>);
+    let (mut groups, served): Part = scan_slices(path, q, |conn, from, to| {
+        let mut stmt = conn.prepare_cached(
+            "SELECT model_name, success, error_type, latency_ms, cost_usd
+             FROM model_calls WHERE timestamp >= ?1 AND timestamp < ?2",
+        )?;
+        let mut groups: Vec<(Option<String>, ModelGroup)> = Vec::new();
+        let mut rows = stmt.query([from, to])?;
+        while let Some(row) = rows.next()? {
+            let success: bool = row.get(1)?;
+            let latency: f64 = row.get(3)?;
+            let cost: f64 = row.get(4)?;
+            slot(&mut groups, text(row.get_ref(0)?)).add(
+                success,
+                text(row.get_ref(2)?),
+                latency,
+                cost,
+            );
+        }
+        let mut stmt = conn.prepare_cached(
+            "SELECT model_name, COUNT(*) FROM requests
+             WHERE timestamp >= ?1 AND timestamp < ?2 AND fallbacks > 0
+               AND model_name IS NOT NULL AND error_type IS NULL AND cache NOT IN ('hit', 'stale')
+             GROUP BY model_name",
+        )?;
+        let mut served = BTreeMap::new();
+        let mut rows = stmt.query([from, to])?;
+        while let Some(row) = rows.next()? {
+            let model: String = row.get(0)?;
+            let n: i64 = row.get(1)?;
+            served.insert(model, Count(n.max(0) as u64));
+        }
+        let groups = groups
+            .into_iter()
+            .map(|(k, g)| (k.unwrap_or_default(), g))
+            .collect();
+        Ok((groups, served))
+    })?;
+    for (model, n) in served {
+        groups.entry(model).or_default().served_as_fallback += n.0;
+    }
     let mut total = ModelGroup::default();
-    let mut rows = stmt.query([since, until])?;
-    while let Some(row) = rows.next()? {
-        let model: String = row.get(0)?;
-        let success: bool = row.get(1)?;
-        let error_type: Option<String> = row.get(2)?;
-        let latency: f64 = row.get(3)?;
-        let cost: f64 = row.get(4)?;
-        total.add(success, error_type.clone(), latency, cost);
-        groups
-            .entry(model)
-            .or_default()
-            .add(success, error_type, latency, cost);
+    let mut out = Vec::with_capacity(groups.len());
+    for (k, mut g) in groups {
+        let degraded =
+            g.judged >= q.min_calls && (g.succeeded as f64) < q.degraded_below * g.judged as f64;
+        out.push(g.columns(json!(k), Some(degraded)));
+        total.merge(g);
     }
-    // Requests each model answered from a position other than the chain's first.
-    let mut stmt = conn.prepare(
-        "SELECT model_name, COUNT(*) FROM requests
-         WHERE timestamp >= ?1 AND timestamp < ?2 AND fallbacks > 0
-           AND model_name IS NOT NULL AND error_type IS NULL AND cache NOT IN ('hit', 'stale')
-         GROUP BY model_name",
-    )?;
-    let mut rows = stmt.query([since, until])?;
-    while let Some(row) = rows.next()? {
-        let model: String = row.get(0)?;
-        let n: i64 = row.get(1)?;
-        let n = n.max(0) as u64;
-        total.served_as_fallback += n;
-        groups.entry(model).or_default().served_as_fallback += n;
-    }
-    let out = groups
-        .into_iter()
-        .map(|(k, g)| {
-            let degraded = g.judged >= q.min_calls
-                && (g.succeeded as f64) < q.degraded_below * g.judged as f64;
-            g.columns(json!(k), Some(degraded))
-        })
-        .collect();
     Ok((out, total.columns(json!("total"), None)))
 }
 

@@ -36,6 +36,7 @@ breaker: {{ consecutive_failures: 1000000, min_calls: 1000000 }}
 health: {{ min_calls: 1000000 }}
 mock:
   listen: 127.0.0.1:{mock_port}
+store: {{ path: "{db}", flush_interval: 50ms }}
 providers:
   mock: {{ kind: openai, base_url: "http://127.0.0.1:{mock_port}/v1", api_key: "sk-sdk-test-SECRET" }}
   dead: {{ kind: openai_compatible, base_url: "http://127.0.0.1:{dead_port}/v1" }}
@@ -77,7 +78,9 @@ def gateway():
     binary = os.environ.get("CASCADE_BIN", str(ROOT / "target" / "debug" / "cascade"))
     port, mock_port, dead_port = free_port(), free_port(), free_port()
     cfg = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
-    cfg.write(CONFIG.format(port=port, mock_port=mock_port, dead_port=dead_port))
+    state = tempfile.mkdtemp(prefix="cascade-sdk-")
+    db = os.path.join(state, "cascade.db")
+    cfg.write(CONFIG.format(port=port, mock_port=mock_port, dead_port=dead_port, db=db))
     cfg.close()
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen([binary, "serve", "--config", cfg.name], stdout=log, stderr=subprocess.STDOUT)
@@ -95,6 +98,7 @@ def gateway():
             time.sleep(0.05)
     gw = Gateway(base, f"http://127.0.0.1:{mock_port}")
     gw.log = log
+    gw.db = db
     yield gw
     proc.terminate()
     proc.wait(timeout=10)

@@ -200,3 +200,55 @@ def test_streamed_cache_hit_reassembles_like_the_original(gw, client):
     assert first[0] == "miss" and second[0] == "hit"
     assert second[1:] == first[1:]
     assert gw.calls("p") == 1
+
+
+def stored_request(gw, request_id, timeout=5.0):
+    """The `requests` row of a request, once the gateway's writer has committed it."""
+    import sqlite3
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        conn = sqlite3.connect(gw.db)
+        conn.row_factory = sqlite3.Row
+        row = conn.execute("SELECT * FROM requests WHERE request_id = ?", (request_id,)).fetchone()
+        conn.close()
+        if row is not None:
+            return dict(row)
+        time.sleep(0.05)
+    raise AssertionError(f"no stored row for {request_id}")
+
+
+def test_a_plain_sdk_stream_has_no_usage_chunk_and_its_tokens_are_stored(gw, client):
+    raw = client.chat.completions.with_raw_response.create(model="main", messages=MESSAGES, stream=True)
+    chunks = list(raw.parse())
+    assert chunks and all(c.usage is None for c in chunks), "the client did not ask for usage"
+    assert all(c.choices for c in chunks)
+    row = stored_request(gw, raw.headers["x-request-id"])
+    assert row["stream"] == 1 and row["status"] == 200 and row["model_name"] == "primary"
+    assert row["input_tokens"] > 0 and row["output_tokens"] > 0
+    assert row["cost_usd"] == 0  # the test pool has no prices
+
+
+def test_an_sdk_fallback_is_recorded_with_its_calls(gw, client):
+    import sqlite3
+
+    gw.knobs("p", "status=503")
+    raw, done = raw_create(client, model="main")
+    assert done.model == "s"
+    row = stored_request(gw, raw.headers["x-request-id"])
+    assert (row["model_name"], row["attempts"], row["fallbacks"]) == ("secondary", 2, 1)
+    import time
+
+    deadline = time.time() + 5
+    while True:
+        conn = sqlite3.connect(gw.db)
+        calls = conn.execute(
+            "SELECT model_name, kind, success, status, error_type FROM model_calls WHERE request_id = ? ORDER BY id",
+            (raw.headers["x-request-id"],),
+        ).fetchall()
+        conn.close()
+        if len(calls) >= 2 or time.time() > deadline:
+            break
+        time.sleep(0.05)
+    assert calls == [("primary", "primary", 0, 503, "transient"), ("secondary", "fallback", 1, 200, None)]
