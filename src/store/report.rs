@@ -89,10 +89,10 @@ fn slices(q: &ReportQuery) -> Vec<(String, String)> {
 }
 
 /// Runs `scan` over every slice in parallel and merges what they found.
-fn scan_slices<G: Default + Send, F>(path: &Path, q: &ReportQuery, scan: F) -> rusqlite::Result<G>
+fn scan_slices<G, F>(path: &Path, q: &ReportQuery, scan: F) -> rusqlite::Result<G>
 where
     F: Fn(&Connection, &str, &str) -> rusqlite::Result<G> + Sync,
-    G: Merge,
+    G: Merge + Default + Send,
 {
     let parts: Vec<rusqlite::Result<G>> = std::thread::scope(|s| {
         let handles: Vec<_> = slices(q)
