@@ -68,6 +68,7 @@ pub fn init(settings: LogSettings) -> LogGuard {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .with_target(false);
     let installed = match settings.format {
         LogFormat::Text => builder.try_init(),

@@ -81,7 +81,7 @@ impl AttemptRecord {
             ttft_ms: self.ttft.map(|t| t.as_secs_f64() * 1000.0),
             tokens,
             cost_usd: match (&self.usage, success) {
-                (Some(u), true) => self.model.cost_usd(u),
+                (Some(u), true) => crate::store::round_usd(self.model.cost_usd(u)),
                 _ => 0.0,
             },
             deadline_cut: self.deadline_cut,

@@ -16,7 +16,7 @@ use crate::api::{ApiError, Usage};
 use crate::config::{Chain, Model};
 use crate::routing::engine::AttemptRecord;
 use crate::routing::target::RequestCtx;
-use crate::store::{RequestRow, Row, Tokens};
+use crate::store::{round_usd, RequestRow, Row, Tokens};
 
 /// A request id longer than this (a client may send its own) is cut for the record.
 const MAX_REQUEST_ID: usize = 128;
@@ -109,7 +109,9 @@ impl Ledger {
             app.metrics.record_request_cost(c, cost, primary_cost);
         }
         let tokens = a.usage.as_ref().map(Tokens::from);
-        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        // Microsecond precision: no float noise in the log or the store.
+        let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1000.0;
+        let (cost, primary_cost) = (round_usd(cost), round_usd(primary_cost));
         if app.config.log.requests {
             tracing::info!(
                 target: crate::log::REQUEST,

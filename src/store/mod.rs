@@ -68,6 +68,12 @@ impl From<&crate::api::Usage> for Tokens {
     }
 }
 
+/// Dollars to ten decimals, as the store keeps them: a cheap call costs about 1e-6,
+/// and float products carry noise in their last digits.
+pub fn round_usd(v: f64) -> f64 {
+    (v * 1e10).round() / 1e10
+}
+
 /// One upstream call.
 #[derive(Debug, Clone)]
 pub struct CallRow {
