@@ -9,7 +9,6 @@
 
 use std::sync::OnceLock;
 
-use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
 use tracing_subscriber::fmt::format::Writer;
@@ -78,7 +77,7 @@ pub fn init(settings: LogSettings) -> LogGuard {
 }
 
 /// One JSON object per line, event fields at the top level next to `timestamp`,
-/// `level` and `message`.
+/// `level` and `message`. Written straight into the line buffer, with no map per event.
 pub struct FlatJson;
 
 impl<S, N> FormatEvent<S, N> for FlatJson
@@ -92,56 +91,194 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> std::fmt::Result {
-        writeln!(writer, "{}", json_line(event, crate::clock::now_ms()))
+        write_json_line(&mut writer, event, crate::clock::now_ms())
     }
 }
 
-/// The JSON text of one event.
-pub fn json_line(event: &Event<'_>, now_ms: i64) -> String {
+/// Writes the JSON text of one event, and a newline.
+pub fn write_json_line(
+    out: &mut dyn std::fmt::Write,
+    event: &Event<'_>,
+    now_ms: i64,
+) -> std::fmt::Result {
     let meta = event.metadata();
-    let mut map = Map::new();
-    map.insert(
-        "timestamp".into(),
-        Value::String(crate::clock::rfc3339_ms(now_ms)),
-    );
-    map.insert("level".into(), Value::String(meta.level().as_str().into()));
-    map.insert("message".into(), Value::String(String::new()));
-    event.record(&mut Fields(&mut map));
+    out.write_str("{\"timestamp\":\"")?;
+    out.write_str(&crate::clock::rfc3339_ms(now_ms))?;
+    out.write_str("\",\"level\":\"")?;
+    out.write_str(meta.level().as_str())?;
+    out.write_char('"')?;
     let required = match meta.target() {
         REQUEST => REQUEST_FIELDS,
         FALLBACK => FALLBACK_FIELDS,
-        _ => {
-            map.insert("target".into(), Value::String(meta.target().into()));
+        target => {
+            out.write_str(",\"target\":")?;
+            escaped(out, target)?;
             &[]
         }
     };
-    for key in required {
-        map.entry(*key).or_insert(Value::Null);
+    let mut fields = Fields {
+        out,
+        seen: 0,
+        required,
+        result: Ok(()),
+    };
+    event.record(&mut fields);
+    fields.result?;
+    let seen = fields.seen;
+    for (i, key) in required.iter().enumerate() {
+        if seen & (1 << i) == 0 {
+            out.write_str(",\"")?;
+            out.write_str(key)?;
+            out.write_str("\":null")?;
+        }
     }
-    serde_json::to_string(&map).unwrap_or_default()
+    out.write_str("}\n")
 }
 
-struct Fields<'a>(&'a mut Map<String, Value>);
+/// A JSON string literal.
+fn escaped(out: &mut dyn std::fmt::Write, s: &str) -> std::fmt::Result {
+    out.write_char('"')?;
+    let mut from = 0;
+    for (i, c) in s.char_indices() {
+        let esc = match c {
+            '"' => "\\\"",
+            '\\' => "\\\\",
+            '\n' => "\\n",
+            '\r' => "\\r",
+            '\t' => "\\t",
+            c if (c as u32) < 0x20 => "",
+            _ => continue,
+        };
+        out.write_str(&s[from..i])?;
+        if esc.is_empty() {
+            write!(out, "\\u{:04x}", c as u32)?;
+        } else {
+            out.write_str(esc)?;
+        }
+        from = i + c.len_utf8();
+    }
+    out.write_str(&s[from..])?;
+    out.write_char('"')
+}
+
+/// Writes each field as `,"name":value`, noting which required fields it saw.
+struct Fields<'a> {
+    out: &'a mut dyn std::fmt::Write,
+    seen: u64,
+    required: &'static [&'static str],
+    result: std::fmt::Result,
+}
+
+impl Fields<'_> {
+    fn key(&mut self, field: &Field) {
+        if let Some(i) = self.required.iter().position(|k| *k == field.name()) {
+            self.seen |= 1 << i;
+        }
+        if self.result.is_ok() {
+            self.result = self
+                .out
+                .write_str(",\"")
+                .and_then(|()| self.out.write_str(field.name()))
+                .and_then(|()| self.out.write_str("\":"));
+        }
+    }
+
+    fn raw(&mut self, field: &Field, value: std::fmt::Arguments<'_>) {
+        self.key(field);
+        if self.result.is_ok() {
+            self.result = self.out.write_fmt(value);
+        }
+    }
+}
 
 impl Visit for Fields<'_> {
     fn record_f64(&mut self, field: &Field, value: f64) {
-        let v = serde_json::Number::from_f64(value).map_or(Value::Null, Value::Number);
-        self.0.insert(field.name().into(), v);
+        if value.is_finite() {
+            self.raw(field, format_args!("{value}"));
+        } else {
+            self.raw(field, format_args!("null"));
+        }
     }
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.0.insert(field.name().into(), value.into());
+        self.raw(field, format_args!("{value}"));
     }
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.0.insert(field.name().into(), value.into());
+        self.raw(field, format_args!("{value}"));
     }
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.0.insert(field.name().into(), value.into());
+        self.raw(field, format_args!("{value}"));
     }
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.0.insert(field.name().into(), value.into());
+        self.key(field);
+        if self.result.is_ok() {
+            self.result = escaped(self.out, value);
+        }
     }
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        self.0
-            .insert(field.name().into(), Value::String(format!("{value:?}")));
+        let text = format!("{value:?}");
+        self.record_str(field, &text);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Captures the JSON line of one event.
+    struct Capture(std::sync::Mutex<Vec<String>>);
+
+    impl tracing::Subscriber for Capture {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, event: &Event<'_>) {
+            let mut line = String::new();
+            write_json_line(&mut line, event, 0).unwrap();
+            self.0.lock().unwrap().push(line);
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    #[test]
+    fn lines_are_flat_json_with_every_contract_field() {
+        let capture = std::sync::Arc::new(Capture(Default::default()));
+        tracing::subscriber::with_default(capture.clone(), || {
+            tracing::warn!(
+                target: FALLBACK,
+                request_id = "r\"1\n",
+                chain = "c",
+                from = "a",
+                to = "b",
+                reason = "transient",
+                status = None::<u16>,
+                "fallback"
+            );
+            tracing::info!(ratio = 0.5, n = 3u64, ok = true, "plain \u{1} text");
+        });
+        let lines = capture.0.lock().unwrap().clone();
+        let v: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+        assert_eq!(v["message"], "fallback");
+        assert_eq!(v["request_id"], "r\"1\n");
+        assert_eq!(v["level"], "WARN");
+        assert_eq!(v["timestamp"], "1970-01-01T00:00:00.000Z");
+        assert!(v.get("status").is_some_and(serde_json::Value::is_null));
+        assert!(v.get("target").is_none());
+        let v: serde_json::Value = serde_json::from_str(&lines[1]).unwrap();
+        assert_eq!(
+            (&v["ratio"], &v["n"], &v["ok"], &v["message"]),
+            (
+                &serde_json::json!(0.5),
+                &serde_json::json!(3),
+                &serde_json::json!(true),
+                &serde_json::json!("plain \u{1} text")
+            )
+        );
+        assert!(v["target"].is_string());
     }
 }
