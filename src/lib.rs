@@ -14,5 +14,6 @@ pub mod resilience;
 pub mod routing;
 pub mod secret;
 pub mod server;
+pub mod shadow;
 pub mod store;
 pub mod workers;

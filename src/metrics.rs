@@ -38,6 +38,12 @@ pub struct Metrics {
     pub store: crate::store::StoreMetrics,
     /// Log lines dropped because the log writer fell behind.
     pub log_dropped: IntCounter,
+    pub shadow_requests_total: IntCounterVec,
+    pub shadow_skipped_total: IntCounterVec,
+    pub shadow_similarity: HistogramVec,
+    pub shadow_cost_usd_total: CounterVec,
+    /// Serializes [`Metrics::sync_log_dropped`] between concurrent scrapes.
+    log_dropped_sync: std::sync::Mutex<()>,
     /// Handles for the configured chains and models, bound once so the hot path does
     /// not hash label values. Empty until [`Metrics::for_config`].
     bound: Bound,
@@ -275,8 +281,39 @@ impl Metrics {
         registry
             .register(Box::new(store_flush.clone()))
             .expect("unique metric");
+        let shadow_requests_total = counter(
+            "cascade_shadow_requests_total",
+            "Shadow calls, by outcome (ok or the error class).",
+            &["chain", "model", "outcome"],
+        );
+        let shadow_skipped_total = counter(
+            "cascade_shadow_skipped_total",
+            "Shadow calls not started: cost_cap, inflight, breaker_open.",
+            &["chain", "reason"],
+        );
+        let shadow_similarity = histogram(
+            "cascade_shadow_similarity",
+            "Word-set similarity of each shadow answer to the served one (0..1).",
+            &["chain", "model"],
+            &[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0],
+        );
+        let shadow_cost_usd_total = CounterVec::new(
+            Opts::new(
+                "cascade_shadow_cost_usd_total",
+                "Cost of shadow calls in US dollars.",
+            ),
+            &["chain", "model"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(shadow_cost_usd_total.clone()))
+            .expect("unique metric");
         Metrics {
             registry,
+            shadow_requests_total,
+            shadow_skipped_total,
+            shadow_similarity,
+            shadow_cost_usd_total,
             request_cost_usd_total,
             primary_cost_usd_total,
             store: crate::store::StoreMetrics {
@@ -286,6 +323,7 @@ impl Metrics {
                 flush_seconds: store_flush,
             },
             log_dropped,
+            log_dropped_sync: std::sync::Mutex::new(()),
             cache_requests,
             cache_bytes,
             cache_evictions,
@@ -507,6 +545,15 @@ impl Metrics {
                     .with_label_values(&[&chain.name])
                     .inc_by(primary.max(0.0));
             }
+        }
+    }
+
+    /// Brings `cascade_log_dropped_total` up to `dropped` (the log writer's own count).
+    pub fn sync_log_dropped(&self, dropped: u64) {
+        let _one_at_a_time = self.log_dropped_sync.lock();
+        let seen = self.log_dropped.get();
+        if dropped > seen {
+            self.log_dropped.inc_by(dropped - seen);
         }
     }
 

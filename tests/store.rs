@@ -866,3 +866,33 @@ fn retention_deletes_old_rows_at_start() {
         [json!({"request_id": "r29"}), json!({"request_id": "r1"})]
     );
 }
+
+#[tokio::test]
+async fn callers_that_share_a_flight_pay_once() {
+    let dir = TempDir::new("store-flight");
+    let h = start(&config(&dir.path().join("cascade.db"))).await;
+    h.mock.set("p", "latency=200ms");
+    let body = json!({"model": "main", "temperature": 0, "messages": [{"role": "user", "content": "same"}]})
+        .to_string();
+    let (a, b) = tokio::join!(h.post_raw(body.clone(), &[]), h.post_raw(body, &[]));
+    assert_eq!((a.status, b.status), (200, 200));
+    assert_eq!(h.mock.calls("p"), 1, "one flight");
+    let conn = settle(&h, 2).await;
+    let mut both = [request_row(&conn, &a), request_row(&conn, &b)];
+    both.sort_by_key(|r| r["attempts"].as_i64());
+    let (joined, ran) = (&both[0], &both[1]);
+    assert_eq!(
+        (
+            &joined["attempts"],
+            &joined["cost_usd"],
+            &joined["model_name"]
+        ),
+        (&json!(0), &json!(0.0), &json!("primary"))
+    );
+    assert_eq!(ran["attempts"], 1);
+    assert!(ran["cost_usd"].as_f64().unwrap() > 0.0);
+    let calls: i64 = conn
+        .query_row("SELECT COUNT(*) FROM model_calls", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(calls, 1);
+}

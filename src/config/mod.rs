@@ -70,6 +70,8 @@ pub struct Config {
     pub jitter_seed: Option<u64>,
     pub cache: CacheSettings,
     pub health: HealthSettings,
+    /// Seed for shadow sampling; `None` seeds from the clock.
+    pub shadow_seed: Option<u64>,
     /// `None` with `store.enabled: false`.
     pub store: Option<crate::store::StoreSettings>,
     pub log: LogSettings,
@@ -238,6 +240,21 @@ pub struct Chain {
     pub when_all_open: WhenAllOpen,
     pub request_timeout: Duration,
     pub cache: ChainCache,
+    /// Shadow traffic: a sampled share of requests also runs on these targets.
+    pub shadow: Option<ShadowPlan>,
+}
+
+/// A chain's shadow settings (`chains.NAME.shadow`).
+#[derive(Debug, Clone)]
+pub struct ShadowPlan {
+    /// The shadow targets, in config order (each with the chain's settings for it).
+    pub targets: Vec<Target>,
+    /// Share of requests sampled, 0..=1.
+    pub sample: f64,
+    /// USD per hour; sampling pauses for the rest of the hour when reached.
+    pub max_cost_per_hour: Option<f64>,
+    /// Shadow calls in flight for this chain at most.
+    pub max_inflight: usize,
 }
 
 /// A model at one position of one chain, with the settings that apply there.
@@ -566,9 +583,19 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 "must be at least 1",
             ));
         }
+        let shadow = spec
+            .shadow
+            .as_ref()
+            .map(|sh| {
+                shadow_plan(&format!("{path}.shadow"), sh, &members, &lookup, &|m| {
+                    target(m, &server, &raw.retry, &settings)
+                })
+            })
+            .transpose()?;
         chains.insert(
             name.clone(),
             Arc::new(Chain {
+                shadow,
                 name: name.as_str().into(),
                 index: chains.len(),
                 name_header: HeaderValue::from_str(name).ok(),
@@ -613,6 +640,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 when_all_open: WhenAllOpen::TrySoonest,
                 request_timeout: server.request_timeout,
                 cache: ChainCache::default(),
+                shadow: None,
             }),
         );
     }
@@ -644,6 +672,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         hedge_budget: budget("hedge_budget", &raw.hedge_budget, (0.1, 5.0))?,
         jitter_seed: raw.retry.seed,
         health,
+        shadow_seed: raw.shadow_seed,
         store: store_settings(&raw.store)?,
         log: log_settings(&raw.log)?,
         report: report_schedule(&raw)?,
@@ -922,6 +951,49 @@ fn breaker_settings(
         ));
     }
     Ok(s)
+}
+
+/// Finds a pool model by name, or an error at the given YAML path.
+type ModelLookup<'a> = dyn Fn(&str, &str) -> Result<Arc<Model>, ConfigError> + 'a;
+
+/// A chain's shadow block: models of the pool (default: the chain after its first).
+fn shadow_plan(
+    path: &str,
+    sh: &raw::RawShadow,
+    members: &[Arc<Model>],
+    lookup: &ModelLookup<'_>,
+    target: &dyn Fn(Arc<Model>) -> Target,
+) -> Result<ShadowPlan, ConfigError> {
+    let models = match &sh.models {
+        Some(names) => names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| lookup(&format!("{path}.models[{i}]"), n))
+            .collect::<Result<Vec<_>, _>>()?,
+        None => members.iter().skip(1).cloned().collect(),
+    };
+    let sample = ratio(&format!("{path}.sample"), sh.sample.unwrap_or(0.05))?;
+    if let Some(c) = sh.max_cost_per_hour {
+        if !(c.is_finite() && c >= 0.0) {
+            return Err(ConfigError::at(
+                &format!("{path}.max_cost_per_hour"),
+                "must be a non-negative number of US dollars",
+            ));
+        }
+    }
+    let max_inflight = sh.max_inflight.unwrap_or(32);
+    if max_inflight == 0 {
+        return Err(ConfigError::at(
+            &format!("{path}.max_inflight"),
+            "must be at least 1",
+        ));
+    }
+    Ok(ShadowPlan {
+        targets: models.into_iter().map(target).collect(),
+        sample,
+        max_cost_per_hour: sh.max_cost_per_hour,
+        max_inflight,
+    })
 }
 
 pub const DEFAULT_STORE_PATH: &str = "cascade.db";

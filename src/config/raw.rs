@@ -41,6 +41,9 @@ pub struct RawConfig {
     /// The scheduled fallback-cost report; off unless present.
     #[serde(default)]
     pub report: Option<RawReport>,
+    /// Seed for shadow sampling: the same requests are sampled the same way every run.
+    #[serde(default)]
+    pub shadow_seed: Option<u64>,
 }
 
 /// The embedded store of calls and requests.
@@ -302,6 +305,17 @@ pub struct RawChainSpec {
     pub on: IndexMap<String, RawAction>,
     pub retry: Option<RawRetry>,
     pub cache: Option<RawChainCache>,
+    pub shadow: Option<RawShadow>,
+}
+
+/// Shadow traffic for a chain: a sampled share of requests also runs on backups.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawShadow {
+    pub models: Option<Vec<String>>,
+    pub sample: Option<f64>,
+    pub max_cost_per_hour: Option<f64>,
+    pub max_inflight: Option<usize>,
 }
 
 impl<'de> Deserialize<'de> for RawChain {

@@ -29,6 +29,8 @@ use crate::store::{CallKind, CallRow, Tokens};
 /// One upstream call, as reported in headers, error bodies and the store.
 #[derive(Debug, Clone)]
 pub struct AttemptRecord {
+    /// The call's number in its request (the order calls started).
+    pub call: usize,
     pub model: Arc<Model>,
     /// The target's position in the chain.
     pub position: usize,
@@ -121,6 +123,8 @@ pub struct CommittedStream {
     pub chaos_cut: bool,
     /// A head chunk already carried a `finish_reason`.
     pub head_finished: bool,
+    /// The committed call's number in its request's context (set by `Record`).
+    pub call: usize,
 }
 
 pub enum Answer {
@@ -193,6 +197,11 @@ impl Engine {
 
     fn metrics(&self) -> &Metrics {
         &self.shared.metrics
+    }
+
+    /// The pieces every target stack shares (for shadow calls).
+    pub fn shared(&self) -> &StackShared {
+        &self.shared
     }
 
     /// Runs `req` through `chain` until a target answers, a failure must be returned
@@ -596,6 +605,7 @@ fn filtered_answer(chunks: Vec<Bytes>, stream: bool) -> Answer {
             idle_timeout: None,
             chaos_cut: false,
             head_finished: true,
+            call: usize::MAX,
         }))
     } else {
         Answer::Complete(Completion {

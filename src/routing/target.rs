@@ -28,7 +28,7 @@ use crate::resilience::circuit::CircuitLayer;
 use crate::resilience::retry::{RetryLayer, RetryPolicy, RetryShared};
 use crate::resilience::timeout::TimeoutLayer;
 use crate::resilience::Attempt;
-use crate::store::{CallKind, Row, Store};
+use crate::store::{CallKind, CallRow, Row, Store};
 
 /// State shared by every call made for one client request.
 ///
@@ -105,18 +105,32 @@ impl RequestCtx {
         self.lock().started.len()
     }
 
-    /// Notes a call to the target at `position` and says what kind of call it is.
-    fn start_call(&self, position: usize, launch: Launch) -> CallKind {
+    /// Notes a call to the target at `position`: its number in this request, and what
+    /// kind of call it is.
+    fn start_call(&self, position: usize, launch: Launch) -> (usize, CallKind) {
         let mut t = self.lock();
         let again = t.started.contains(&position);
+        let call = t.started.len();
         t.started.push(position);
-        match launch {
+        let kind = match launch {
             _ if again => CallKind::Retry,
             Launch::First => CallKind::Primary,
             Launch::Next => CallKind::Fallback,
             Launch::Race => CallKind::Race,
             Launch::Hedge => CallKind::Hedge,
-        }
+            Launch::Shadow => CallKind::Shadow,
+        };
+        (call, kind)
+    }
+
+    /// Takes the calls recorded so far, to be written with their request's row; any
+    /// that end later are written when the context goes.
+    pub fn take_rows(&self) -> Vec<CallRow> {
+        let records = std::mem::take(&mut self.lock().records);
+        records
+            .iter()
+            .map(|r| r.row(&self.request_id, &self.chain))
+            .collect()
     }
 
     fn push(&self, record: AttemptRecord) {
@@ -125,13 +139,9 @@ impl RequestCtx {
 
     /// A committed stream ended: its call's record gets the whole stream's time and
     /// usage, and how it ended after the commit point.
-    pub fn settle_stream(&self, usage: Option<Usage>, end: StreamEnding) {
+    pub fn settle_stream(&self, call: usize, usage: Option<Usage>, end: StreamEnding) {
         let mut t = self.lock();
-        if let Some(r) = t
-            .records
-            .iter_mut()
-            .find(|r| r.class.is_none() && !r.cancelled)
-        {
+        if let Some(r) = t.records.iter_mut().find(|r| r.call == call) {
             r.latency = r.started_at.elapsed();
             r.usage = usage;
             match end {
@@ -186,6 +196,8 @@ pub enum Launch {
     Race,
     /// A hedge fired because the first answer was slow.
     Hedge,
+    /// A shadow call, beside the served answer.
+    Shadow,
 }
 
 /// The request type that flows through a target stack.
@@ -258,6 +270,43 @@ pub fn stack(
             chain: (chain.name.clone(), chain.index),
             position,
             metrics: shared.metrics.clone(),
+            count_attempts: true,
+        })
+        .layer(TimeoutLayer::new(limit))
+        .service(Upstream {
+            http: shared.http.clone(),
+            model: target.model.clone(),
+            idle_timeout: p.idle_timeout,
+            jitter: shared.jitter.clone(),
+        })
+}
+
+/// The stack of a shadow call to `target` for chain `chain`: the target's breaker,
+/// record, timeouts and translation, and no retry (a shadow call is tried once, and
+/// never takes from the request's attempts or the retry budget). Its outcome feeds the
+/// target's breaker and health like any call; it is not counted in
+/// `cascade_attempts_total`, which counts what requests cost.
+pub fn shadow_stack(
+    shared: &StackShared,
+    chain: &Chain,
+    target: &crate::config::Target,
+    streaming: bool,
+) -> impl Service<Call, Response = Answer, Error = AttemptError, Future: Send> + Send {
+    let p = &target.policy;
+    let limit = if streaming {
+        p.first_token_timeout.min(p.attempt_timeout)
+    } else {
+        p.attempt_timeout
+    };
+    ServiceBuilder::new()
+        .layer(CircuitLayer::new(target.model.breaker.clone()))
+        .layer_fn(|inner| Record {
+            inner,
+            model: target.model.clone(),
+            chain: (chain.name.clone(), chain.index),
+            position: usize::MAX,
+            metrics: shared.metrics.clone(),
+            count_attempts: false,
         })
         .layer(TimeoutLayer::new(limit))
         .service(Upstream {
@@ -378,6 +427,7 @@ async fn until_commit(
                         idle_timeout,
                         chaos_cut: false,
                         head_finished: finish_reason.is_some(),
+                        call: usize::MAX,
                     });
                 }
                 match finish_reason.as_deref() {
@@ -410,6 +460,8 @@ pub struct Record<S> {
     /// The target's position in the chain.
     position: usize,
     metrics: Arc<Metrics>,
+    /// Count the call in `cascade_attempts_total` (not for shadow calls).
+    count_attempts: bool,
 }
 
 impl<S> Service<Call> for Record<S>
@@ -425,13 +477,16 @@ where
     }
 
     fn call(&mut self, call: Call) -> Self::Future {
+        let (number, kind) = call.ctx.start_call(self.position, call.launch);
         let recorder = Recorder {
-            kind: call.ctx.start_call(self.position, call.launch),
+            number,
+            kind,
             started_ms: crate::clock::now_ms(),
             model: self.model.clone(),
             chain: self.chain.clone(),
             position: self.position,
             metrics: self.metrics.clone(),
+            count_attempts: self.count_attempts,
             ctx: call.ctx.clone(),
             start: Instant::now(),
             done: false,
@@ -460,7 +515,11 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let result = ready!(this.inner.poll(cx));
+        let mut result = ready!(this.inner.poll(cx));
+        if let Ok(Answer::Stream(committed)) = &mut result {
+            // Whoever ends the stream settles this call's record by its number.
+            committed.call = this.recorder.number;
+        }
         this.recorder.finish(&result);
         Poll::Ready(result)
     }
@@ -469,6 +528,8 @@ where
 /// Writes one call's record when it ends, or, if the call is dropped first (a race or
 /// hedge lost, the client left), a `cancelled` record.
 struct Recorder {
+    /// The call's number in its request.
+    number: usize,
     kind: CallKind,
     /// Wall-clock start, for the store.
     started_ms: i64,
@@ -476,6 +537,7 @@ struct Recorder {
     chain: (Arc<str>, usize),
     position: usize,
     metrics: Arc<Metrics>,
+    count_attempts: bool,
     ctx: Arc<RequestCtx>,
     start: Instant,
     done: bool,
@@ -517,6 +579,7 @@ impl Recorder {
     /// A record of this call, as if it ended now with no outcome yet.
     fn record(&self, latency: Duration) -> AttemptRecord {
         AttemptRecord {
+            call: self.number,
             model: self.model.clone(),
             position: self.position,
             kind: self.kind,
@@ -534,9 +597,11 @@ impl Recorder {
     }
 
     fn push(&self, record: AttemptRecord, outcome: &str) {
-        let chain = (&self.chain.0, self.chain.1);
-        self.metrics
-            .count_attempt(chain, self.position, &self.model, outcome);
+        if self.count_attempts {
+            let chain = (&self.chain.0, self.chain.1);
+            self.metrics
+                .count_attempt(chain, self.position, &self.model, outcome);
+        }
         self.ctx.push(record);
     }
 }

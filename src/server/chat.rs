@@ -19,6 +19,8 @@ use crate::providers::Completion;
 use crate::routing::engine::{Answer, AttemptRecord, Outcome};
 use crate::routing::resolve;
 use crate::routing::target::RequestCtx;
+use crate::shadow::compare::Summary;
+use crate::shadow::Served;
 
 const X_CHAIN: HeaderName = HeaderName::from_static("x-cascade-chain");
 const X_MODEL: HeaderName = HeaderName::from_static("x-cascade-model");
@@ -28,11 +30,12 @@ const X_FALLBACKS: HeaderName = HeaderName::from_static("x-cascade-fallbacks");
 const X_TRACE: HeaderName = HeaderName::from_static("x-cascade-trace");
 const X_COST: HeaderName = HeaderName::from_static("x-cascade-cost-usd");
 const X_CACHE: HeaderName = HeaderName::from_static("x-cascade-cache");
+const X_SHADOW: HeaderName = HeaderName::from_static("x-cascade-shadow");
 const X_TASK: &str = "x-cascade-task";
 const X_TIMEOUT_MS: &str = "x-cascade-timeout-ms";
 /// Room for every header an answer carries, reserved once (growing a `HeaderMap`
 /// rehashes it).
-const RESPONSE_HEADERS: usize = 12;
+const RESPONSE_HEADERS: usize = 13;
 /// Label used for requests rejected before a chain was known.
 const NO_CHAIN: &str = "none";
 
@@ -116,13 +119,15 @@ pub async fn chat_completions(
             _ => None,
         };
         return respond_stream(
-            &app, &chain, outcome, start, inflight, store, label, ledger, ctx,
+            &app, &chain, &req, outcome, start, inflight, store, label, ledger, ctx,
         );
     }
 
     // Identical misses share one upstream call; the one that runs it stores the answer
-    // (and its calls are recorded by its context).
+    // (and its calls are recorded by its context). The others paid nothing for it.
+    let ran = std::sync::atomic::AtomicBool::new(false);
     let run = || async {
+        ran.store(true, std::sync::atomic::Ordering::Relaxed);
         let finished = Finished::from(app.engine.run(&chain, req.clone(), &ctx).await);
         if let (true, Some(key), Ok((model, c))) = (decision.write, decision.key, &finished.result)
         {
@@ -161,7 +166,37 @@ pub async fn chat_completions(
         ledger.finish(from_cache(&app, &resp.1, finished.attempts.len()));
         return resp.0;
     }
-    respond_complete(&app, &chain, &finished, start, label, ledger)
+    let joined = !ran.load(std::sync::atomic::Ordering::Relaxed);
+    // A sampled answer (one the gateway called for, not a shared one) is also tried
+    // on the chain's shadow models, on their own tasks.
+    let shadows = match &finished.result {
+        Ok((model, c)) if !joined && app.shadow.sampled(&chain) => app.shadow.start(
+            &chain,
+            &req,
+            &ledger.request_id,
+            model,
+            c.usage,
+            Served::Now {
+                body: c.body.clone(),
+                latency_ms: ledger.elapsed_ms(),
+            },
+        ),
+        _ => Vec::new(),
+    };
+    let mut resp = respond_complete(&app, &chain, &finished, start, label, ledger, joined);
+    if let Some(v) = shadow_header(&shadows) {
+        resp.headers_mut().insert(X_SHADOW, v);
+    }
+    resp
+}
+
+/// `x-cascade-shadow`: the shadow calls started, in config order.
+fn shadow_header(names: &[Arc<str>]) -> Option<HeaderValue> {
+    if names.is_empty() {
+        return None;
+    }
+    let joined: Vec<&str> = names.iter().map(|n| &**n).collect();
+    HeaderValue::from_str(&joined.join(",")).ok()
 }
 
 /// The record of an answer served from the cache: no cost, no call of its own.
@@ -431,6 +466,7 @@ fn respond_complete(
     start: Instant,
     label: CacheOutcome,
     ledger: Ledger,
+    joined: bool,
 ) -> Response<Body> {
     app.metrics.count_cache(chain, label.as_str());
     let (mut resp, answered_by) = match &f.result {
@@ -454,14 +490,16 @@ fn respond_complete(
         Err(e) => (error_response(e), None),
     };
     observe(app, chain, start, f.upstream_time, resp.status());
+    // A caller that joined another's flight made no call and paid nothing: its row
+    // says who answered, with no attempts and no cost (the runner's row has them).
     ledger.finish(Answered {
         status: resp.status().as_u16(),
         model: answered_by.map(|m| &**m),
-        attempts: f.attempts.len(),
+        attempts: if joined { 0 } else { f.attempts.len() },
         fallbacks: f.fallbacks,
         ttft: None,
         usage: f.result.as_ref().ok().and_then(|(_, c)| c.usage),
-        charged: true,
+        charged: !joined,
         error_type: f
             .result
             .as_ref()
@@ -482,7 +520,8 @@ fn respond_complete(
 #[allow(clippy::too_many_arguments)]
 fn respond_stream(
     app: &AppState,
-    chain: &Chain,
+    chain: &Arc<Chain>,
+    req: &Arc<ChatRequest>,
     outcome: Outcome,
     start: Instant,
     inflight: InflightGuard,
@@ -493,10 +532,29 @@ fn respond_stream(
 ) -> Response<Body> {
     app.metrics.count_cache(chain, label.as_str());
     let mut ledger = Some(ledger);
+    let mut shadows = Vec::new();
     let (mut resp, answered_by) = match outcome.result {
         Ok((model, Answer::Stream(committed))) => {
+            // Shadow calls of a sampled stream start at its commit point and run beside
+            // it; the comparison waits for the served stream's end.
+            let mut shadow = None;
+            if app.shadow.sampled(chain) {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let id = ledger
+                    .as_ref()
+                    .map(|l| l.request_id.clone())
+                    .unwrap_or_default();
+                shadows = app
+                    .shadow
+                    .start(chain, req, &id, &model, None, Served::Later(rx));
+                if !shadows.is_empty() {
+                    shadow = Some((Summary::default(), tx));
+                }
+            }
             let end = sse::StreamEnd {
                 ledger: ledger.take(),
+                call: committed.call,
+                shadow,
                 ctx,
                 attempts: outcome.attempts.len(),
                 fallbacks: outcome.fallbacks,
@@ -573,6 +631,9 @@ fn respond_stream(
         answered_by.as_ref(),
         label,
     );
+    if let Some(v) = shadow_header(&shadows) {
+        resp.headers_mut().insert(X_SHADOW, v);
+    }
     resp
 }
 

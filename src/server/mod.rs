@@ -28,6 +28,7 @@ use crate::config::{Config, Scheduler};
 use crate::metrics::Metrics;
 use crate::providers;
 use crate::routing::engine::Engine;
+use crate::shadow::Shadow;
 use crate::store::{OpenError, Store};
 
 /// Everything a handler needs, built once at startup.
@@ -38,6 +39,7 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// `None` with `store.enabled: false`.
     pub store: Option<Store>,
+    pub shadow: Shadow,
     /// When the gateway started, for the scheduled report.
     pub started_ms: i64,
     models_body: Bytes,
@@ -57,14 +59,22 @@ impl AppState {
             }
             None => None,
         };
+        let engine = Engine::new(
+            providers::HttpClients::new(upstream_pools(&config)),
+            metrics.clone(),
+            &config,
+        );
+        let shadow = Shadow::new(
+            &config,
+            engine.shared().clone(),
+            store.clone(),
+            metrics.clone(),
+        );
         Ok(Arc::new(AppState {
             store,
+            shadow,
             started_ms: crate::clock::now_ms(),
-            engine: Engine::new(
-                providers::HttpClients::new(upstream_pools(&config)),
-                metrics.clone(),
-                &config,
-            ),
+            engine,
             cache: Arc::new(ResponseCache::new(&config.cache, metrics.clone())),
             models_body: models_body(&config),
             config,
@@ -123,10 +133,14 @@ pub async fn serve(
                 "internal error in the gateway",
             ))
         }))
-        .service(router(state));
-    axum::serve(listener, ServiceExt::<Request>::into_make_service(app))
+        .service(router(state.clone()));
+    let served = axum::serve(listener, ServiceExt::<Request>::into_make_service(app))
         .with_graceful_shutdown(shutdown)
-        .await
+        .await;
+    // Shadow calls still running get a little longer; then they are dropped (and
+    // recorded as cancelled) with the runtime.
+    state.shadow.drain(crate::shadow::DRAIN_LIMIT).await;
+    served
 }
 
 /// The listening socket, with a backlog of 1,024 (std's `bind` keeps 128, short for a

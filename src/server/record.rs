@@ -89,6 +89,11 @@ impl Ledger {
         }
     }
 
+    /// Milliseconds since the request arrived.
+    pub fn elapsed_ms(&self) -> f64 {
+        (self.start.elapsed().as_secs_f64() * 1e6).round() / 1000.0
+    }
+
     pub fn finish(mut self, a: Answered<'_>) {
         self.done = true;
         self.write(&a);
@@ -136,6 +141,13 @@ impl Ledger {
             );
         }
         if let Some(store) = &app.store {
+            // The calls first, then their request: a reader who sees the request row
+            // sees every call that had ended by then.
+            if let Some(ctx) = &self.ctx {
+                for row in ctx.take_rows() {
+                    store.record(Row::Call(row));
+                }
+            }
             store.record(Row::Request(RequestRow {
                 request_id: self.request_id.clone(),
                 arrived_ms: self.arrived_ms,
@@ -164,17 +176,19 @@ impl Drop for Ledger {
         if self.done {
             return;
         }
-        // The client left before its answer was complete.
+        // The client left before its answer was complete (or the handler panicked, and
+        // the client got a 500 from the panic layer).
         let attempts = self.ctx.as_ref().map_or(0, |c| c.calls_started());
+        let panicked = std::thread::panicking();
         self.write(&Answered {
-            status: CLIENT_CLOSED,
+            status: if panicked { 500 } else { CLIENT_CLOSED },
             model: None,
             attempts,
             fallbacks: 0,
             ttft: None,
             usage: None,
             charged: false,
-            error_type: Some("cancelled"),
+            error_type: Some(if panicked { "internal" } else { "cancelled" }),
         });
     }
 }

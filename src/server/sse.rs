@@ -22,6 +22,7 @@ use crate::providers::{ChunkStream, StreamItem};
 use crate::resilience::breaker::{Admission, CallResult};
 use crate::routing::engine::CommittedStream;
 use crate::routing::target::{RequestCtx, StreamEnding};
+use crate::shadow::StreamTap;
 
 /// Decrements the in-flight gauge when the request (or its stream) ends.
 pub struct InflightGuard(IntGauge);
@@ -43,6 +44,11 @@ impl Drop for InflightGuard {
 pub struct StreamEnd {
     pub ledger: Option<Ledger>,
     pub ctx: Arc<RequestCtx>,
+    /// The committed call's number in `ctx`.
+    pub call: usize,
+    /// A sampled stream: the answer so far, and where it goes when the stream ends
+    /// (the shadow comparison), `None` if it did not end complete.
+    pub shadow: Option<StreamTap>,
     pub attempts: usize,
     pub fallbacks: usize,
     /// From the request's arrival to the commit point.
@@ -124,7 +130,14 @@ impl State {
         let Some(ledger) = self.end.ledger.take() else {
             return;
         };
-        self.end.ctx.settle_stream(self.usage, ending);
+        if let Some((summary, tx)) = self.end.shadow.take() {
+            let complete = ending == StreamEnding::Complete;
+            let _ = tx.send((complete.then_some(summary), ledger.elapsed_ms()));
+        }
+        self.end
+            .ctx
+            .settle_stream(self.end.call, self.usage, ending);
+        // A failed call costs nothing, in its call row and its request row alike.
         ledger.finish(Answered {
             status: 200,
             model: Some(&self.model),
@@ -132,7 +145,7 @@ impl State {
             fallbacks: self.end.fallbacks,
             ttft: Some(self.end.ttft),
             usage: self.usage,
-            charged: true,
+            charged: error_type.is_none(),
             error_type,
         });
     }
@@ -210,6 +223,9 @@ pub fn body(
             // Everything received before the commit point goes out in one write.
             let mut out = Vec::with_capacity(s.head.iter().map(|c| c.len() + 8).sum());
             for chunk in s.head.drain(..) {
+                if let Some((summary, _)) = s.end.shadow.as_mut() {
+                    summary.push_chunk(&chunk);
+                }
                 out.extend_from_slice(&event(&chunk));
             }
             return Some((Ok(Bytes::from(out)), s));
@@ -243,10 +259,16 @@ pub fn body(
                     if let Some((_, asm)) = s.store.as_mut() {
                         asm.push(&data);
                     }
+                    if let Some((summary, _)) = s.end.shadow.as_mut() {
+                        summary.push_chunk(&data);
+                    }
                     event(&data)
                 }
                 // Counted, not sent: the client did not ask for usage.
                 Ok(Some(Ok(StreamItem::Usage(u)))) => {
+                    if let Some((summary, _)) = s.end.shadow.as_mut() {
+                        summary.output_tokens = Some(u.completion_tokens);
+                    }
                     s.usage = Some(u);
                     continue;
                 }

@@ -123,10 +123,34 @@ pub struct RequestRow {
     pub error_type: Option<&'static str>,
 }
 
+/// One shadow call compared with the answer that was served.
+#[derive(Debug, Clone)]
+pub struct ShadowRow {
+    pub request_id: Arc<str>,
+    /// When the shadow call started, Unix milliseconds.
+    pub started_ms: i64,
+    pub chain: Arc<str>,
+    pub served_model: Arc<str>,
+    pub shadow_model: Arc<str>,
+    pub success: bool,
+    pub error_type: Option<&'static str>,
+    pub latency_ms: Option<f64>,
+    pub ttft_ms: Option<f64>,
+    pub served_latency_ms: Option<f64>,
+    pub length_ratio: Option<f64>,
+    pub json_valid: Option<bool>,
+    pub tool_calls_match: Option<bool>,
+    pub similarity: Option<f64>,
+    pub served_finish_reason: Option<String>,
+    pub shadow_finish_reason: Option<String>,
+    pub cost_usd: f64,
+}
+
 #[derive(Debug, Clone)]
 pub enum Row {
     Call(CallRow),
     Request(RequestRow),
+    Shadow(Box<ShadowRow>),
 }
 
 /// What the writer is sent.

@@ -20,6 +20,8 @@ pub enum GroupBy {
     Chain,
     Model,
     Day,
+    /// Shadow calls, by chain, served model and shadow model.
+    Shadow,
 }
 
 impl GroupBy {
@@ -28,8 +30,9 @@ impl GroupBy {
             "chain" => Ok(GroupBy::Chain),
             "model" => Ok(GroupBy::Model),
             "day" => Ok(GroupBy::Day),
+            "shadow" => Ok(GroupBy::Shadow),
             other => Err(format!(
-                "unknown grouping {other:?} (expected chain, model or day)"
+                "unknown grouping {other:?} (expected chain, model, day or shadow)"
             )),
         }
     }
@@ -39,6 +42,7 @@ impl GroupBy {
             GroupBy::Chain => "chain",
             GroupBy::Model => "model",
             GroupBy::Day => "day",
+            GroupBy::Shadow => "shadow",
         }
     }
 }
@@ -59,6 +63,7 @@ pub fn run(path: &Path, q: &ReportQuery) -> rusqlite::Result<Value> {
     let (rows, totals) = match q.by {
         GroupBy::Chain | GroupBy::Day => request_report(path, q)?,
         GroupBy::Model => model_report(path, q)?,
+        GroupBy::Shadow => shadow_report(path, q)?,
     };
     Ok(json!({
         "since": clock::rfc3339_s(q.since_ms),
@@ -445,6 +450,142 @@ fn model_report(path: &Path, q: &ReportQuery) -> rusqlite::Result<(Vec<Value>, V
         total.merge(g);
     }
     Ok((out, total.columns(json!("total"), None)))
+}
+
+/// One (chain, served model, shadow model) group of shadow results.
+#[derive(Default)]
+struct ShadowGroup {
+    calls: u64,
+    judged: u64,
+    succeeded: u64,
+    latencies: Latencies,
+    served_latencies: Latencies,
+    similarity_sum: f64,
+    similarity_n: u64,
+    json_checked: u64,
+    json_valid: u64,
+    tools_checked: u64,
+    tools_matched: u64,
+    cost: f64,
+}
+
+impl Merge for ShadowGroup {
+    fn merge(&mut self, o: Self) {
+        self.calls += o.calls;
+        self.judged += o.judged;
+        self.succeeded += o.succeeded;
+        self.latencies.merge(o.latencies);
+        self.served_latencies.merge(o.served_latencies);
+        self.similarity_sum += o.similarity_sum;
+        self.similarity_n += o.similarity_n;
+        self.json_checked += o.json_checked;
+        self.json_valid += o.json_valid;
+        self.tools_checked += o.tools_checked;
+        self.tools_matched += o.tools_matched;
+        self.cost += o.cost;
+    }
+}
+
+impl ShadowGroup {
+    fn columns(&mut self, key: [Value; 3]) -> Value {
+        let [chain, served, shadow] = key;
+        let mut m = Map::new();
+        m.insert("chain".into(), chain);
+        m.insert("served_model".into(), served);
+        m.insert("shadow_model".into(), shadow);
+        m.insert("calls".into(), json!(self.calls));
+        m.insert("success_rate".into(), rate(self.succeeded, self.judged));
+        m.insert(
+            "p50_ms".into(),
+            json!(self.latencies.percentile(0.50).map(round3)),
+        );
+        m.insert(
+            "p95_ms".into(),
+            json!(self.latencies.percentile(0.95).map(round3)),
+        );
+        m.insert(
+            "served_p50_ms".into(),
+            json!(self.served_latencies.percentile(0.50).map(round3)),
+        );
+        m.insert(
+            "served_p95_ms".into(),
+            json!(self.served_latencies.percentile(0.95).map(round3)),
+        );
+        m.insert(
+            "avg_similarity".into(),
+            json!((self.similarity_n > 0)
+                .then(|| round4(self.similarity_sum / self.similarity_n as f64))),
+        );
+        m.insert(
+            "json_valid_rate".into(),
+            rate(self.json_valid, self.json_checked),
+        );
+        m.insert(
+            "tool_calls_match_rate".into(),
+            rate(self.tools_matched, self.tools_checked),
+        );
+        m.insert("cost_usd".into(), json!(usd(self.cost)));
+        Value::Object(m)
+    }
+}
+
+fn shadow_report(path: &Path, q: &ReportQuery) -> rusqlite::Result<(Vec<Value>, Value)> {
+    type Key = (Option<String>, Option<String>, Option<String>);
+    let groups: BTreeMap<Key, ShadowGroup> = scan_slices(path, q, |conn, from, to| {
+        let mut stmt = conn.prepare_cached(
+            "SELECT chain, served_model, shadow_model, success, error_type, latency_ms,
+                    served_latency_ms, similarity, json_valid, tool_calls_match, cost_usd
+             FROM shadow_results WHERE timestamp >= ?1 AND timestamp < ?2",
+        )?;
+        let mut groups: BTreeMap<Key, ShadowGroup> = BTreeMap::new();
+        let mut rows = stmt.query([from, to])?;
+        while let Some(row) = rows.next()? {
+            let key = (row.get(0)?, row.get(1)?, row.get(2)?);
+            let g = groups.entry(key).or_default();
+            g.calls += 1;
+            let error: Option<String> = row.get(4)?;
+            if error.as_deref() != Some("cancelled") {
+                g.judged += 1;
+            }
+            if row.get::<_, bool>(3)? {
+                g.succeeded += 1;
+            }
+            if let Some(l) = row.get::<_, Option<f64>>(5)? {
+                g.latencies.0.push(l);
+            }
+            if let Some(l) = row.get::<_, Option<f64>>(6)? {
+                g.served_latencies.0.push(l);
+            }
+            if let Some(s) = row.get::<_, Option<f64>>(7)? {
+                g.similarity_sum += s;
+                g.similarity_n += 1;
+            }
+            if let Some(v) = row.get::<_, Option<bool>>(8)? {
+                g.json_checked += 1;
+                g.json_valid += u64::from(v);
+            }
+            if let Some(v) = row.get::<_, Option<bool>>(9)? {
+                g.tools_checked += 1;
+                g.tools_matched += u64::from(v);
+            }
+            g.cost += row.get::<_, f64>(10)?;
+        }
+        Ok(groups)
+    })?;
+    let mut total = ShadowGroup::default();
+    let mut out = Vec::with_capacity(groups.len());
+    for ((chain, served, shadow), mut g) in groups {
+        out.push(g.columns([json!(chain), json!(served), json!(shadow)]));
+        total.merge(g);
+    }
+    Ok((
+        out,
+        total.columns([json!("total"), Value::Null, Value::Null]),
+    ))
+}
+
+fn round4(v: f64) -> f64 {
+    (v * 10_000.0).round() / 10_000.0
 }
 
 fn rate(n: u64, of: u64) -> Value {

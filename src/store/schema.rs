@@ -58,6 +58,28 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX requests_by_time ON requests(timestamp);
     CREATE INDEX requests_by_request ON requests(request_id);",
+    // 2: shadow calls compared with the answer served.
+    "CREATE TABLE shadow_results (
+        id INTEGER PRIMARY KEY,
+        request_id TEXT,
+        timestamp TEXT NOT NULL,
+        chain TEXT,
+        served_model TEXT,
+        shadow_model TEXT NOT NULL,
+        success INTEGER NOT NULL,
+        error_type TEXT,
+        latency_ms REAL,
+        ttft_ms REAL,
+        served_latency_ms REAL,
+        length_ratio REAL,
+        json_valid INTEGER,
+        tool_calls_match INTEGER,
+        similarity REAL,
+        served_finish_reason TEXT,
+        shadow_finish_reason TEXT,
+        cost_usd REAL NOT NULL DEFAULT 0
+    );
+    CREATE INDEX shadow_results_by_time ON shadow_results(timestamp);",
 ];
 
 /// The schema version this build writes.
@@ -141,7 +163,7 @@ mod tests {
             .query_row("SELECT COUNT(*) FROM schema_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(rows, 1);
-        for table in ["model_calls", "requests"] {
+        for table in ["model_calls", "requests", "shadow_results"] {
             let n: i64 = conn
                 .query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))
                 .unwrap();

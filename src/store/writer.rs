@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use prometheus::IntCounter;
 use rusqlite::{params, Connection};
 
-use super::{schema, CallRow, Msg, RequestRow, Row, StoreMetrics, StoreSettings, Tokens};
+use super::{
+    schema, CallRow, Msg, RequestRow, Row, ShadowRow, StoreMetrics, StoreSettings, Tokens,
+};
 use crate::clock;
 
 /// Rows per transaction at most: large enough that commits are rare under load, small
@@ -24,6 +26,9 @@ const RETENTION_EVERY: Duration = Duration::from_secs(3600);
 /// Rows deleted per statement by retention, so the writer never stalls for long.
 const RETENTION_CHUNK: usize = 10_000;
 const ERROR_LOG_EVERY: Duration = Duration::from_secs(60);
+/// Retention deletes for at most this long per turn of the writer's loop, so a large
+/// backlog of old rows never stalls the queue.
+const RETENTION_BUDGET: Duration = Duration::from_millis(50);
 /// How often a store that could not be opened is tried again.
 const REOPEN_EVERY: Duration = Duration::from_secs(1);
 
@@ -32,14 +37,19 @@ pub(super) struct Writer {
     metrics: StoreMetrics,
     calls_written: IntCounter,
     requests_written: IntCounter,
+    shadows_written: IntCounter,
     conn: Option<Connection>,
     /// The identity of the file `conn` has open, to notice a delete or a swap.
     file_id: Option<(u64, u64)>,
     last_reopen: Option<Instant>,
     last_retention: Option<Instant>,
+    /// Retention has old rows left to delete.
+    retention_pending: bool,
     last_error_log: Option<Instant>,
     /// Rows dropped since the last error line.
     dropped_unlogged: u64,
+    /// A write failed since the last successful commit.
+    failing: bool,
 }
 
 impl Writer {
@@ -48,18 +58,25 @@ impl Writer {
             file_id: file_id(&settings.path),
             calls_written: metrics.rows.with_label_values(&["model_calls"]),
             requests_written: metrics.rows.with_label_values(&["requests"]),
+            shadows_written: metrics.rows.with_label_values(&["shadow_results"]),
             settings,
             metrics,
             conn: Some(conn),
             last_reopen: None,
             last_retention: None,
+            retention_pending: false,
             last_error_log: None,
             dropped_unlogged: 0,
+            failing: false,
         }
     }
 
     pub(super) fn run(mut self, rx: Receiver<Msg>) {
-        self.retention();
+        self.start_retention();
+        // At start, retention runs to the end before the first batch.
+        while self.retention_pending {
+            self.retention();
+        }
         let mut batch: Vec<Row> = Vec::with_capacity(BATCH);
         let mut acks = Vec::new();
         loop {
@@ -93,6 +110,9 @@ impl Writer {
                 .last_retention
                 .is_none_or(|t| t.elapsed() >= RETENTION_EVERY)
             {
+                self.start_retention();
+            }
+            if self.retention_pending {
                 self.retention();
             }
             if closed {
@@ -110,18 +130,24 @@ impl Writer {
         };
         let started = Instant::now();
         match insert(conn, batch) {
-            Ok((calls, requests)) => {
+            Ok([calls, requests, shadows]) => {
                 self.calls_written.inc_by(calls);
                 self.requests_written.inc_by(requests);
+                self.shadows_written.inc_by(shadows);
                 self.metrics
                     .flush_seconds
                     .observe(started.elapsed().as_secs_f64());
+                if std::mem::take(&mut self.failing) {
+                    tracing::warn!(path = %self.settings.path.display(), "store: writing again");
+                }
             }
             Err(e) => {
-                // A lock held elsewhere passes; anything else may be a broken handle.
-                if !is_busy(&e) {
+                // A lock held elsewhere or a full disk passes with the same handle;
+                // anything else may be a broken one.
+                if !keeps_handle(&e) {
                     self.conn = None;
                 }
+                self.failing = true;
                 self.drop_rows(batch.len() as u64, &e.to_string());
             }
         }
@@ -136,7 +162,6 @@ impl Writer {
                 Ok(c) => {
                     self.file_id = file_id(&self.settings.path);
                     self.conn = Some(c);
-                    tracing::warn!(path = %self.settings.path.display(), "store: reopened");
                 }
                 Err(e) => self.log_error(&format!("cannot open the store: {e}")),
             }
@@ -176,17 +201,25 @@ impl Writer {
         }
     }
 
-    /// Deletes rows older than `retention`, a chunk at a time.
-    fn retention(&mut self) {
+    fn start_retention(&mut self) {
         self.last_retention = Some(Instant::now());
+        self.retention_pending = true;
+    }
+
+    /// Deletes rows older than `retention`, a chunk at a time, for at most
+    /// `RETENTION_BUDGET`; what is left is picked up on the next turn.
+    fn retention(&mut self) {
         let cutoff_ms = clock::now_ms()
             - i64::try_from(self.settings.retention.as_millis()).unwrap_or(i64::MAX / 2);
         let cutoff = clock::rfc3339_ms(cutoff_ms);
         let Some(conn) = self.connection() else {
+            self.retention_pending = false;
             return;
         };
+        let started = Instant::now();
+        let mut left = false;
         let mut failed = None;
-        for table in ["model_calls", "requests"] {
+        for table in ["model_calls", "requests", "shadow_results"] {
             let sql = format!(
                 "DELETE FROM {table} WHERE id IN \
                  (SELECT id FROM {table} WHERE timestamp < ?1 LIMIT {RETENTION_CHUNK})"
@@ -194,6 +227,10 @@ impl Writer {
             loop {
                 match conn.execute(&sql, [&cutoff]) {
                     Ok(n) if n < RETENTION_CHUNK => break,
+                    Ok(_) if started.elapsed() >= RETENTION_BUDGET => {
+                        left = true;
+                        break;
+                    }
                     Ok(_) => {}
                     Err(e) => {
                         failed = Some(e.to_string());
@@ -202,16 +239,22 @@ impl Writer {
                 }
             }
         }
+        self.retention_pending = left && failed.is_none();
         if let Some(e) = failed {
             self.log_error(&format!("retention: {e}"));
         }
     }
 }
 
-fn is_busy(e: &rusqlite::Error) -> bool {
+/// Errors that leave the connection usable: a lock held by another process, a full disk.
+fn keeps_handle(e: &rusqlite::Error) -> bool {
     matches!(
         e.sqlite_error_code(),
-        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+        Some(
+            rusqlite::ErrorCode::DatabaseBusy
+                | rusqlite::ErrorCode::DatabaseLocked
+                | rusqlite::ErrorCode::DiskFull
+        )
     )
 }
 
@@ -226,10 +269,10 @@ fn file_id(path: &Path) -> Option<(u64, u64)> {
     std::fs::metadata(path).ok().map(|_| (0, 0))
 }
 
-/// Inserts a batch in one transaction; the counts of call and request rows.
-fn insert(conn: &mut Connection, batch: &[Row]) -> rusqlite::Result<(u64, u64)> {
+/// Inserts a batch in one transaction; the counts of call, request and shadow rows.
+fn insert(conn: &mut Connection, batch: &[Row]) -> rusqlite::Result<[u64; 3]> {
     let tx = conn.transaction()?;
-    let (mut calls, mut requests) = (0, 0);
+    let (mut calls, mut requests, mut shadows) = (0, 0, 0);
     {
         let mut call_stmt = tx.prepare_cached(
             "INSERT INTO model_calls (timestamp, request_id, chain, model_name, provider, kind,
@@ -244,8 +287,18 @@ fn insert(conn: &mut Connection, batch: &[Row]) -> rusqlite::Result<(u64, u64)> 
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
              ?18, ?19)",
         )?;
+        let mut shadow_stmt = tx.prepare_cached(
+            "INSERT INTO shadow_results (request_id, timestamp, chain, served_model, shadow_model,
+             success, error_type, latency_ms, ttft_ms, served_latency_ms, length_ratio, json_valid,
+             tool_calls_match, similarity, served_finish_reason, shadow_finish_reason, cost_usd)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+        )?;
         for row in batch {
             match row {
+                Row::Shadow(r) => {
+                    insert_shadow(&mut shadow_stmt, r)?;
+                    shadows += 1;
+                }
                 Row::Call(c) => {
                     insert_call(&mut call_stmt, c)?;
                     calls += 1;
@@ -258,7 +311,30 @@ fn insert(conn: &mut Connection, batch: &[Row]) -> rusqlite::Result<(u64, u64)> 
         }
     }
     tx.commit()?;
-    Ok((calls, requests))
+    Ok([calls, requests, shadows])
+}
+
+fn insert_shadow(stmt: &mut rusqlite::CachedStatement<'_>, r: &ShadowRow) -> rusqlite::Result<()> {
+    stmt.execute(params![
+        &*r.request_id,
+        clock::rfc3339_ms(r.started_ms),
+        &*r.chain,
+        &*r.served_model,
+        &*r.shadow_model,
+        r.success,
+        r.error_type,
+        r.latency_ms.map(ms),
+        r.ttft_ms.map(ms),
+        r.served_latency_ms.map(ms),
+        r.length_ratio,
+        r.json_valid,
+        r.tool_calls_match,
+        r.similarity,
+        r.served_finish_reason,
+        r.shadow_finish_reason,
+        r.cost_usd,
+    ])?;
+    Ok(())
 }
 
 fn token_columns(t: Option<Tokens>) -> (Option<i64>, Option<i64>, Option<i64>) {
