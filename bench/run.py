@@ -250,7 +250,7 @@ http {{
         gateway = f"http://127.0.0.1:{gw_port}/v1/chat/completions"
         via_nginx = f"http://127.0.0.1:{nginx_port}/v1/chat/completions"
         urls = {"direct": direct, "cascade": gateway, "nginx": via_nginx}
-        bodies = {(m, size): body_file(tmp, m, size) for m in ["ok", "direct", "fallback", "skip_open", "translate", "cached", "slow_chain"] for size in (1024, 16384)}
+        bodies = {(m, size): body_file(tmp, m, size) for m in ["ok", "direct", "fallback", "skip_open", "translate", "cached", "slow_chain", "shadowed"] for size in (1024, 16384)}
         model_for = {"direct": "ok", "cascade": "direct", "nginx": "ok"}
 
         def warm():
@@ -420,6 +420,20 @@ http {{
               f" off {one_table['store_off']['added_p50']:.3f} ms; rows written {report['S7']['rows_written']:.0f},"
               f" dropped {report['S7']['rows_dropped']:.0f}", flush=True)
 
+        # S10: shadow traffic at sample 1.0 against a fast mock: the served answers'
+        # added p50 at 1 connection, against the same chain without shadow.
+        s10 = paired(["direct", "plain_chain", "shadowed"],
+                     lambda t: oha(direct if t == "direct" else gateway,
+                                   bodies[({"direct": "ok", "plain_chain": "direct", "shadowed": "shadowed"}[t], 1024)], 1, secs, 1000), reps)
+        s10_table = diff_table(s10)
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{gw_port}/metrics", timeout=10).read().decode()
+        report["S10"] = {"table": s10_table, "raw": s10,
+                         "shadow_calls": metric_sum(metrics, "cascade_shadow_requests_total"),
+                         "shadow_skipped": metric_sum(metrics, "cascade_shadow_skipped_total")}
+        print(f"S10: added p50 at 1 connection: plain {s10_table['plain_chain']['added_p50']:.3f} ms, shadowed"
+              f" {s10_table['shadowed']['added_p50']:.3f} ms ({report['S10']['shadow_calls']:.0f} shadow calls,"
+              f" {report['S10']['shadow_skipped']:.0f} skipped)", flush=True)
+
         # S8: the writer's own rate: rows recorded through Store::record as fast as the
         # queue takes them, committed in batches.
         def store_load(path, calls, days):
@@ -516,6 +530,12 @@ def markdown(r):
         L.append(f"| {k} | {s7['closed'][k]['rps']:.0f} | {s7['closed'][k]['p99']:.3f} | {s7['c1'][k]['added_p50']:.3f} |")
     L.append(f"\non/off per repetition: {', '.join(f'{x:.2f}x' for x in s7['closed_ratios'])}; rows written"
              f" {s7['rows_written']:.0f}, dropped {s7['rows_dropped']:.0f}; log lines dropped {s7['log_dropped']:.0f}.")
+    s10 = r["S10"]["table"]
+    L += ["", "## S10: shadow traffic at sample 1.0 (1 connection, 1,000 req/s)", "",
+          f"added p50: without shadow {s10['plain_chain']['added_p50']:.3f} ms, every request shadowed"
+          f" {s10['shadowed']['added_p50']:.3f} ms (difference {s10['shadowed']['added_p50'] - s10['plain_chain']['added_p50']:.3f} ms);"
+          f" added p99 {s10['plain_chain']['added_p99']:.3f} / {s10['shadowed']['added_p99']:.3f} ms;"
+          f" {r['S10']['shadow_calls']:.0f} shadow calls, {r['S10']['shadow_skipped']:.0f} skipped."]
     s8 = r["S8"]
     L += ["", "## S8: store writer", "", f"{s8['rows_per_sec']:.0f} rows/s committed (median of {len(s8['runs'])};"
           f" {', '.join(str(x['rows_per_sec']) for x in s8['runs'])}), dropped {sum(x['dropped'] for x in s8['runs'])}."]

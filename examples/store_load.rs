@@ -45,13 +45,17 @@ fn main() {
     let chain: Vec<Arc<str>> = CHAINS.iter().map(|c| Arc::from(*c)).collect();
     let provider: Arc<str> = "mock".into();
     let started = Instant::now();
+    let mut request_id: Arc<str> = "".into();
     for i in 0..calls {
         while metrics.store.queue_depth.get() > (queue as i64 - 4096) {
             std::thread::sleep(Duration::from_micros(200));
         }
         // Oldest first, as a gateway writes them.
         let at = now - span_ms + (span_ms as f64 * (i as f64 / calls as f64)) as i64;
-        let request_id: Arc<str> = format!("req-{}", i / 2).into();
+        // Ids as the gateway makes them (UUID v7).
+        if i % 2 == 0 {
+            request_id = uuid::Uuid::now_v7().hyphenated().to_string().into();
+        }
         let failed = i % 10 == 0;
         let m = (i % 4) as usize;
         store.record(Row::Call(CallRow {
@@ -80,7 +84,7 @@ fn main() {
         }));
         if i % 2 == 1 {
             store.record(Row::Request(RequestRow {
-                request_id,
+                request_id: request_id.clone(),
                 arrived_ms: at,
                 surface: "chat",
                 chain: Some(chain[m % 3].clone()),

@@ -43,7 +43,7 @@ enum Command {
         /// End of the window: `now`, a duration back from now, or an RFC 3339 time.
         #[arg(long, default_value = "now")]
         until: String,
-        /// Group by chain, model or day.
+        /// Group by chain, model, day or shadow.
         #[arg(long, default_value = "chain")]
         by: String,
         /// table, json or csv.

@@ -350,3 +350,49 @@ async fn shutdown_waits_for_shadow_calls_in_flight() {
     assert!(t.elapsed() < Duration::from_secs(1));
     assert_eq!(h.state.shadow.inflight(), 1);
 }
+
+#[tokio::test]
+async fn json_and_tool_answers_are_judged() {
+    let dir = TempDir::new("shadow-judge");
+    let h = start(&config(&dir, "1.0")).await;
+    // JSON asked for: the served answer parses, the shadow's does not.
+    h.mock.set("p", r#"content={"a":1}"#);
+    let body = json!({"model": "main", "response_format": {"type": "json_object"},
+                      "messages": [{"role": "user", "content": "json please"}]});
+    let r = h.post_raw(body.to_string(), &[]).await;
+    assert_eq!(
+        (r.status, r.header("x-cascade-shadow")),
+        (200, Some("backup"))
+    );
+    // Tools: both call the same one.
+    h.mock.set("p", "tool=get_weather");
+    h.mock.set("b", "tool=get_weather");
+    let tools = json!({"model": "main", "messages": [{"role": "user", "content": "weather?"}],
+                       "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]});
+    let t = h.post_raw(tools.to_string(), &[]).await;
+    assert_eq!(t.status, 200);
+    let conn = until(&h, "SELECT COUNT(*) FROM shadow_results", 2).await;
+    let rows = shadow_rows(&conn);
+    let json_row = rows
+        .iter()
+        .find(|x| x["request_id"] == json!(r.header("x-request-id").unwrap()))
+        .unwrap();
+    assert_eq!(
+        (
+            &json_row["success"],
+            &json_row["error_type"],
+            &json_row["json_valid"]
+        ),
+        (&json!(0), &json!("invalid_output"), &json!(0))
+    );
+    let tool_row = rows
+        .iter()
+        .find(|x| x["request_id"] == json!(t.header("x-request-id").unwrap()))
+        .unwrap();
+    assert_eq!(
+        (&tool_row["success"], &tool_row["tool_calls_match"]),
+        (&json!(1), &json!(1)),
+        "{tool_row}"
+    );
+    assert_eq!(tool_row["served_finish_reason"], "tool_calls");
+}

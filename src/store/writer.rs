@@ -8,7 +8,7 @@
 //! created again at `store.path`. Retention runs at start and then hourly.
 
 use std::path::Path;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::{Duration, Instant};
 
 use prometheus::IntCounter;
@@ -22,6 +22,8 @@ use crate::clock;
 /// Rows per transaction at most: large enough that commits are rare under load, small
 /// enough that a failed one loses little.
 const BATCH: usize = 4096;
+/// How often the writer looks at its queue (at most; `flush_interval` if shorter).
+const TICK: Duration = Duration::from_millis(10);
 const RETENTION_EVERY: Duration = Duration::from_secs(3600);
 /// Rows deleted per statement by retention, so the writer never stalls for long.
 const RETENTION_CHUNK: usize = 10_000;
@@ -78,33 +80,52 @@ impl Writer {
             self.retention();
         }
         let mut batch: Vec<Row> = Vec::with_capacity(BATCH);
-        let mut acks = Vec::new();
+        let tick = self.settings.flush_interval.min(TICK);
+        let mut last_commit = Instant::now();
         loop {
-            let deadline = Instant::now() + self.settings.flush_interval;
+            // Drain what has queued since the last turn. The writer never blocks on the
+            // queue: a receiver waiting in `recv` would make every row's send wake it
+            // (a syscall and a context switch per row, taken from the request path's
+            // cores); polling on a short tick costs one timer wake-up per tick instead.
             let mut closed = false;
-            while batch.len() < BATCH {
-                let wait = deadline.saturating_duration_since(Instant::now());
-                match rx.recv_timeout(wait) {
+            let mut drained = 0;
+            loop {
+                match rx.try_recv() {
                     Ok(Msg::Row(row)) => {
-                        self.metrics.queue_depth.dec();
+                        drained += 1;
                         batch.push(row);
+                        if batch.len() >= BATCH {
+                            self.metrics.queue_depth.sub(drained);
+                            drained = 0;
+                            self.commit(&mut batch);
+                            last_commit = Instant::now();
+                        }
                     }
                     Ok(Msg::Flush(ack)) => {
-                        acks.push(ack);
-                        break;
+                        self.metrics.queue_depth.sub(drained);
+                        drained = 0;
+                        if !batch.is_empty() {
+                            self.commit(&mut batch);
+                            last_commit = Instant::now();
+                        }
+                        let _ = ack.send(());
                     }
-                    Err(RecvTimeoutError::Timeout) => break,
-                    Err(RecvTimeoutError::Disconnected) => {
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
                         closed = true;
                         break;
                     }
                 }
             }
-            if !batch.is_empty() {
+            self.metrics.queue_depth.sub(drained);
+            if !batch.is_empty()
+                && (closed || last_commit.elapsed() >= self.settings.flush_interval)
+            {
                 self.commit(&mut batch);
+                last_commit = Instant::now();
             }
-            for ack in acks.drain(..) {
-                let _ = ack.send(());
+            if closed {
+                return;
             }
             if self
                 .last_retention
@@ -115,9 +136,7 @@ impl Writer {
             if self.retention_pending {
                 self.retention();
             }
-            if closed {
-                return;
-            }
+            std::thread::sleep(tick);
         }
     }
 
