@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
-use tower::{Service, ServiceBuilder, ServiceExt};
+use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
 use super::engine::{Answer, AttemptRecord, CommittedStream};
 use crate::api::{ChatRequest, Usage};
@@ -247,38 +247,12 @@ pub fn stack(
     streaming: bool,
 ) -> impl Service<Call, Response = Answer, Error = AttemptError, Future: Send> + Send {
     let target = &chain.targets[position];
-    let p = &target.policy;
-    let limit = if streaming {
-        p.first_token_timeout.min(p.attempt_timeout)
-    } else {
-        p.attempt_timeout
-    };
     let policy = RetryPolicy {
-        settings: p.retry,
-        actions: p.actions,
+        settings: target.policy.retry,
+        actions: target.policy.actions,
     };
-    ServiceBuilder::new()
-        .layer(RetryLayer::new(
-            policy,
-            shared.retry.clone(),
-            target.model.name.clone(),
-        ))
-        .layer(CircuitLayer::new(target.model.breaker.clone()))
-        .layer_fn(|inner| Record {
-            inner,
-            model: target.model.clone(),
-            chain: (chain.name.clone(), chain.index),
-            position,
-            metrics: shared.metrics.clone(),
-            count_attempts: true,
-        })
-        .layer(TimeoutLayer::new(limit))
-        .service(Upstream {
-            http: shared.http.clone(),
-            model: target.model.clone(),
-            idle_timeout: p.idle_timeout,
-            jitter: shared.jitter.clone(),
-        })
+    let call_once = once(shared, chain, target, Some(position), streaming);
+    RetryLayer::new(policy, shared.retry.clone(), target.model.name.clone()).layer(call_once)
 }
 
 /// The stack of a shadow call to `target` for chain `chain`: the target's breaker,
@@ -292,6 +266,18 @@ pub fn shadow_stack(
     target: &crate::config::Target,
     streaming: bool,
 ) -> impl Service<Call, Response = Answer, Error = AttemptError, Future: Send> + Send {
+    once(shared, chain, target, None, streaming)
+}
+
+/// One try at `target`: `Circuit -> Record -> Timeout -> Upstream`. `position` is the
+/// target's place in the chain, `None` for a shadow call.
+fn once(
+    shared: &StackShared,
+    chain: &Chain,
+    target: &crate::config::Target,
+    position: Option<usize>,
+    streaming: bool,
+) -> impl Service<Call, Response = Answer, Error = AttemptError, Future: Send> + Send + Clone {
     let p = &target.policy;
     let limit = if streaming {
         p.first_token_timeout.min(p.attempt_timeout)
@@ -304,9 +290,9 @@ pub fn shadow_stack(
             inner,
             model: target.model.clone(),
             chain: (chain.name.clone(), chain.index),
-            position: usize::MAX,
+            position: position.unwrap_or(usize::MAX),
             metrics: shared.metrics.clone(),
-            count_attempts: false,
+            count_attempts: position.is_some(),
         })
         .layer(TimeoutLayer::new(limit))
         .service(Upstream {
