@@ -7,6 +7,7 @@ pub mod classify;
 pub mod clock;
 pub mod config;
 pub mod log;
+pub mod log_sink;
 pub mod metrics;
 pub mod mock;
 pub mod providers;

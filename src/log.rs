@@ -1,7 +1,8 @@
 //! The gateway's log: `text` for people, `json` (one flat object per line) for
-//! machines, filtered by `RUST_LOG`. Lines go through a bounded in-memory queue to a
-//! writer thread, so a slow terminal or pipe never slows an answer; lines dropped
-//! when that queue is full are counted (`cascade_log_dropped_total`).
+//! machines, filtered by `RUST_LOG`. Lines gather in a bounded in-memory buffer that
+//! a thread writes out every few milliseconds (`log_sink.rs`), so a slow terminal or
+//! pipe never slows an answer; lines dropped when it is full are counted
+//! (`cascade_log_dropped_total`).
 //!
 //! Two kinds of line are a contract: one per request (target [`REQUEST`], `info`) and
 //! one per fallback (target [`FALLBACK`], `warn`). They carry names, classes, numbers
@@ -45,35 +46,50 @@ const REQUEST_FIELDS: &[&str] = &[
 const FALLBACK_FIELDS: &[&str] = &["request_id", "chain", "from", "to", "reason", "status"];
 
 /// Lines lost because the writer fell behind.
-static DROPPED: OnceLock<tracing_appender::non_blocking::ErrorCounter> = OnceLock::new();
+static SINK: OnceLock<std::sync::Arc<crate::log_sink::Sink>> = OnceLock::new();
 
 pub fn dropped_lines() -> u64 {
-    DROPPED.get().map_or(0, |c| c.dropped_lines() as u64)
+    SINK.get().map_or(0, |s| s.dropped())
 }
 
-/// Keeps the log writer running; dropping it flushes what is queued.
-pub struct LogGuard(#[allow(dead_code)] Option<tracing_appender::non_blocking::WorkerGuard>);
+/// Keeps the log writer running; dropping it writes out what is queued.
+pub struct LogGuard(#[allow(dead_code)] Option<crate::log_sink::Flusher>);
 
 /// Installs the global subscriber. A second call (tests) changes nothing.
 pub fn init(settings: LogSettings) -> LogGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(64 * 1024)
-        .thread_name("cascade-log")
-        .finish(std::io::stdout());
-    let _ = DROPPED.set(writer.error_counter());
+    let (sink, flusher) = match crate::log_sink::start(stdout_buffered()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("cascade: cannot start the log writer: {e}");
+            return LogGuard(None);
+        }
+    };
+    let _ = SINK.set(sink.clone());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(writer)
+        .with_writer(crate::log_sink::SinkHandle(sink))
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .with_target(false);
     let installed = match settings.format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.event_format(FlatJson).try_init(),
     };
-    LogGuard(installed.is_ok().then_some(guard))
+    LogGuard(installed.is_ok().then_some(flusher))
+}
+
+/// Standard output for the log thread, without `Stdout`'s line buffering (a syscall
+/// per line): the sink writes whole batches.
+fn stdout_buffered() -> Box<dyn std::io::Write + Send> {
+    use std::os::fd::AsFd;
+    match std::io::stdout().as_fd().try_clone_to_owned() {
+        Ok(fd) => Box::new(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::fs::File::from(fd),
+        )),
+        Err(_) => Box::new(std::io::stdout()),
+    }
 }
 
 /// One JSON object per line, event fields at the top level next to `timestamp`,

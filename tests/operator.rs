@@ -533,3 +533,44 @@ store: {{ enabled: false }}
     assert_eq!(v["error"]["code"], "store_disabled");
     assert!(!dir.path().join("cascade.db").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_gives_shadow_calls_five_seconds_then_records_them_cancelled() {
+    let mock = MockServer::start("127.0.0.1:0").await.unwrap();
+    mock.set("s", "stall");
+    let dir = TempDir::new("shadow-term");
+    let yaml = yaml(&mock, dir.path(), ", flush_interval: 50ms").replace(
+        "  main: [primary, secondary]",
+        "  main:\n    models: [primary, secondary]\n    shadow: { models: [secondary], sample: 1.0 }",
+    );
+    let g = Gateway::start(dir.path(), &yaml);
+    let r = chat(&client(), &g, &body(false)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-cascade-shadow"], "secondary");
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let t = Instant::now();
+    let (code, _, err) = g.stop();
+    let waited = t.elapsed();
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        waited >= Duration::from_millis(4500) && waited < Duration::from_secs(9),
+        "{waited:?}"
+    );
+    let conn = rusqlite::Connection::open(dir.path().join("cascade.db")).unwrap();
+    let shadow: (String, i64) = conn
+        .query_row(
+            "SELECT error_type, success FROM shadow_results WHERE request_id = ?1",
+            [&id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(shadow, ("cancelled".to_string(), 0));
+    let call: String = conn
+        .query_row(
+            "SELECT error_type FROM model_calls WHERE request_id = ?1 AND kind = 'shadow'",
+            [&id],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(call, "cancelled");
+}

@@ -11,7 +11,7 @@ mod schema;
 mod writer;
 
 use std::path::PathBuf;
-use std::sync::mpsc::{self, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -184,7 +184,9 @@ pub struct Store {
 }
 
 struct Inner {
-    tx: SyncSender<Msg>,
+    /// Unbounded underneath (its blocks are allocated as rows queue, not up front):
+    /// the bound is `settings.queue`, checked against the queue-depth gauge.
+    tx: Sender<Msg>,
     metrics: StoreMetrics,
     settings: StoreSettings,
 }
@@ -205,7 +207,7 @@ impl Store {
         let conn = schema::open(&settings.path).map_err(|e| OpenError {
             message: format!("cannot open {}: {e}", settings.path.display()),
         })?;
-        let (tx, rx) = mpsc::sync_channel(settings.queue.max(1));
+        let (tx, rx) = mpsc::channel();
         let writer = writer::Writer::new(settings.clone(), metrics.clone(), conn);
         std::thread::Builder::new()
             .name("cascade-store".into())
@@ -229,13 +231,16 @@ impl Store {
     /// Queues a row for the writer. Never blocks: a full queue drops the row and counts it.
     pub fn record(&self, row: Row) {
         let m = &self.inner.metrics;
+        // Concurrent callers may pass the bound by a few rows; it bounds memory, so that
+        // is fine.
+        if m.queue_depth.get() >= self.inner.settings.queue as i64 {
+            m.dropped.inc();
+            return;
+        }
         m.queue_depth.inc();
-        match self.inner.tx.try_send(Msg::Row(row)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                m.queue_depth.dec();
-                m.dropped.inc();
-            }
+        if self.inner.tx.send(Msg::Row(row)).is_err() {
+            m.queue_depth.dec();
+            m.dropped.inc();
         }
     }
 

@@ -102,12 +102,6 @@ pub fn open(path: &Path) -> rusqlite::Result<Connection> {
     // WAL with NORMAL is durable against a process crash, and a power cut loses at
     // most the last transactions: the right trade for a log of calls.
     conn.pragma_update(None, "synchronous", "NORMAL")?;
-    // Request ids are random UUIDs, so their index pages are written all over the
-    // file: keep them in memory (64 MiB of page cache, and reads through mmap) rather
-    // than reading pages back with a syscall on most inserts.
-    conn.pragma_update(None, "cache_size", -65_536)?;
-    conn.pragma_update(None, "mmap_size", 268_435_456)?;
-    conn.pragma_update(None, "temp_store", "MEMORY")?;
     migrate(&conn)?;
     Ok(conn)
 }

@@ -288,24 +288,54 @@ fn file_id(path: &Path) -> Option<(u64, u64)> {
     std::fs::metadata(path).ok().map(|_| (0, 0))
 }
 
+/// Rows per INSERT statement: one statement for many rows costs SQLite far less than
+/// one each (parse-free, but each step and reset has its price).
+const ROWS_PER_INSERT: usize = 32;
+
+const CALL_COLUMNS: &str = "timestamp, request_id, chain, model_name, provider, kind, success, \
+     status, error_type, latency_ms, ttft_ms, input_tokens, cached_input_tokens, output_tokens, \
+     cost_usd, deadline_cut";
+const REQUEST_COLUMNS: &str = "request_id, timestamp, surface, chain, status, model_name, \
+     provider, attempts, fallbacks, cache, stream, latency_ms, ttft_ms, input_tokens, \
+     cached_input_tokens, output_tokens, cost_usd, primary_cost_usd, error_type";
+
+/// `INSERT INTO table (columns) VALUES (?, ...), ...` for `rows` rows.
+fn insert_sql(table: &str, columns: &str, rows: usize) -> String {
+    let n = columns.split(',').count();
+    let group = format!("({})", vec!["?"; n].join(", "));
+    format!(
+        "INSERT INTO {table} ({columns}) VALUES {}",
+        vec![group; rows].join(", ")
+    )
+}
+
+/// Inserts `rows` of one table, `ROWS_PER_INSERT` to a statement; `bind` binds one
+/// row's values from the given parameter index on.
+fn insert_many<T>(
+    tx: &rusqlite::Transaction<'_>,
+    table: &str,
+    columns: &str,
+    rows: &[&T],
+    bind: fn(&mut rusqlite::CachedStatement<'_>, usize, &T) -> rusqlite::Result<()>,
+) -> rusqlite::Result<()> {
+    let n = columns.split(',').count();
+    for chunk in rows.chunks(ROWS_PER_INSERT) {
+        let mut stmt = tx.prepare_cached(&insert_sql(table, columns, chunk.len()))?;
+        for (i, row) in chunk.iter().enumerate() {
+            bind(&mut stmt, i * n + 1, row)?;
+        }
+        stmt.raw_execute()?;
+    }
+    Ok(())
+}
+
 /// Inserts a batch in one transaction; the counts of call, request and shadow rows.
 fn insert(conn: &mut Connection, batch: &[Row]) -> rusqlite::Result<[u64; 3]> {
+    conn.set_prepared_statement_cache_capacity(2 * ROWS_PER_INSERT + 8);
     let tx = conn.transaction()?;
-    let (mut calls, mut requests, mut shadows) = (0, 0, 0);
+    let (mut calls, mut requests) = (Vec::new(), Vec::new());
+    let mut shadows = 0;
     {
-        let mut call_stmt = tx.prepare_cached(
-            "INSERT INTO model_calls (timestamp, request_id, chain, model_name, provider, kind,
-             success, status, error_type, latency_ms, ttft_ms, input_tokens, cached_input_tokens,
-             output_tokens, cost_usd, deadline_cut)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
-        )?;
-        let mut request_stmt = tx.prepare_cached(
-            "INSERT INTO requests (request_id, timestamp, surface, chain, status, model_name,
-             provider, attempts, fallbacks, cache, stream, latency_ms, ttft_ms, input_tokens,
-             cached_input_tokens, output_tokens, cost_usd, primary_cost_usd, error_type)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-             ?18, ?19)",
-        )?;
         let mut shadow_stmt = tx.prepare_cached(
             "INSERT INTO shadow_results (request_id, timestamp, chain, served_model, shadow_model,
              success, error_type, latency_ms, ttft_ms, served_latency_ms, length_ratio, json_valid,
@@ -318,19 +348,15 @@ fn insert(conn: &mut Connection, batch: &[Row]) -> rusqlite::Result<[u64; 3]> {
                     insert_shadow(&mut shadow_stmt, r)?;
                     shadows += 1;
                 }
-                Row::Call(c) => {
-                    insert_call(&mut call_stmt, c)?;
-                    calls += 1;
-                }
-                Row::Request(r) => {
-                    insert_request(&mut request_stmt, r)?;
-                    requests += 1;
-                }
+                Row::Call(c) => calls.push(c),
+                Row::Request(r) => requests.push(r),
             }
         }
     }
+    insert_many(&tx, "model_calls", CALL_COLUMNS, &calls, bind_call)?;
+    insert_many(&tx, "requests", REQUEST_COLUMNS, &requests, bind_request)?;
     tx.commit()?;
-    Ok([calls, requests, shadows])
+    Ok([calls.len() as u64, requests.len() as u64, shadows])
 }
 
 fn insert_shadow(stmt: &mut rusqlite::CachedStatement<'_>, r: &ShadowRow) -> rusqlite::Result<()> {
@@ -369,54 +395,53 @@ fn ms(v: f64) -> f64 {
     (v * 1000.0).round() / 1000.0
 }
 
-fn insert_call(stmt: &mut rusqlite::CachedStatement<'_>, c: &CallRow) -> rusqlite::Result<()> {
+fn bind_call(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    at: usize,
+    c: &CallRow,
+) -> rusqlite::Result<()> {
     let (input, cached, output) = token_columns(c.tokens);
-    stmt.execute(params![
-        clock::rfc3339_ms(c.started_ms),
-        &*c.request_id,
-        &*c.chain,
-        &*c.model,
-        &*c.provider,
-        c.kind.as_str(),
-        c.success,
-        c.status,
-        c.error_type,
-        ms(c.latency_ms),
-        c.ttft_ms.map(ms),
-        input,
-        cached,
-        output,
-        c.cost_usd,
-        c.deadline_cut,
-    ])?;
-    Ok(())
+    stmt.raw_bind_parameter(at, clock::rfc3339_ms(c.started_ms))?;
+    stmt.raw_bind_parameter(at + 1, &*c.request_id)?;
+    stmt.raw_bind_parameter(at + 2, &*c.chain)?;
+    stmt.raw_bind_parameter(at + 3, &*c.model)?;
+    stmt.raw_bind_parameter(at + 4, &*c.provider)?;
+    stmt.raw_bind_parameter(at + 5, c.kind.as_str())?;
+    stmt.raw_bind_parameter(at + 6, c.success)?;
+    stmt.raw_bind_parameter(at + 7, c.status)?;
+    stmt.raw_bind_parameter(at + 8, c.error_type)?;
+    stmt.raw_bind_parameter(at + 9, ms(c.latency_ms))?;
+    stmt.raw_bind_parameter(at + 10, c.ttft_ms.map(ms))?;
+    stmt.raw_bind_parameter(at + 11, input)?;
+    stmt.raw_bind_parameter(at + 12, cached)?;
+    stmt.raw_bind_parameter(at + 13, output)?;
+    stmt.raw_bind_parameter(at + 14, c.cost_usd)?;
+    stmt.raw_bind_parameter(at + 15, c.deadline_cut)
 }
 
-fn insert_request(
+fn bind_request(
     stmt: &mut rusqlite::CachedStatement<'_>,
+    at: usize,
     r: &RequestRow,
 ) -> rusqlite::Result<()> {
     let (input, cached, output) = token_columns(r.tokens);
-    stmt.execute(params![
-        &*r.request_id,
-        clock::rfc3339_ms(r.arrived_ms),
-        r.surface,
-        r.chain.as_deref(),
-        r.status,
-        r.model.as_deref(),
-        r.provider.as_deref(),
-        r.attempts,
-        r.fallbacks,
-        r.cache,
-        r.stream,
-        ms(r.latency_ms),
-        r.ttft_ms.map(ms),
-        input,
-        cached,
-        output,
-        r.cost_usd,
-        r.primary_cost_usd,
-        r.error_type,
-    ])?;
-    Ok(())
+    stmt.raw_bind_parameter(at, &*r.request_id)?;
+    stmt.raw_bind_parameter(at + 1, clock::rfc3339_ms(r.arrived_ms))?;
+    stmt.raw_bind_parameter(at + 2, r.surface)?;
+    stmt.raw_bind_parameter(at + 3, r.chain.as_deref())?;
+    stmt.raw_bind_parameter(at + 4, r.status)?;
+    stmt.raw_bind_parameter(at + 5, r.model.as_deref())?;
+    stmt.raw_bind_parameter(at + 6, r.provider.as_deref())?;
+    stmt.raw_bind_parameter(at + 7, r.attempts)?;
+    stmt.raw_bind_parameter(at + 8, r.fallbacks)?;
+    stmt.raw_bind_parameter(at + 9, r.cache)?;
+    stmt.raw_bind_parameter(at + 10, r.stream)?;
+    stmt.raw_bind_parameter(at + 11, ms(r.latency_ms))?;
+    stmt.raw_bind_parameter(at + 12, r.ttft_ms.map(ms))?;
+    stmt.raw_bind_parameter(at + 13, input)?;
+    stmt.raw_bind_parameter(at + 14, cached)?;
+    stmt.raw_bind_parameter(at + 15, output)?;
+    stmt.raw_bind_parameter(at + 16, r.cost_usd)?;
+    stmt.raw_bind_parameter(at + 17, r.primary_cost_usd)?;
+    stmt.raw_bind_parameter(at + 18, r.error_type)
 }
