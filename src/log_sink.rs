@@ -64,11 +64,20 @@ pub struct Flusher {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// How long exiting waits for the last lines (standard output may be blocked).
+const LAST_FLUSH: Duration = Duration::from_secs(1);
+
 impl Drop for Flusher {
     fn drop(&mut self) {
         self.sink.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            let deadline = std::time::Instant::now() + LAST_FLUSH;
+            while !t.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            }
         }
     }
 }

@@ -396,3 +396,48 @@ async fn json_and_tool_answers_are_judged() {
     );
     assert_eq!(tool_row["served_finish_reason"], "tool_calls");
 }
+
+#[test]
+fn shadow_config_errors_name_their_path() {
+    let base = |shadow: &str| {
+        format!(
+            r#"
+store: {{ enabled: false }}
+providers:
+  mock: {{ kind: openai, base_url: "http://127.0.0.1:9/v1" }}
+models:
+  a: {{ provider: mock, model_id: a }}
+  b: {{ provider: mock, model_id: b }}
+chains:
+  main:
+    models: [a, b]
+    shadow: {shadow}
+"#
+        )
+    };
+    for (shadow, path) in [
+        ("{ models: [b, b] }", "chains.main.shadow.models[1]"),
+        ("{ models: [nope] }", "chains.main.shadow.models[0]"),
+        ("{ sample: 1.5 }", "chains.main.shadow.sample"),
+        ("{ max_inflight: 0 }", "chains.main.shadow.max_inflight"),
+        (
+            "{ max_cost_per_hour: -1 }",
+            "chains.main.shadow.max_cost_per_hour",
+        ),
+    ] {
+        let e = cascade::config::Config::from_yaml_with_env(&base(shadow), &|_| None)
+            .err()
+            .unwrap_or_else(|| panic!("{shadow} was accepted"))
+            .to_string();
+        assert!(e.contains(path), "{shadow}: {e}");
+    }
+    let ok =
+        cascade::config::Config::from_yaml_with_env(&base("{ sample: 0.5 }"), &|_| None).unwrap();
+    let plan = ok.chains["main"].shadow.as_ref().unwrap();
+    let names: Vec<&str> = plan.targets.iter().map(|t| &*t.model.name).collect();
+    assert_eq!(
+        (names, plan.sample, plan.max_inflight),
+        (vec!["b"], 0.5, 32),
+        "default: the chain after its first"
+    );
+}

@@ -972,6 +972,14 @@ fn shadow_plan(
             .collect::<Result<Vec<_>, _>>()?,
         None => members.iter().skip(1).cloned().collect(),
     };
+    for (i, m) in models.iter().enumerate() {
+        if models[..i].iter().any(|o| Arc::ptr_eq(o, m)) {
+            return Err(ConfigError::at(
+                &format!("{path}.models[{i}]"),
+                format!("{:?} is listed twice", m.name),
+            ));
+        }
+    }
     let sample = ratio(&format!("{path}.sample"), sh.sample.unwrap_or(0.05))?;
     if let Some(c) = sh.max_cost_per_hour {
         if !(c.is_finite() && c >= 0.0) {

@@ -19,8 +19,7 @@ use crate::providers::Completion;
 use crate::routing::engine::{Answer, AttemptRecord, Outcome};
 use crate::routing::resolve;
 use crate::routing::target::RequestCtx;
-use crate::shadow::compare::Summary;
-use crate::shadow::Served;
+use crate::shadow::{Served, ServedChunks};
 
 const X_CHAIN: HeaderName = HeaderName::from_static("x-cascade-chain");
 const X_MODEL: HeaderName = HeaderName::from_static("x-cascade-model");
@@ -548,7 +547,7 @@ fn respond_stream(
                     .shadow
                     .start(chain, req, &id, &model, None, Served::Later(rx));
                 if !shadows.is_empty() {
-                    shadow = Some((Summary::default(), tx));
+                    shadow = Some((ServedChunks::default(), tx));
                 }
             }
             let end = sse::StreamEnd {

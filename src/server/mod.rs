@@ -134,6 +134,11 @@ pub async fn serve(
             ))
         }))
         .service(router(state.clone()));
+    let signalled = state.clone();
+    let shutdown = async move {
+        shutdown.await;
+        signalled.shadow.note_shutdown();
+    };
     let served = axum::serve(listener, ServiceExt::<Request>::into_make_service(app))
         .with_graceful_shutdown(shutdown)
         .await;

@@ -130,9 +130,9 @@ impl State {
         let Some(ledger) = self.end.ledger.take() else {
             return;
         };
-        if let Some((summary, tx)) = self.end.shadow.take() {
+        if let Some((chunks, tx)) = self.end.shadow.take() {
             let complete = ending == StreamEnding::Complete;
-            let _ = tx.send((complete.then_some(summary), ledger.elapsed_ms()));
+            let _ = tx.send((complete.then_some(chunks), ledger.elapsed_ms()));
         }
         self.end
             .ctx
@@ -223,10 +223,10 @@ pub fn body(
             // Everything received before the commit point goes out in one write.
             let mut out = Vec::with_capacity(s.head.iter().map(|c| c.len() + 8).sum());
             for chunk in s.head.drain(..) {
-                if let Some((summary, _)) = s.end.shadow.as_mut() {
-                    summary.push_chunk(&chunk);
-                }
                 out.extend_from_slice(&event(&chunk));
+                if let Some((tap, _)) = s.end.shadow.as_mut() {
+                    tap.chunks.push(chunk);
+                }
             }
             return Some((Ok(Bytes::from(out)), s));
         }
@@ -259,15 +259,16 @@ pub fn body(
                     if let Some((_, asm)) = s.store.as_mut() {
                         asm.push(&data);
                     }
-                    if let Some((summary, _)) = s.end.shadow.as_mut() {
-                        summary.push_chunk(&data);
+                    let out = event(&data);
+                    if let Some((tap, _)) = s.end.shadow.as_mut() {
+                        tap.chunks.push(data);
                     }
-                    event(&data)
+                    out
                 }
                 // Counted, not sent: the client did not ask for usage.
                 Ok(Some(Ok(StreamItem::Usage(u)))) => {
-                    if let Some((summary, _)) = s.end.shadow.as_mut() {
-                        summary.output_tokens = Some(u.completion_tokens);
+                    if let Some((tap, _)) = s.end.shadow.as_mut() {
+                        tap.output_tokens = Some(u.completion_tokens);
                     }
                     s.usage = Some(u);
                     continue;

@@ -6,6 +6,9 @@ use std::collections::HashSet;
 
 use serde_json::Value;
 
+/// Tool calls compared at most.
+const MAX_TOOLS: usize = 64;
+
 /// The parts of an answer that a comparison reads.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Summary {
@@ -56,6 +59,10 @@ impl Summary {
             }
             for tc in delta["tool_calls"].as_array().into_iter().flatten() {
                 let i = tc["index"].as_u64().unwrap_or(0) as usize;
+                // An upstream's index is not trusted with an allocation.
+                if i >= MAX_TOOLS {
+                    continue;
+                }
                 if let Some(name) = tc["function"]["name"].as_str() {
                     if self.tools.len() <= i {
                         self.tools.resize(i + 1, String::new());

@@ -46,11 +46,19 @@ pub enum Served {
     Later(oneshot::Receiver<ServedStream>),
 }
 
-/// A served stream's answer when it ends (`None` unless complete), and its latency.
-pub type ServedStream = (Option<Summary>, f64);
+/// What a served stream sent: its chunks (read into a summary by the shadow task, off
+/// the request path) and the output tokens of a usage chunk the client did not see.
+#[derive(Default)]
+pub struct ServedChunks {
+    pub chunks: Vec<bytes::Bytes>,
+    pub output_tokens: Option<u64>,
+}
 
-/// The served stream's side: its answer so far, and where it goes at the end.
-pub type StreamTap = (Summary, oneshot::Sender<ServedStream>);
+/// A served stream's answer when it ends (`None` unless complete), and its latency.
+pub type ServedStream = (Option<ServedChunks>, f64);
+
+/// The served stream's side: its chunks so far, and where they go at the end.
+pub type StreamTap = (ServedChunks, oneshot::Sender<ServedStream>);
 
 impl Served {
     async fn get(self) -> (Option<Summary>, Option<f64>) {
@@ -59,7 +67,19 @@ impl Served {
                 (Some(Summary::from_completion(&body)), Some(latency_ms))
             }
             Served::Later(rx) => match rx.await {
-                Ok((summary, latency_ms)) => (summary, Some(latency_ms)),
+                Ok((chunks, latency_ms)) => {
+                    let summary = chunks.map(|c| {
+                        let mut s = Summary::default();
+                        for chunk in &c.chunks {
+                            s.push_chunk(chunk);
+                        }
+                        if c.output_tokens.is_some() {
+                            s.output_tokens = c.output_tokens;
+                        }
+                        s
+                    });
+                    (summary, Some(latency_ms))
+                }
                 Err(_) => (None, None),
             },
         }
@@ -99,6 +119,8 @@ pub struct Shadow {
     chains: Vec<Option<Arc<ChainState>>>,
     /// Shadow calls in flight across chains, and a wake-up when it reaches zero.
     inflight: Arc<(AtomicUsize, Notify)>,
+    /// When shutdown began: the drain limit counts from the signal.
+    shutdown_at: Mutex<Option<Instant>>,
 }
 
 impl Shadow {
@@ -133,6 +155,7 @@ impl Shadow {
             metrics,
             chains,
             inflight: Arc::new((AtomicUsize::new(0), Notify::new())),
+            shutdown_at: Mutex::new(None),
         }
     }
 
@@ -223,7 +246,30 @@ impl Shadow {
                 reserve,
                 cost: 0.0,
             };
+            let row = Pending {
+                row: Some(ShadowRow {
+                    request_id: request_id.clone(),
+                    started_ms: crate::clock::now_ms(),
+                    chain: chain.name.clone(),
+                    served_model: served_by.name.clone(),
+                    shadow_model: target.model.name.clone(),
+                    success: false,
+                    error_type: Some("cancelled"),
+                    latency_ms: None,
+                    ttft_ms: None,
+                    served_latency_ms: None,
+                    length_ratio: None,
+                    json_valid: None,
+                    tool_calls_match: None,
+                    similarity: None,
+                    served_finish_reason: None,
+                    shadow_finish_reason: None,
+                    cost_usd: 0.0,
+                }),
+                store: self.store.clone(),
+            };
             let job = Job {
+                row,
                 shared: self.shared.clone(),
                 store: self.store.clone(),
                 metrics: self.metrics.clone(),
@@ -231,7 +277,6 @@ impl Shadow {
                 target,
                 req: req.clone(),
                 request_id: request_id.clone(),
-                served_model: served_by.name.clone(),
                 served: served.clone(),
             };
             tokio::spawn(job.run(release));
@@ -251,11 +296,18 @@ impl Shadow {
         self.inflight.0.load(Ordering::Acquire)
     }
 
-    /// Waits until no shadow call is in flight, or `limit` passes (the calls left are
-    /// then dropped with their runtime, and recorded as `cancelled`).
+    /// Notes that shutdown began (the first call counts).
+    pub fn note_shutdown(&self) {
+        lock(&self.shutdown_at).get_or_insert_with(Instant::now);
+    }
+
+    /// Waits until no shadow call is in flight, or `limit` has passed since shutdown
+    /// began (or since now); the calls left are then dropped with their runtime, and
+    /// recorded as `cancelled`.
     pub async fn drain(&self, limit: Duration) {
         let (count, idle) = &*self.inflight;
-        let _ = tokio::time::timeout(limit, async {
+        let until = lock(&self.shutdown_at).unwrap_or_else(Instant::now) + limit;
+        let _ = tokio::time::timeout_at(until, async {
             loop {
                 let notified = idle.notified();
                 if count.load(Ordering::Acquire) == 0 {
@@ -278,17 +330,23 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// What a shadow call may cost before it ends: the served answer's tokens, or for a
 /// stream not yet finished, the prompt's estimate and the request's output cap.
 fn estimated_usage(req: &ChatRequest, served: Option<Usage>) -> Usage {
-    served.unwrap_or_else(|| {
-        let prompt = req.estimated_prompt_tokens();
-        let completion = req.max_tokens.unwrap_or(512);
-        Usage {
-            prompt_tokens: prompt,
-            completion_tokens: completion,
-            total_tokens: prompt + completion,
+    // The shadow provider is unlikely to hold the served one's prompt cache.
+    served
+        .map(|u| Usage {
             cached_tokens: 0,
-            reasoning_tokens: 0,
-        }
-    })
+            ..u
+        })
+        .unwrap_or_else(|| {
+            let prompt = req.estimated_prompt_tokens();
+            let completion = req.max_tokens.unwrap_or(512);
+            Usage {
+                prompt_tokens: prompt,
+                completion_tokens: completion,
+                total_tokens: prompt + completion,
+                cached_tokens: 0,
+                reasoning_tokens: 0,
+            }
+        })
 }
 
 /// The served answer, read once and shared by the shadow calls of one request.
@@ -346,8 +404,10 @@ struct Job {
     target: Target,
     req: Arc<ChatRequest>,
     request_id: Arc<str>,
-    served_model: Arc<str>,
     served: Arc<ServedOnce>,
+    /// Its `shadow_results` row, made when the call is started, so a call dropped even
+    /// before its task first runs still leaves a `cancelled` row.
+    row: Pending,
 }
 
 /// How the shadow call itself went.
@@ -356,35 +416,21 @@ struct Outcome {
     result: Result<Summary, &'static str>,
     usage: Option<Usage>,
     ttft: Option<Duration>,
+    /// The provider answered (a 200), even if the answer then failed (cut, not JSON).
+    answered: bool,
 }
 
 impl Job {
-    async fn run(self, mut release: Release) {
-        let started_ms = crate::clock::now_ms();
+    async fn run(mut self, mut release: Release) {
         let start = Instant::now();
         let model = self.target.model.clone();
-        let mut row = Pending {
-            row: Some(ShadowRow {
-                request_id: self.request_id.clone(),
-                started_ms,
-                chain: self.chain.name.clone(),
-                served_model: self.served_model.clone(),
-                shadow_model: model.name.clone(),
-                success: false,
-                error_type: Some("cancelled"),
-                latency_ms: None,
-                ttft_ms: None,
-                served_latency_ms: None,
-                length_ratio: None,
-                json_valid: None,
-                tool_calls_match: None,
-                similarity: None,
-                served_finish_reason: None,
-                shadow_finish_reason: None,
-                cost_usd: 0.0,
-            }),
-            store: self.store.clone(),
-        };
+        let mut row = std::mem::replace(
+            &mut self.row,
+            Pending {
+                row: None,
+                store: None,
+            },
+        );
         let ctx = Arc::new(RequestCtx::for_request(
             start + self.chain.request_timeout,
             1,
@@ -394,13 +440,20 @@ impl Job {
         ));
         let outcome = self.call(&ctx).await;
         let latency = start.elapsed();
-        let cost = match (&outcome.result, &outcome.usage) {
-            (Ok(_), Some(u)) => round_usd(model.cost_usd(u)),
-            _ => 0.0,
+        // The real cost when the provider reported usage; an answer that came but
+        // cannot be priced is charged its reservation (it was likely billed).
+        let cost = match (&outcome.usage, outcome.answered) {
+            (Some(u), _) => round_usd(model.cost_usd(u)),
+            (None, true) => release.reserve,
+            (None, false) => 0.0,
         };
         release.cost = cost;
+        // The call is over: its slot and reservation go back before the comparison
+        // waits for the served stream.
+        drop(release);
         drop(ctx);
-        let (served, served_latency_ms) = self.served.get().await.clone();
+        let waited = tokio::time::timeout(self.chain.request_timeout, self.served.get()).await;
+        let (served, served_latency_ms) = waited.ok().cloned().unwrap_or((None, None));
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         let labels = [&*self.chain.name, &*model.name];
         let Some(r) = row.row.as_mut() else {
@@ -410,7 +463,7 @@ impl Job {
         r.ttft_ms = outcome.ttft.map(ms);
         r.served_latency_ms = served_latency_ms;
         r.served_finish_reason = served.as_ref().and_then(|s| s.finish_reason.clone());
-        r.cost_usd = cost;
+        r.cost_usd = if outcome.result.is_ok() { cost } else { 0.0 };
         match &outcome.result {
             Ok(shadow) => {
                 r.success = true;
@@ -447,7 +500,6 @@ impl Job {
                 .inc_by(cost);
         }
         row.write();
-        drop(release);
     }
 
     /// The call through the target's shadow stack; a stream is read to its end.
@@ -465,6 +517,7 @@ impl Job {
                 result: Ok(Summary::from_completion(&c.body)),
                 usage: c.usage,
                 ttft: None,
+                answered: true,
             },
             Ok(Answer::Stream(committed)) => {
                 let ttft = start.elapsed();
@@ -476,6 +529,8 @@ impl Job {
                 result: Err(e.class.as_str()),
                 usage: None,
                 ttft: None,
+                // A judged 200 (not the JSON asked for) was billed.
+                answered: e.status == Some(200),
             },
         }
     }
@@ -497,6 +552,13 @@ async fn read_stream(
     }
     let mut usage = None;
     let mut failure: Option<ErrorClass> = None;
+    let mut deadline_cut = false;
+    // Dropped mid-stream (shutdown past the drain limit): the call is cancelled.
+    let mut unsettled = Unsettled {
+        ctx,
+        call: committed.call,
+        armed: true,
+    };
     if let Some(mut rest) = committed.rest {
         let idle = target.policy.idle_timeout;
         loop {
@@ -530,6 +592,8 @@ async fn read_stream(
                     break;
                 }
                 Err(_) => {
+                    // The request's own deadline is not the target's fault.
+                    deadline_cut = limit >= ctx.deadline;
                     failure = Some(ErrorClass::Timeout);
                     break;
                 }
@@ -546,6 +610,7 @@ async fn read_stream(
     {
         failure = Some(ErrorClass::InvalidOutput);
     }
+    unsettled.armed = false;
     match failure {
         None => {
             model
@@ -556,10 +621,11 @@ async fn read_stream(
                 result: Ok(summary),
                 usage,
                 ttft: None,
+                answered: true,
             }
         }
         Some(class) => {
-            if crate::resilience::breaker::counts_against_target(class) {
+            if crate::resilience::breaker::counts_against_target(class) && !deadline_cut {
                 model.breaker.record(
                     Admission::Allowed,
                     CallResult::Failure { retry_after: None },
@@ -571,14 +637,31 @@ async fn read_stream(
                 usage,
                 StreamEnding::Failed {
                     class,
-                    deadline_cut: false,
+                    deadline_cut,
                 },
             );
             Outcome {
                 result: Err(class.as_str()),
-                usage: None,
+                usage,
                 ttft: None,
+                answered: true,
             }
+        }
+    }
+}
+
+/// Settles a committed shadow call as cancelled if its stream is dropped unread.
+struct Unsettled<'a> {
+    ctx: &'a RequestCtx,
+    call: usize,
+    armed: bool,
+}
+
+impl Drop for Unsettled<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.ctx
+                .settle_stream(self.call, None, StreamEnding::ClientGone);
         }
     }
 }
