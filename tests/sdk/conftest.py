@@ -3,6 +3,7 @@
 
 import json
 import os
+import shutil
 import pathlib
 import socket
 import subprocess
@@ -103,6 +104,7 @@ def gateway():
     proc.terminate()
     proc.wait(timeout=10)
     os.unlink(cfg.name)
+    shutil.rmtree(state, ignore_errors=True)
 
 
 @pytest.fixture
