@@ -83,10 +83,6 @@ impl Health {
         }
     }
 
-    pub fn settings(&self) -> HealthSettings {
-        self.settings
-    }
-
     pub fn record_success(&self, latency: Duration, ttft: Option<Duration>) {
         self.record_success_at(Instant::now(), latency, ttft);
     }

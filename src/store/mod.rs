@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge};
 
-pub use schema::{open_read_only, VERSION as SCHEMA_VERSION};
+pub use schema::open_read_only;
 
 /// How a call came to be made, as `model_calls.kind`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -222,10 +222,6 @@ impl Store {
                 settings,
             }),
         })
-    }
-
-    pub fn settings(&self) -> &StoreSettings {
-        &self.inner.settings
     }
 
     /// Queues a row for the writer. Never blocks: a full queue drops the row and counts it.
