@@ -266,6 +266,8 @@ async fn metrics_count_attempts_and_fallbacks() {
 #[tokio::test]
 async fn json_mode_answers_that_do_not_parse_fall_back() {
     let h = start(THREE).await;
+    // The mock answers JSON when asked for it, unless told what to say.
+    h.mock.set("p", "content=Sure! Here it is.");
     h.mock.set("s", r#"content={"ok":true}"#);
     let mut body = common::chat_body("main", false);
     body["response_format"] = serde_json::json!({"type": "json_object"});

@@ -357,6 +357,7 @@ async fn json_and_tool_answers_are_judged() {
     let h = start(&config(&dir, "1.0")).await;
     // JSON asked for: the served answer parses, the shadow's does not.
     h.mock.set("p", r#"content={"a":1}"#);
+    h.mock.set("b", "content=not json");
     let body = json!({"model": "main", "response_format": {"type": "json_object"},
                       "messages": [{"role": "user", "content": "json please"}]});
     let r = h.post_raw(body.to_string(), &[]).await;

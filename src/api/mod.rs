@@ -1,14 +1,38 @@
 //! The OpenAI-compatible types cascade accepts and returns. Knows nothing about providers.
 
+pub mod answer;
 pub mod chat;
 pub mod error;
+pub mod messages;
 pub mod output;
 pub mod request;
 pub mod response;
+pub mod responses;
+pub mod surface;
 
 pub use error::ApiError;
 pub use request::ChatRequest;
 pub use response::{ChunkView, CompletionView, Usage};
+
+/// More tool calls than any model makes in one turn: later indexes are ignored.
+pub(crate) const MAX_TOOL_CALLS: usize = 128;
+
+/// The caller's tenant: a hash of its credential (`Authorization` or `x-api-key`, the
+/// `Bearer ` prefix set aside, so one key is one tenant on every surface). Callers
+/// without a credential share the zero namespace.
+pub fn tenant(headers: &http::HeaderMap) -> u128 {
+    let value = headers
+        .get(http::header::AUTHORIZATION)
+        .or_else(|| headers.get("x-api-key"))
+        .map(|v| v.as_bytes());
+    match value {
+        Some(v) => {
+            let key = v.strip_prefix(b"Bearer ").unwrap_or(v);
+            xxhash_rust::xxh3::xxh3_128(key)
+        }
+        None => 0,
+    }
+}
 
 /// JSON bytes as text, validated as UTF-8 once as a whole: serde_json validates every
 /// string again when it reads from a byte slice, but not when it reads from a `&str`.

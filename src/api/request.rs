@@ -28,6 +28,9 @@ pub struct ChatRequest {
     pub seed: Option<i64>,
     /// The typed request, parsed on first use by a translating upstream.
     typed: std::sync::OnceLock<Result<super::chat::TypedChat, String>>,
+    /// The client's own Anthropic request (the Messages surface), which an Anthropic
+    /// target gets as bytes with only `model` rewritten.
+    pub native: Option<std::sync::Arc<super::messages::Native>>,
 }
 
 #[derive(Deserialize)]
@@ -166,6 +169,7 @@ impl ChatRequest {
             temperature: wire.temperature,
             seed: wire.seed,
             typed: std::sync::OnceLock::new(),
+            native: None,
             body,
         })
     }

@@ -205,13 +205,12 @@ impl ResponseCache {
             .unwrap_or(self.settings.ttl)
             .min(MAX_TTL);
         // One tenant never sees another's answers: the caller's credentials namespace the key.
-        let namespace = headers
-            .get(http::header::AUTHORIZATION)
-            .or_else(|| headers.get("x-api-key"))
-            .map(|v| xxhash_rust::xxh3::xxh3_128(v.as_bytes()).to_le_bytes())
-            .unwrap_or_default();
+        let namespace = crate::api::tenant(headers).to_le_bytes();
+        // A Messages request is keyed by its own bytes: fields with no chat form
+        // (`thinking`, `cache_control`) still tell two requests apart.
+        let body = req.native.as_ref().map_or(&req.body, |n| &n.body);
         Decision {
-            key: key::key(&namespace, &chain.name, &req.body),
+            key: key::key(&namespace, &chain.name, body),
             read: !directives.iter().any(|d| d == "no-cache"),
             write: !directives.iter().any(|d| d == "no-store") && !ttl.is_zero(),
             ttl,

@@ -76,6 +76,14 @@ pub struct Config {
     pub store: Option<crate::store::StoreSettings>,
     pub log: LogSettings,
     pub report: Option<ReportSchedule>,
+    pub responses: ResponsesSettings,
+}
+
+/// How long and how many Responses objects are kept (`responses:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResponsesSettings {
+    pub ttl: Duration,
+    pub max_memory: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -676,6 +684,10 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         store: store_settings(&raw.store)?,
         log: log_settings(&raw.log)?,
         report: report_schedule(&raw)?,
+        responses: ResponsesSettings {
+            ttl: raw.responses.ttl.unwrap_or(Duration::from_secs(30 * 86_400)),
+            max_memory: raw.responses.max_memory.unwrap_or(256 << 20),
+        },
         cache: cache_settings(&raw.cache)?,
     })
 }

@@ -44,6 +44,19 @@ pub struct RawConfig {
     /// Seed for shadow sampling: the same requests are sampled the same way every run.
     #[serde(default)]
     pub shadow_seed: Option<u64>,
+    /// Responses kept for `previous_response_id` and `GET /v1/responses/{id}`.
+    #[serde(default)]
+    pub responses: RawResponses,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawResponses {
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub ttl: Option<Duration>,
+    /// Most memory the kept responses take (oldest evicted first).
+    #[serde(default, deserialize_with = "opt_size")]
+    pub max_memory: Option<u64>,
 }
 
 /// The embedded store of calls and requests.

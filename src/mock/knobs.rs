@@ -44,6 +44,9 @@ pub struct Knobs {
     pub finish_reason: Option<String>,
     /// Answer with a call to this tool (arguments `{"city":"Paris"}`).
     pub tool: Option<String>,
+    /// Answer text even when the request offers tools (the mock calls the first
+    /// offered tool otherwise).
+    pub no_tools: bool,
     /// Gemini: block the prompt (no candidates, `promptFeedback.blockReason`); other
     /// formats answer empty with `content_filter`.
     pub blocked: bool,
@@ -74,6 +77,7 @@ impl Default for Knobs {
             content: None,
             finish_reason: None,
             tool: None,
+            no_tools: false,
             blocked: false,
             error_event_after: None,
             cached: 0,
@@ -151,6 +155,7 @@ impl Knobs {
                 "content" => k.content = Some(value.to_string()),
                 "finish_reason" => k.finish_reason = Some(value.to_string()),
                 "tool" => k.tool = Some(value.to_string()),
+                "no_tools" => k.no_tools = true,
                 "blocked" => k.blocked = true,
                 "error_event_after" => k.error_event_after = Some(num(value)?),
                 "cached" => k.cached = num(value)? as u64,

@@ -201,6 +201,144 @@ struct RequestHead {
     #[serde(default)]
     stream: bool,
     stream_options: Option<StreamOptions>,
+    /// OpenAI `tools[].function.name`, Anthropic `tools[].name`, Gemini
+    /// `tools[].functionDeclarations[].name`: the mock calls the first.
+    #[serde(default)]
+    tools: Vec<ToolHead>,
+    #[serde(default)]
+    response_format: Option<FormatHead>,
+    /// Anthropic's JSON mode arrives as an instruction in the system prompt.
+    #[serde(default)]
+    system: Option<serde_json::Value>,
+    #[serde(default, rename = "generationConfig")]
+    generation_config: Option<GenerationHead>,
+}
+
+#[derive(Deserialize)]
+struct ToolHead {
+    name: Option<String>,
+    function: Option<NameHead>,
+    #[serde(rename = "functionDeclarations")]
+    function_declarations: Option<Vec<NameHead>>,
+}
+
+#[derive(Deserialize)]
+struct NameHead {
+    name: String,
+}
+
+#[derive(Deserialize)]
+struct FormatHead {
+    #[serde(rename = "type")]
+    kind: String,
+    json_schema: Option<SchemaHead>,
+}
+
+#[derive(Deserialize)]
+struct SchemaHead {
+    schema: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct GenerationHead {
+    #[serde(rename = "responseMimeType")]
+    response_mime_type: Option<String>,
+    #[serde(rename = "responseSchema")]
+    response_schema: Option<serde_json::Value>,
+}
+
+impl RequestHead {
+    /// The first tool the request offers.
+    fn first_tool(&self) -> Option<String> {
+        let t = self.tools.first()?;
+        t.name
+            .clone()
+            .or_else(|| t.function.as_ref().map(|f| f.name.clone()))
+            .or_else(|| {
+                t.function_declarations
+                    .as_ref()
+                    .and_then(|d| d.first())
+                    .map(|f| f.name.clone())
+            })
+    }
+
+    /// `Some(schema)` when the request asks for JSON (`Null` when no schema is given).
+    fn wants_json(&self) -> Option<serde_json::Value> {
+        if let Some(f) = &self.response_format {
+            if f.kind == "json_object" || f.kind == "json_schema" {
+                return Some(
+                    f.json_schema
+                        .as_ref()
+                        .and_then(|s| s.schema.clone())
+                        .unwrap_or_default(),
+                );
+            }
+        }
+        if let Some(g) = &self.generation_config {
+            if g.response_mime_type.as_deref() == Some("application/json") {
+                return Some(g.response_schema.clone().unwrap_or_default());
+            }
+        }
+        let system = match &self.system {
+            Some(serde_json::Value::String(s)) => s.as_str(),
+            _ => "",
+        };
+        if system.contains("valid JSON object") {
+            // cascade appends the schema after "and nothing else: ".
+            let schema = system
+                .split_once("and nothing else: ")
+                .and_then(|(_, rest)| serde_json::Deserializer::from_str(rest).into_iter().next())
+                .and_then(Result::ok)
+                .unwrap_or_default();
+            return Some(schema);
+        }
+        None
+    }
+}
+
+/// A JSON value that satisfies `schema`'s required keys and types (enough for the
+/// gateway's and the SDKs' checks).
+fn sample_json(schema: &serde_json::Value, depth: usize) -> serde_json::Value {
+    use serde_json::{json, Value};
+    if depth > 8 {
+        return Value::Null;
+    }
+    if let Some(e) = schema.get("enum").and_then(Value::as_array).and_then(|e| e.first()) {
+        return e.clone();
+    }
+    let kind = match schema.get("type") {
+        Some(Value::String(t)) => t.as_str(),
+        Some(Value::Array(ts)) => ts.iter().filter_map(Value::as_str).find(|t| *t != "null").unwrap_or("null"),
+        _ if schema.get("properties").is_some() => "object",
+        _ => "object",
+    };
+    match kind {
+        "string" => json!("mock"),
+        "integer" => json!(1),
+        "number" => json!(1.5),
+        "boolean" => json!(true),
+        "null" => Value::Null,
+        "array" => match schema.get("items") {
+            Some(items) => json!([sample_json(items, depth + 1)]),
+            None => json!([]),
+        },
+        _ => {
+            let mut obj = serde_json::Map::new();
+            let props = schema.get("properties").and_then(Value::as_object);
+            let keys: Vec<String> = match schema.get("required").and_then(Value::as_array) {
+                Some(r) => r.iter().filter_map(Value::as_str).map(String::from).collect(),
+                None => props.map(|p| p.keys().cloned().collect()).unwrap_or_default(),
+            };
+            for k in keys {
+                let sub = props.and_then(|p| p.get(&k)).cloned().unwrap_or(json!({"type": "string"}));
+                obj.insert(k, sample_json(&sub, depth + 1));
+            }
+            if obj.is_empty() && depth == 0 {
+                obj.insert("answer".into(), json!("Hello from the mock"));
+            }
+            Value::Object(obj)
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -321,6 +459,51 @@ async fn handle(
                 StatusCode::OK,
                 "application/json",
                 serde_json::to_vec(&calls)?,
+            ));
+        }
+        (&Method::GET, p) if p.starts_with("/_mock/bodies/") => {
+            // The request bodies the mock kept for a model, oldest first, as text.
+            let model = &p["/_mock/bodies/".len()..];
+            let bodies: Vec<String> = state
+                .bodies
+                .lock()
+                .map(|b| {
+                    b.get(model)
+                        .into_iter()
+                        .flatten()
+                        .map(|x| String::from_utf8_lossy(x).into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            return Ok(full(StatusCode::OK, "application/json", serde_json::to_vec(&bodies)?));
+        }
+        (&Method::GET, "/_mock/last_headers") => {
+            let map: std::collections::BTreeMap<String, String> = state
+                .last_headers
+                .lock()
+                .ok()
+                .and_then(|h| h.clone())
+                .map(|h| {
+                    h.iter()
+                        .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            return Ok(full(StatusCode::OK, "application/json", serde_json::to_vec(&map)?));
+        }
+        (&Method::POST, "/v1/messages/count_tokens") => {
+            if let Some(denied) = auth_error(Format::Anthropic, &headers, &query) {
+                return Ok(denied);
+            }
+            let model = serde_json::from_slice::<RequestHead>(&body)
+                .map(|h| h.model)
+                .unwrap_or_default();
+            state.record(&format!("{model}:count_tokens"), &body, &headers);
+            let n = (body.len() / 4).max(1);
+            return Ok(full(
+                StatusCode::OK,
+                "application/json",
+                format!("{{\"input_tokens\":{n}}}"),
             ));
         }
         (&Method::POST, "/_mock/reset") => {
@@ -466,20 +649,27 @@ fn plan_answer(
     index: u64,
     body_len: usize,
 ) -> Answer {
+    // The mock follows the request: it calls the first tool offered (unless
+    // `no_tools`), and answers JSON (matching a schema's required keys) when asked to.
+    let tool_name = k
+        .tool
+        .clone()
+        .or_else(|| head.first_tool().filter(|_| !k.no_tools));
     let content = if k.empty || k.blocked {
         String::new()
     } else {
         k.content.clone().unwrap_or_else(|| {
-            if k.tool.is_some() {
+            if tool_name.is_some() {
                 String::new()
+            } else if let Some(schema) = head.wants_json() {
+                sample_json(&schema, 0).to_string()
             } else {
                 format!("Hello from {}! This is a mock answer.", head.model)
             }
         })
     };
     let pieces = split_pieces(&content, k.chunks);
-    let tool = k
-        .tool
+    let tool = tool_name
         .as_ref()
         .filter(|_| !k.empty && !k.blocked)
         .map(|name| ToolPlan {

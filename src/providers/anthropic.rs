@@ -13,6 +13,7 @@ use super::stream::StreamItem;
 use super::{push_turn, typed, AttemptError, Outgoing};
 use crate::api::chat::{parse_data_url, Content, Message, Part, Role, ToolChoice, TypedChat};
 use crate::api::output::{self, Assembled, ChunkWriter};
+use crate::api::messages::Native;
 use crate::api::{ChatRequest, Usage};
 use crate::classify::ErrorClass;
 use crate::config::Model;
@@ -22,6 +23,9 @@ const ANTHROPIC_VERSION: HeaderName = HeaderName::from_static("anthropic-version
 const DEFAULT_MAX_TOKENS: u64 = 4096;
 
 pub fn request(model: &Model, req: &ChatRequest) -> Result<Outgoing, AttemptError> {
+    if let Some(native) = &req.native {
+        return Ok(native_request(model, super::url_for(model, req), native));
+    }
     let chat = typed(req)?;
     let body = to_anthropic(
         chat,
@@ -41,6 +45,39 @@ pub fn request(model: &Model, req: &ChatRequest) -> Result<Outgoing, AttemptErro
         body: serde_json::to_vec(&body).unwrap_or_default().into(),
         headers,
     })
+}
+
+/// The client's own Messages request, with only `model` rewritten (and `max_tokens`
+/// added when it was left out): `cache_control`, thinking signatures and fields cascade
+/// does not know all reach the upstream. The client's version and beta headers win.
+fn native_request(model: &Model, url: http::Uri, native: &Native) -> Outgoing {
+    let open = native.body.iter().position(|&b| b == b'{').unwrap_or(0) + 1;
+    let cap = (!native.has_max_tokens).then(|| {
+        format!(
+            "\"max_tokens\":{},",
+            model.max_tokens.map(u64::from).unwrap_or(DEFAULT_MAX_TOKENS)
+        )
+    });
+    let inserted_model = format!("\"model\":{},", model.model_id_json);
+    let mut edits: Vec<(std::ops::Range<usize>, &[u8])> = Vec::with_capacity(2);
+    if let Some(c) = &cap {
+        edits.push((open..open, c.as_bytes()));
+    }
+    match &native.model_span {
+        Some(span) => edits.push((span.clone(), model.model_id_json.as_bytes())),
+        None => edits.push((open..open, inserted_model.as_bytes())),
+    }
+    let body = crate::api::splice_all(&native.body, &edits);
+    let mut headers = HeaderMap::new();
+    let version = native.version.clone().unwrap_or_else(|| {
+        HeaderValue::from_str(&model.provider.api_version)
+            .unwrap_or_else(|_| HeaderValue::from_static("2023-06-01"))
+    });
+    headers.insert(ANTHROPIC_VERSION, version);
+    if let Some(beta) = &native.beta {
+        headers.insert(HeaderName::from_static("anthropic-beta"), beta.clone());
+    }
+    Outgoing { url, body, headers }
 }
 
 const JSON_OBJECT_INSTRUCTION: &str = "Respond with a single valid JSON object and nothing else.";
@@ -517,4 +554,38 @@ impl StreamState {
             _ => Vec::new(),
         })
     }
+}
+
+/// `POST …/v1/messages/count_tokens` with the client's own request (model rewritten):
+/// the upstream's `{"input_tokens": N}` on success.
+pub async fn count_tokens(
+    client: &super::HttpClient,
+    model: &Model,
+    native: &Native,
+) -> Result<Bytes, AttemptError> {
+    let url: http::Uri = format!("{}/count_tokens", model.url.to_string().trim_end_matches('/'))
+        .parse()
+        .map_err(|e| AttemptError::new(ErrorClass::BadRequest, format!("bad count_tokens URL: {e}")))?;
+    // count_tokens takes no `max_tokens`: never add one.
+    let as_sent = Native {
+        has_max_tokens: true,
+        ..native.clone()
+    };
+    let out = native_request(model, url, &as_sent);
+    let mut headers = out.headers;
+    headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if let Some((name, value)) = &model.provider.auth {
+        headers.insert(name.clone(), value.clone());
+    }
+    for (name, value) in &model.provider.extra_headers {
+        headers.insert(name.clone(), value.clone());
+    }
+    if let Some(host) = &model.provider.host {
+        headers.insert(http::header::HOST, host.clone());
+    }
+    let resp = super::client::post(client, out.url, headers, out.body).await?;
+    if !resp.status().is_success() {
+        return Err(super::errors::from_response(resp, model).await);
+    }
+    super::client::read_body(resp.into_body(), Some(1 << 20)).await
 }

@@ -30,6 +30,9 @@ pub struct Completion {
     pub finish_reason: Option<String>,
     /// The answer is a refusal (returned, never cached).
     pub refused: bool,
+    /// The upstream's own body when it speaks the client's format (an Anthropic answer
+    /// to the Messages surface), sent as it came.
+    pub native: Option<Bytes>,
 }
 
 /// What an upstream call produced.
@@ -86,6 +89,7 @@ pub async fn call(
             HeaderValue::from_static("text/event-stream"),
         );
     }
+    let native = kind == ProviderKind::Anthropic && req.native.is_some();
     let resp = client::post(client, out.url, headers, out.body).await?;
     let status = resp.status();
     if !status.is_success() {
@@ -112,14 +116,19 @@ pub async fn call(
     let body = client::read_body(resp.into_body(), None).await?;
     let translated = match kind {
         ProviderKind::Openai | ProviderKind::OpenaiCompatible | ProviderKind::AzureOpenai => {
-            Ok(body)
+            Ok(body.clone())
         }
         ProviderKind::Anthropic => anthropic::completion(&body, model),
         ProviderKind::Gemini => gemini::completion(&body, model),
     };
     translated
-        .and_then(|body| judge(body, model, req.wants_json))
-        .map(Reply::Complete)
+        .and_then(|translated| judge(translated, model, req.wants_json))
+        .map(|mut c| {
+            if native {
+                c.native = Some(body);
+            }
+            Reply::Complete(c)
+        })
         .map_err(|mut e| {
             e.status.get_or_insert(status.as_u16());
             e
@@ -163,6 +172,7 @@ pub fn judge(body: Bytes, model: &Model, wants_json: bool) -> Result<Completion,
         usage: view.usage,
         finish_reason: view.finish_reason,
         refused: view.refused,
+        native: None,
     })
 }
 

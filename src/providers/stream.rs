@@ -86,6 +86,9 @@ pub struct ChunkStream {
     drained: bool,
     /// To scrub from in-stream error messages.
     key: Option<crate::secret::Secret>,
+    /// The upstream's own events, kept when the client speaks this format (Anthropic
+    /// events to the Messages surface) and taken as they are sent.
+    native: Option<Vec<u8>>,
 }
 
 impl ChunkStream {
@@ -98,7 +101,20 @@ impl ChunkStream {
             eof: false,
             drained: false,
             key: model.provider.api_key.clone(),
+            native: (model.provider.kind == ProviderKind::Anthropic && req.native.is_some())
+                .then(Vec::new),
         }
+    }
+
+    /// Whether the upstream's own events are kept for the client.
+    pub fn is_native(&self) -> bool {
+        self.native.is_some()
+    }
+
+    /// The upstream's own events read since the last call (native streams only).
+    pub fn take_native(&mut self) -> Option<Bytes> {
+        let buf = self.native.as_mut().filter(|b| !b.is_empty())?;
+        Some(Bytes::from(std::mem::take(buf)))
     }
 
     /// Whether the end of the body after a finish chunk counts as a complete answer.
@@ -141,7 +157,19 @@ impl ChunkStream {
                 }
             };
             match self.dialect.on_event(&event) {
-                Ok(items) => self.pending.extend(items),
+                Ok(items) => {
+                    if let Some(buf) = self.native.as_mut() {
+                        if let Some(name) = &event.event {
+                            buf.extend_from_slice(b"event: ");
+                            buf.extend_from_slice(name.as_bytes());
+                            buf.push(b'\n');
+                        }
+                        buf.extend_from_slice(b"data: ");
+                        buf.extend_from_slice(&event.data);
+                        buf.extend_from_slice(b"\n\n");
+                    }
+                    self.pending.extend(items)
+                }
                 Err(mut e) => {
                     if let Some(k) = self.key.as_ref().filter(|k| k.expose().len() >= 4) {
                         e.message = e.message.replace(k.expose(), "***");

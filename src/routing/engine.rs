@@ -613,6 +613,7 @@ fn filtered_answer(chunks: Vec<Bytes>, stream: bool) -> Answer {
             usage: None,
             finish_reason: Some("content_filter".into()),
             refused: true,
+            native: None,
         })
     }
 }

@@ -1,5 +1,7 @@
-//! `POST /v1/chat/completions`: read and parse the body once, resolve the chain, run
-//! the engine, and turn its outcome into JSON or SSE with the `x-cascade-*` headers.
+//! The chat surfaces (`POST /v1/chat/completions`, `/v1/responses`, `/v1/messages`):
+//! read and parse the body once into the internal chat request, resolve the chain, run
+//! the engine, and write its outcome in the surface's own JSON or events with the
+//! `x-cascade-*` headers.
 
 use std::sync::Arc;
 
@@ -11,8 +13,9 @@ use tokio::time::Instant;
 
 use super::record::{failure_class, Answered, Ledger};
 use super::sse::{self, InflightGuard};
-use super::{error_response, AppState};
-use crate::api::{ApiError, ChatRequest};
+use super::{surface_error, AppState};
+use crate::api::surface::Surface;
+use crate::api::{messages, responses, ApiError, ChatRequest};
 use crate::cache::{self, Outcome as CacheOutcome, ResponseCache};
 use crate::config::{Chain, Model};
 use crate::providers::Completion;
@@ -30,6 +33,7 @@ const X_TRACE: HeaderName = HeaderName::from_static("x-cascade-trace");
 const X_COST: HeaderName = HeaderName::from_static("x-cascade-cost-usd");
 const X_CACHE: HeaderName = HeaderName::from_static("x-cascade-cache");
 const X_SHADOW: HeaderName = HeaderName::from_static("x-cascade-shadow");
+const X_DROPPED_TOOLS: HeaderName = HeaderName::from_static("x-cascade-dropped-tools");
 const X_TASK: &str = "x-cascade-task";
 const X_TIMEOUT_MS: &str = "x-cascade-timeout-ms";
 /// Room for every header an answer carries, reserved once (growing a `HeaderMap`
@@ -38,35 +42,224 @@ const RESPONSE_HEADERS: usize = 13;
 /// Label used for requests rejected before a chain was known.
 const NO_CHAIN: &str = "none";
 
-pub async fn chat_completions(
+/// The surface a chat-like request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inbound {
+    Chat,
+    Responses,
+    Messages,
+}
+
+impl Inbound {
+    fn label(self) -> &'static str {
+        match self {
+            Inbound::Chat => "chat",
+            Inbound::Responses => "responses",
+            Inbound::Messages => "messages",
+        }
+    }
+
+    /// The surface errors are written in before the request is parsed.
+    fn error_surface(self) -> Surface {
+        match self {
+            Inbound::Messages => Surface::Messages,
+            _ => Surface::Chat,
+        }
+    }
+}
+
+/// A Responses turn: what is kept with its answer for a follow-up.
+pub struct Turn {
+    tenant: u128,
+    history: Vec<serde_json::Value>,
+    input: Vec<serde_json::Value>,
+    store: bool,
+}
+
+/// A request on its surface, translated to the internal chat request.
+struct Prepared {
+    req: ChatRequest,
+    surface: Surface,
+    turn: Option<Arc<Turn>>,
+    dropped_tools: Vec<String>,
+}
+
+fn prepare(
+    app: &AppState,
+    inbound: Inbound,
+    body: Bytes,
+    headers: &HeaderMap,
+) -> Result<Prepared, ApiError> {
+    match inbound {
+        Inbound::Chat => Ok(Prepared {
+            req: ChatRequest::parse(body)?,
+            surface: Surface::Chat,
+            turn: None,
+            dropped_tools: Vec::new(),
+        }),
+        Inbound::Responses => {
+            let wire = responses::parse(&body)?;
+            let tenant = crate::api::tenant(headers);
+            let history = match &wire.previous_response_id {
+                Some(id) => {
+                    let kept = app.responses.get(tenant, id).ok_or_else(|| {
+                        ApiError::new(
+                            StatusCode::NOT_FOUND,
+                            "invalid_request_error",
+                            format!("Previous response with id '{id}' not found."),
+                        )
+                        .with_param("previous_response_id")
+                    })?;
+                    serde_json::from_slice(&kept.items).unwrap_or_default()
+                }
+                None => Vec::new(),
+            };
+            let t = responses::translate(wire, &history)?;
+            let req = ChatRequest::parse(t.chat_body)?;
+            let store = t.echo.store;
+            Ok(Prepared {
+                req,
+                surface: Surface::Responses(Box::new(responses::Meta::new(t.echo))),
+                turn: Some(Arc::new(Turn {
+                    tenant,
+                    history,
+                    input: t.input_items,
+                    store,
+                })),
+                dropped_tools: t.dropped_tools,
+            })
+        }
+        Inbound::Messages => {
+            let (t, mut native) = messages::translate(&body)?;
+            native.version = headers.get("anthropic-version").cloned();
+            native.beta = headers.get("anthropic-beta").cloned();
+            let mut req = ChatRequest::parse(t.chat_body)?;
+            req.native = Some(Arc::new(native));
+            Ok(Prepared {
+                req,
+                surface: Surface::Messages,
+                turn: None,
+                dropped_tools: t.dropped_tools,
+            })
+        }
+    }
+}
+
+pub async fn chat_completions(app: State<Arc<AppState>>, request: Request) -> Response<Body> {
+    handle(app, request, Inbound::Chat).await
+}
+
+pub async fn responses(app: State<Arc<AppState>>, request: Request) -> Response<Body> {
+    handle(app, request, Inbound::Responses).await
+}
+
+pub async fn messages(app: State<Arc<AppState>>, request: Request) -> Response<Body> {
+    handle(app, request, Inbound::Messages).await
+}
+
+async fn handle(
     State(app): State<Arc<AppState>>,
     request: Request,
+    inbound: Inbound,
 ) -> Response<Body> {
     let start = Instant::now();
     // Taken apart rather than extracted: the `HeaderMap` extractor clones the headers.
     let (parts, body) = request.into_parts();
     let headers = parts.headers;
     let inflight = InflightGuard::new(&app.metrics.inflight);
-    let mut ledger = Ledger::new(&app, &headers, start, "chat");
+    let ledger = Ledger::new(&app, &headers, start, inbound.label());
+    let early = inbound.error_surface();
 
-    let req = match read_body(body, &headers, app.config.server.max_body)
-        .await
-        .and_then(ChatRequest::parse)
-    {
-        Ok(r) => r,
-        Err(e) => return rejected(&app, ledger, &e),
+    let prepared = match read_body(body, &headers, app.config.server.max_body).await {
+        Ok(bytes) => prepare(&app, inbound, bytes, &headers),
+        Err(e) => Err(e),
     };
+    let Prepared {
+        req,
+        surface,
+        turn,
+        dropped_tools,
+    } = match prepared {
+        Ok(p) => p,
+        Err(e) => return rejected(&app, ledger, &e, &early),
+    };
+    let on = Surfaced { surface, turn };
+    let mut resp = answer(&app, &headers, start, inflight, ledger, req, &on).await;
+    if !dropped_tools.is_empty() {
+        tracing::info!(
+            request_id = %resp
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or(""),
+            tools = %dropped_tools.join(","),
+            "tools no target can run were dropped from the upstream request"
+        );
+        if let Ok(v) = HeaderValue::from_str(&dropped_tools.join(",")) {
+            resp.headers_mut().insert(X_DROPPED_TOOLS, v);
+        }
+    }
+    resp
+}
+
+/// The surface a request is answered on, and its Responses turn.
+pub struct Surfaced {
+    pub surface: Surface,
+    pub turn: Option<Arc<Turn>>,
+}
+
+impl Surfaced {
+    /// A whole answer in the surface's format; a Responses answer is kept for
+    /// follow-ups unless the request said `store: false`.
+    fn body(&self, app: &AppState, chat_body: &Bytes, native: Option<&Bytes>, model: &Model) -> Bytes {
+        if let (Surface::Responses(meta), Some(turn)) = (&self.surface, &self.turn) {
+            return match responses::from_chat(meta, &model.model_id, chat_body) {
+                Ok(v) => {
+                    if turn.store {
+                        app.responses.keep(turn.tenant, &turn.history, &turn.input, &v);
+                    }
+                    serde_json::to_vec(&v).unwrap_or_default().into()
+                }
+                Err(_) => chat_body.clone(),
+            };
+        }
+        self.surface.complete(chat_body, native, &model.model_id)
+    }
+
+    /// Where a completed Responses stream's final object goes.
+    fn on_complete(&self, app: &AppState) -> Option<sse::OnComplete> {
+        let turn = self.turn.clone().filter(|t| t.store)?;
+        let state = app.responses.clone();
+        Some(Box::new(move |v| {
+            state.keep(turn.tenant, &turn.history, &turn.input, &v)
+        }))
+    }
+
+    fn error(&self, e: &ApiError) -> Response<Body> {
+        surface_error(&self.surface, e)
+    }
+}
+
+async fn answer(
+    app: &Arc<AppState>,
+    headers: &HeaderMap,
+    start: Instant,
+    inflight: InflightGuard,
+    mut ledger: Ledger,
+    req: ChatRequest,
+    on: &Surfaced,
+) -> Response<Body> {
     ledger.stream = req.stream;
     let task = headers.get(X_TASK).and_then(|v| v.to_str().ok());
     let chain = match resolve(&app.config, task, req.model.as_deref()) {
         Ok(c) => c.clone(),
-        Err(e) => return rejected(&app, ledger, &e),
+        Err(e) => return rejected(app, ledger, &e, &on.surface),
     };
     ledger.chain = Some(chain.clone());
-    let timeout = match client_timeout(&headers) {
+    let timeout = match client_timeout(headers) {
         Ok(Some(t)) => t.min(chain.request_timeout),
         Ok(None) => chain.request_timeout,
-        Err(e) => return rejected(&app, ledger, &e),
+        Err(e) => return rejected(app, ledger, &e, &on.surface),
     };
     let ctx = Arc::new(RequestCtx::for_request(
         start + timeout,
@@ -78,12 +271,12 @@ pub async fn chat_completions(
     ledger.ctx = Some(ctx.clone());
     let req = Arc::new(req);
 
-    let decision = app.cache.decide(&chain, &req, &headers);
+    let decision = app.cache.decide(&chain, &req, headers);
     if let (true, Some(key)) = (decision.read, decision.key) {
         if let Some(entry) = app.cache.get(key).await.filter(|e| e.is_fresh()) {
-            if let Some(resp) = cached(&app, &chain, &entry, &req, CacheOutcome::Hit, start) {
+            if let Some(resp) = cached(app, &chain, &entry, &req, CacheOutcome::Hit, start, on) {
                 ledger.cache = CacheOutcome::Hit.as_str();
-                ledger.finish(from_cache(&app, &entry, 0));
+                ledger.finish(from_cache(app, &entry, 0));
                 return resp;
             }
         }
@@ -94,18 +287,19 @@ pub async fn chat_completions(
     if req.stream {
         let outcome = app.engine.run(&chain, req.clone(), &ctx).await;
         if let Some(resp) = stale_instead(
-            &app,
+            app,
             &chain,
             &req,
             &decision,
             outcome.result.as_ref().err(),
             start,
+            on,
         )
         .await
         {
             ledger.cache = CacheOutcome::Stale.as_str();
             let attempts = outcome.attempts.len();
-            ledger.finish(from_cache(&app, &resp.1, attempts));
+            ledger.finish(from_cache(app, &resp.1, attempts));
             return resp.0;
         }
         let store = match (decision.write, decision.key) {
@@ -118,7 +312,7 @@ pub async fn chat_completions(
             _ => None,
         };
         return respond_stream(
-            &app, &chain, &req, outcome, start, inflight, store, label, ledger, ctx,
+            app, &chain, &req, outcome, start, inflight, store, label, ledger, ctx, on,
         );
     }
 
@@ -152,17 +346,18 @@ pub async fn chat_completions(
         None => Arc::new(run().await),
     };
     if let Some(resp) = stale_instead(
-        &app,
+        app,
         &chain,
         &req,
         &decision,
         finished.result.as_ref().err(),
         start,
+        on,
     )
     .await
     {
         ledger.cache = CacheOutcome::Stale.as_str();
-        ledger.finish(from_cache(&app, &resp.1, finished.attempts.len()));
+        ledger.finish(from_cache(app, &resp.1, finished.attempts.len()));
         return resp.0;
     }
     let joined = !ran.load(std::sync::atomic::Ordering::Relaxed);
@@ -182,7 +377,7 @@ pub async fn chat_completions(
         ),
         _ => Vec::new(),
     };
-    let mut resp = respond_complete(&app, &chain, &finished, start, label, ledger, joined);
+    let mut resp = respond_complete(app, &chain, &finished, start, label, ledger, joined, on);
     if let Some(v) = shadow_header(&shadows) {
         resp.headers_mut().insert(X_SHADOW, v);
     }
@@ -249,6 +444,7 @@ pub struct StreamStore {
 }
 
 /// When the whole chain failed (not the caller's own error), a stale entry answers.
+#[allow(clippy::too_many_arguments)]
 async fn stale_instead(
     app: &AppState,
     chain: &Chain,
@@ -256,6 +452,7 @@ async fn stale_instead(
     decision: &cache::Decision,
     error: Option<&ApiError>,
     start: Instant,
+    on: &Surfaced,
 ) -> Option<(Response<Body>, Arc<cache::Entry>)> {
     let e = error?;
     let chain_failed = e.status.is_server_error() || e.status == StatusCode::TOO_MANY_REQUESTS;
@@ -263,7 +460,7 @@ async fn stale_instead(
         return None;
     }
     let entry = app.cache.get(decision.key?).await?;
-    let resp = cached(app, chain, &entry, req, CacheOutcome::Stale, start)?;
+    let resp = cached(app, chain, &entry, req, CacheOutcome::Stale, start, on)?;
     Some((resp, entry))
 }
 
@@ -277,12 +474,30 @@ fn cached(
     req: &ChatRequest,
     outcome: CacheOutcome,
     start: Instant,
+    on: &Surfaced,
 ) -> Option<Response<Body>> {
     if !entry.serves(req) {
         return None;
     }
+    let model = app.config.models.get(&*entry.model)?;
     let mut resp = if req.stream {
-        let events = cache::replay(&entry.body, req.include_usage)?;
+        let chat = matches!(on.surface, Surface::Chat);
+        let mut events = cache::replay(&entry.body, req.include_usage || !chat)?;
+        if !chat {
+            // The replayed chat chunks, written as this surface's events.
+            let mut enc = on.surface.encoder(&model.model_id, false);
+            let mut out = Vec::new();
+            for e in &events {
+                if let Some(data) = crate::api::answer::unframe(e) {
+                    enc.chunk(data, &mut out);
+                }
+            }
+            enc.done(None, &mut out);
+            if let (Some(keep), Some(v)) = (on.on_complete(app), enc.take_completed()) {
+                keep(v);
+            }
+            events = vec![Bytes::from(out)];
+        }
         let stream =
             futures_util::stream::iter(events.into_iter().map(Ok::<_, std::convert::Infallible>));
         let mut r = Response::new(Body::from_stream(stream));
@@ -294,7 +509,7 @@ fn cached(
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         r
     } else {
-        let mut r = Response::new(Body::from(entry.body.clone()));
+        let mut r = Response::new(Body::from(on.body(app, &entry.body, None, model)));
         r.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
@@ -341,13 +556,13 @@ fn observe(
     app.metrics.observe_request(chain, status, elapsed);
 }
 
-fn rejected(app: &AppState, ledger: Ledger, e: &ApiError) -> Response<Body> {
+fn rejected(app: &AppState, ledger: Ledger, e: &ApiError, surface: &Surface) -> Response<Body> {
     ledger.finish(Answered::rejected(e));
     app.metrics
         .requests_total
         .with_label_values(&[NO_CHAIN, e.status.as_str()])
         .inc();
-    let mut r = error_response(e);
+    let mut r = surface_error(surface, e);
     r.headers_mut()
         .insert(X_CACHE, HeaderValue::from_static("bypass"));
     r
@@ -458,6 +673,7 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn respond_complete(
     app: &AppState,
     chain: &Chain,
@@ -466,6 +682,7 @@ fn respond_complete(
     label: CacheOutcome,
     ledger: Ledger,
     joined: bool,
+    on: &Surfaced,
 ) -> Response<Body> {
     app.metrics.count_cache(chain, label.as_str());
     let (mut resp, answered_by) = match &f.result {
@@ -474,7 +691,7 @@ fn respond_complete(
                 app.metrics.record_usage(model, &u);
                 model.cost_usd(&u)
             });
-            let mut r = Response::new(Body::from(c.body.clone()));
+            let mut r = Response::new(Body::from(on.body(app, &c.body, c.native.as_ref(), model)));
             let h = r.headers_mut();
             h.reserve(RESPONSE_HEADERS);
             h.insert(
@@ -486,7 +703,7 @@ fn respond_complete(
             }
             (r, Some(model))
         }
-        Err(e) => (error_response(e), None),
+        Err(e) => (on.error(e), None),
     };
     observe(app, chain, start, f.upstream_time, resp.status());
     // A caller that joined another's flight made no call and paid nothing: its row
@@ -528,6 +745,7 @@ fn respond_stream(
     label: CacheOutcome,
     ledger: Ledger,
     ctx: Arc<RequestCtx>,
+    on: &Surfaced,
 ) -> Response<Body> {
     app.metrics.count_cache(chain, label.as_str());
     let mut ledger = Some(ledger);
@@ -559,6 +777,8 @@ fn respond_stream(
                 fallbacks: outcome.fallbacks,
                 ttft: start.elapsed(),
             };
+            let native = committed.rest.as_ref().is_some_and(|r| r.is_native());
+            let encoder = on.surface.encoder(&model.model_id, native);
             let body = sse::body(
                 *committed,
                 model.clone(),
@@ -566,6 +786,8 @@ fn respond_stream(
                 inflight,
                 store,
                 end,
+                encoder,
+                on.on_complete(app),
             );
             let mut r = Response::new(Body::from_stream(body));
             let h = r.headers_mut();
@@ -578,7 +800,7 @@ fn respond_stream(
             (r, Ok(model))
         }
         Ok((model, Answer::Complete(c))) => {
-            let mut r = Response::new(Body::from(c.body));
+            let mut r = Response::new(Body::from(on.body(app, &c.body, c.native.as_ref(), &model)));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
@@ -587,7 +809,7 @@ fn respond_stream(
         }
         Err(e) => {
             let class = failure_class(&e, &outcome.attempts);
-            (error_response(&e), Err(class))
+            (on.error(&e), Err(class))
         }
     };
     let answered_by = match answered_by {
@@ -693,4 +915,46 @@ mod tests {
         assert_eq!(count_header(10), "10");
         assert_eq!(count_header(123), "123");
     }
+}
+
+/// `POST /v1/messages/count_tokens`: the first Anthropic target of the chain whose
+/// breaker is not open counts; without one (or when it fails) cascade's estimate
+/// answers, marked `x-cascade-estimate: true`.
+pub async fn count_tokens(State(app): State<Arc<AppState>>, request: Request) -> Response<Body> {
+    let (parts, body) = request.into_parts();
+    let headers = parts.headers;
+    let counted = async {
+        let bytes = read_body(body, &headers, app.config.server.max_body).await?;
+        let (t, mut native) = messages::translate(&bytes)?;
+        native.version = headers.get("anthropic-version").cloned();
+        native.beta = headers.get("anthropic-beta").cloned();
+        let task = headers.get(X_TASK).and_then(|v| v.to_str().ok());
+        let chain = resolve(&app.config, task, t.model.as_deref())?.clone();
+        Ok::<_, ApiError>((t, native, chain))
+    }
+    .await;
+    let (t, native, chain) = match counted {
+        Ok(v) => v,
+        Err(e) => return surface_error(&Surface::Messages, &e),
+    };
+    let counter = chain.targets.iter().map(|t| &t.model).find(|m| {
+        m.provider.kind == crate::config::ProviderKind::Anthropic
+            && m.breaker.state() != crate::resilience::breaker::BreakerState::Open
+    });
+    if let Some(model) = counter {
+        let client = app.engine.shared().http.local();
+        if let Ok(body) = crate::providers::anthropic::count_tokens(client, model, &native).await
+        {
+            let mut r = super::json_response(body);
+            if let Some(v) = &model.name_header {
+                r.headers_mut().insert(X_MODEL, v.clone());
+            }
+            return r;
+        }
+    }
+    let n = messages::count_tokens_estimate(&t.chat_body);
+    let mut r = super::json_response(format!("{{\"input_tokens\":{n}}}").into());
+    r.headers_mut()
+        .insert("x-cascade-estimate", HeaderValue::from_static("true"));
+    r
 }

@@ -6,6 +6,7 @@ pub use admin::{read_report, report_query, start_scheduled_report};
 mod chat;
 mod record;
 mod request_id;
+mod responses;
 mod sse;
 
 use std::future::Future;
@@ -40,9 +41,12 @@ pub struct AppState {
     /// `None` with `store.enabled: false`.
     pub store: Option<Store>,
     pub shadow: Shadow,
+    /// Responses kept for follow-up turns.
+    pub responses: Arc<responses::ResponsesState>,
     /// When the gateway started, for the scheduled report.
     pub started_ms: i64,
     models_body: Bytes,
+    anthropic_models_body: Bytes,
 }
 
 impl AppState {
@@ -71,12 +75,14 @@ impl AppState {
             metrics.clone(),
         );
         Ok(Arc::new(AppState {
+            responses: Arc::new(responses::ResponsesState::new(&config.responses)),
             store,
             shadow,
             started_ms: crate::clock::now_ms(),
             engine,
             cache: Arc::new(ResponseCache::new(&config.cache, metrics.clone())),
             models_body: models_body(&config),
+            anthropic_models_body: anthropic_models_body(&config),
             config,
             metrics,
         }))
@@ -94,6 +100,13 @@ fn upstream_pools(config: &Config) -> usize {
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/responses", post(chat::responses))
+        .route(
+            "/v1/responses/{id}",
+            get(responses::get_response).delete(responses::delete_response),
+        )
+        .route("/v1/messages", post(chat::messages))
+        .route("/v1/messages/count_tokens", post(chat::count_tokens))
         .route("/v1/models", get(list_models))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -198,8 +211,14 @@ pub fn serve_per_core(
 }
 
 pub(crate) fn error_response(e: &ApiError) -> Response<Body> {
-    let mut resp = Response::new(Body::from(e.body()));
-    *resp.status_mut() = e.status;
+    surface_error(&crate::api::surface::Surface::Chat, e)
+}
+
+/// An error in a surface's own shape and status.
+pub(crate) fn surface_error(surface: &crate::api::surface::Surface, e: &ApiError) -> Response<Body> {
+    let (status, body) = surface.error(e);
+    let mut resp = Response::new(Body::from(body));
+    *resp.status_mut() = status;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
@@ -236,7 +255,27 @@ fn models_body(config: &Config) -> Bytes {
         .into()
 }
 
-async fn list_models(State(app): State<Arc<AppState>>) -> Response<Body> {
+/// Anthropic's model list: `{data: [{type, id, display_name, created_at}], has_more, ...}`.
+fn anthropic_models_body(config: &Config) -> Bytes {
+    let created = crate::clock::rfc3339_s(crate::clock::now_ms());
+    let mut seen = std::collections::HashSet::new();
+    let ids: Vec<&str> = config.routable_names().filter(|n| seen.insert(*n)).collect();
+    let data: Vec<serde_json::Value> = ids
+        .iter()
+        .map(|id| serde_json::json!({"type": "model", "id": id, "display_name": id, "created_at": created}))
+        .collect();
+    serde_json::to_vec(&serde_json::json!({
+        "data": data, "has_more": false, "first_id": ids.first(), "last_id": ids.last(),
+    }))
+    .unwrap_or_default()
+    .into()
+}
+
+/// `GET /v1/models`, in Anthropic's shape when the request carries `anthropic-version`.
+async fn list_models(State(app): State<Arc<AppState>>, headers: http::HeaderMap) -> Response<Body> {
+    if headers.contains_key("anthropic-version") {
+        return json_response(app.anthropic_models_body.clone());
+    }
     json_response(app.models_body.clone())
 }
 

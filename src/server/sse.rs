@@ -12,6 +12,7 @@ use tokio::time::{timeout_at, Instant};
 
 use super::chat::StreamStore;
 use super::record::{Answered, Ledger};
+use crate::api::surface::Encoder;
 use crate::api::{ApiError, Usage};
 use crate::cache::Assembler;
 use crate::classify::ErrorClass;
@@ -70,8 +71,15 @@ struct State {
     /// Where to store the answer once it completes, and the answer so far.
     store: Option<(StreamStore, Assembler)>,
     end: StreamEnd,
+    /// Writes the client's surface's events.
+    encoder: Encoder,
+    /// Told the final Responses object of a completed stream (to keep it).
+    on_complete: Option<OnComplete>,
     _inflight: InflightGuard,
 }
+
+/// What a completed Responses stream's final object is handed to.
+pub type OnComplete = Box<dyn FnOnce(serde_json::Value) + Send>;
 
 impl State {
     /// The stream completed: count its tokens and cost, and store it if asked to.
@@ -84,6 +92,12 @@ impl State {
             .breaker
             .record(Admission::Allowed, CallResult::Success);
         self.report(StreamEnding::Complete, None);
+        let mut out = Vec::new();
+        self.native_tail(&mut out);
+        self.encoder.done(self.usage.as_ref(), &mut out);
+        if let (Some(f), Some(v)) = (self.on_complete.take(), self.encoder.take_completed()) {
+            f(v);
+        }
         if let Some((store, asm)) = self.store.take() {
             let has_usage = asm.has_usage();
             if let Some(body) = asm.finish() {
@@ -94,13 +108,24 @@ impl State {
                     .await;
             }
         }
-        Bytes::from_static(DONE)
+        Bytes::from(out)
+    }
+
+    /// The upstream's own events read so far, for a native stream.
+    fn native_tail(&mut self, out: &mut Vec<u8>) {
+        if let Some(raw) = self.rest.as_mut().and_then(|r| r.take_native()) {
+            out.extend_from_slice(&raw);
+        }
     }
 
     /// The upstream failed after the commit point: the target's breaker and health
     /// window hear of it, and the client gets an error event.
-    fn fail(&mut self, event: Bytes, class: ErrorClass) -> Bytes {
+    fn fail(&mut self, e: &ApiError, class: ErrorClass) -> Bytes {
         self.ended = true;
+        // The upstream's own error event is not passed on: the surface writes its own.
+        let _ = self.rest.as_mut().and_then(|r| r.take_native());
+        let mut event = Vec::new();
+        self.encoder.fail(e, &mut event);
         self.model.breaker.record(
             Admission::Allowed,
             CallResult::Failure { retry_after: None },
@@ -111,18 +136,20 @@ impl State {
             deadline_cut: false,
         };
         self.report(ending, Some(class.as_str()));
-        event
+        event.into()
     }
 
     /// The request's own deadline ended the stream: not the target's fault.
-    fn deadline_passed(&mut self, event: Bytes) -> Bytes {
+    fn deadline_passed(&mut self, e: &ApiError) -> Bytes {
         self.ended = true;
+        let mut event = Vec::new();
+        self.encoder.fail(e, &mut event);
         let ending = StreamEnding::Failed {
             class: ErrorClass::Timeout,
             deadline_cut: true,
         };
         self.report(ending, Some("timeout"));
-        event
+        event.into()
     }
 
     /// The call's record and the request's row, once.
@@ -158,18 +185,9 @@ impl Drop for State {
     }
 }
 
-fn event(data: &[u8]) -> Bytes {
-    let mut out = Vec::with_capacity(data.len() + 8);
-    out.extend_from_slice(b"data: ");
-    out.extend_from_slice(data);
-    out.extend_from_slice(b"\n\n");
-    out.into()
-}
-
-const DONE: &[u8] = b"data: [DONE]\n\n";
-
-/// A mid-stream failure as the client sees it: an OpenAI error event, never a silent close.
-fn failure_event(e: &AttemptError) -> Bytes {
+/// A mid-stream failure as the client sees it: the surface's error event, never a
+/// silent close.
+fn failure(e: &AttemptError) -> ApiError {
     let code = match e.class {
         ErrorClass::Timeout => "timeout",
         ErrorClass::RateLimited => "rate_limit_exceeded",
@@ -181,7 +199,6 @@ fn failure_event(e: &AttemptError) -> Bytes {
         format!("upstream stream failed: {}", e.message),
     )
     .with_code(code)
-    .sse_event()
 }
 
 /// The body stream for a committed upstream stream.
@@ -192,6 +209,8 @@ pub fn body(
     inflight: InflightGuard,
     store: Option<StreamStore>,
     end: StreamEnd,
+    encoder: Encoder,
+    on_complete: Option<OnComplete>,
 ) -> impl futures_util::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send {
     let store = store.map(|s| {
         let mut asm = Assembler::new(s.wants_json);
@@ -213,6 +232,8 @@ pub fn body(
         metrics,
         store,
         end,
+        encoder,
+        on_complete,
         _inflight: inflight,
     };
     futures_util::stream::unfold(state, |mut s| async move {
@@ -222,30 +243,36 @@ pub fn body(
         if !s.head.is_empty() {
             // Everything received before the commit point goes out in one write.
             let mut out = Vec::with_capacity(s.head.iter().map(|c| c.len() + 8).sum());
-            for chunk in s.head.drain(..) {
-                out.extend_from_slice(&event(&chunk));
+            let head: Vec<Bytes> = s.head.drain(..).collect();
+            for chunk in head {
+                s.encoder.chunk(&chunk, &mut out);
                 if let Some((tap, _)) = s.end.shadow.as_mut() {
                     tap.chunks.push(chunk);
                 }
             }
+            s.native_tail(&mut out);
             return Some((Ok(Bytes::from(out)), s));
         }
         if s.chaos_cut {
             let e = AttemptError::new(ErrorClass::Transient, "chaos: stream cut");
-            let out = s.fail(failure_event(&e), e.class);
+            let out = s.fail(&failure(&e), e.class);
             return Some((Ok(out), s));
         }
-        let Some(rest) = s.rest.as_mut() else {
+        if s.rest.is_none() {
             // Nothing left upstream (an answer returned whole, such as a refusal).
             let out = s.complete().await;
             return Some((Ok(out), s));
-        };
+        }
         let limit = match s.idle_timeout {
             Some(idle) => s.deadline.min(Instant::now() + idle),
             None => s.deadline,
         };
         let out = loop {
-            break match timeout_at(limit, rest.next()).await {
+            let Some(rest) = s.rest.as_mut() else {
+                break s.complete().await;
+            };
+            let item = timeout_at(limit, rest.next()).await;
+            break match item {
                 Ok(Some(Ok(StreamItem::Chunk {
                     data,
                     finish_reason,
@@ -259,11 +286,16 @@ pub fn body(
                     if let Some((_, asm)) = s.store.as_mut() {
                         asm.push(&data);
                     }
-                    let out = event(&data);
+                    let mut out = Vec::with_capacity(data.len() + 8);
+                    s.encoder.chunk(&data, &mut out);
+                    s.native_tail(&mut out);
                     if let Some((tap, _)) = s.end.shadow.as_mut() {
                         tap.chunks.push(data);
                     }
-                    out
+                    if out.is_empty() {
+                        continue;
+                    }
+                    Bytes::from(out)
                 }
                 // Counted, not sent: the client did not ask for usage.
                 Ok(Some(Ok(StreamItem::Usage(u)))) => {
@@ -274,7 +306,7 @@ pub fn body(
                     continue;
                 }
                 Ok(Some(Ok(StreamItem::Done))) => s.complete().await,
-                Ok(Some(Err(e))) => s.fail(failure_event(&e), e.class),
+                Ok(Some(Err(e))) => s.fail(&failure(&e), e.class),
                 // Some servers close after the finish chunk without `[DONE]`.
                 Ok(None)
                     if s.saw_finish
@@ -285,33 +317,30 @@ pub fn body(
                     s.complete().await
                 }
                 Ok(None) => s.fail(
-                    ApiError::new(
+                    &ApiError::new(
                         StatusCode::BAD_GATEWAY,
                         "server_error",
                         "the upstream stream ended before it finished",
                     )
-                    .with_code("stream_interrupted")
-                    .sse_event(),
+                    .with_code("stream_interrupted"),
                     ErrorClass::Transient,
                 ),
                 Err(_) if limit < s.deadline => s.fail(
-                    ApiError::new(
+                    &ApiError::new(
                         StatusCode::GATEWAY_TIMEOUT,
                         "timeout_error",
                         "the upstream stream went idle for longer than idle_timeout",
                     )
-                    .with_code("idle_timeout")
-                    .sse_event(),
+                    .with_code("idle_timeout"),
                     ErrorClass::Timeout,
                 ),
                 Err(_) => s.deadline_passed(
-                    ApiError::new(
+                    &ApiError::new(
                         StatusCode::GATEWAY_TIMEOUT,
                         "timeout_error",
                         "the request deadline passed while streaming",
                     )
-                    .with_code("deadline_exceeded")
-                    .sse_event(),
+                    .with_code("deadline_exceeded"),
                 ),
             };
         };
