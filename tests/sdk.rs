@@ -12,7 +12,7 @@ fn openai_python_sdk_end_to_end() {
     let probe = Command::new(&python)
         .args([
             "-c",
-            "import openai, pytest, jsonschema, yaml, prometheus_client",
+            "import openai, anthropic, pytest, jsonschema, yaml, prometheus_client",
         ])
         .status();
     if !matches!(probe, Ok(s) if s.success()) {

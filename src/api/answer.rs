@@ -175,14 +175,20 @@ mod tests {
         let body = br#"{"id":"x","model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"hi","tool_calls":[{"id":"c1","type":"function","function":{"name":"f","arguments":"{\"a\":1}"}}]},"finish_reason":"tool_calls"}],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#;
         let a = ChatAnswer::parse(body).unwrap();
         assert_eq!(a.text.as_deref(), Some("hi"));
-        assert_eq!(a.tool_calls, vec![("c1".into(), "f".into(), "{\"a\":1}".into())]);
+        assert_eq!(
+            a.tool_calls,
+            vec![("c1".into(), "f".into(), "{\"a\":1}".into())]
+        );
         assert_eq!(a.finish_reason.as_deref(), Some("tool_calls"));
         assert_eq!(a.usage.unwrap().total_tokens, 5);
     }
 
     #[test]
     fn reads_chunks() {
-        let c = ChunkDelta::parse(br#"{"choices":[{"index":0,"delta":{"content":"He"},"finish_reason":null}]}"#).unwrap();
+        let c = ChunkDelta::parse(
+            br#"{"choices":[{"index":0,"delta":{"content":"He"},"finish_reason":null}]}"#,
+        )
+        .unwrap();
         assert_eq!(c.text.as_deref(), Some("He"));
         let t = ChunkDelta::parse(br#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":1,"id":"c","function":{"name":"f","arguments":""}}]}}]}"#).unwrap();
         assert_eq!(t.tools[0].index, 1);

@@ -67,8 +67,8 @@ fn bad(message: impl Into<String>) -> ApiError {
 
 /// Parses the body once and translates it; `native` keeps the bytes for pass-through.
 pub fn translate(body: &Bytes) -> Result<(Translated, Native), ApiError> {
-    let text = super::json_text(body)
-        .map_err(|e| bad(format!("The body is not valid JSON: {e}")))?;
+    let text =
+        super::json_text(body).map_err(|e| bad(format!("The body is not valid JSON: {e}")))?;
     let w: Wire = serde_json::from_str(text)
         .map_err(|e| bad(format!("The body is not a valid Messages request: {e}")))?;
     let model = match w.model {
@@ -229,14 +229,17 @@ fn user_turn(content: Option<&Value>, out: &mut Vec<Value>, i: usize) -> Result<
         }
         Some(Value::Array(b)) => b,
         _ => {
-            return Err(bad(format!("messages.{i}.content: expected a string or a list of blocks"))
-                .with_param(format!("messages.{i}.content")))
+            return Err(bad(format!(
+                "messages.{i}.content: expected a string or a list of blocks"
+            ))
+            .with_param(format!("messages.{i}.content")))
         }
     };
     let mut parts = Vec::new();
     for b in blocks {
         match b.get("type").and_then(Value::as_str) {
-            Some("text") => parts.push(json!({"type": "text", "text": b.get("text").cloned().unwrap_or(json!(""))})),
+            Some("text") => parts
+                .push(json!({"type": "text", "text": b.get("text").cloned().unwrap_or(json!(""))})),
             Some("image") => {
                 if let Some(url) = image_url(b.get("source")) {
                     parts.push(json!({"type": "image_url", "image_url": {"url": url}}));
@@ -275,8 +278,10 @@ fn assistant_turn(content: Option<&Value>, i: usize) -> Result<Value, ApiError> 
         Some(Value::String(s)) => return Ok(json!({"role": "assistant", "content": s})),
         Some(Value::Array(b)) => b,
         _ => {
-            return Err(bad(format!("messages.{i}.content: expected a string or a list of blocks"))
-                .with_param(format!("messages.{i}.content")))
+            return Err(bad(format!(
+                "messages.{i}.content: expected a string or a list of blocks"
+            ))
+            .with_param(format!("messages.{i}.content")))
         }
     };
     let text = blocks_text(blocks);
@@ -431,12 +436,20 @@ impl Events {
             "content": [], "stop_reason": null, "stop_sequence": null,
             "usage": {"input_tokens": 0, "output_tokens": 0},
         });
-        write_event(out, "message_start", &json!({"type": "message_start", "message": message}));
+        write_event(
+            out,
+            "message_start",
+            &json!({"type": "message_start", "message": message}),
+        );
     }
 
     fn close(&mut self, out: &mut Vec<u8>) {
         if let Some((index, _)) = self.open.take() {
-            write_event(out, "content_block_stop", &json!({"type": "content_block_stop", "index": index}));
+            write_event(
+                out,
+                "content_block_stop",
+                &json!({"type": "content_block_stop", "index": index}),
+            );
         }
     }
 
@@ -444,13 +457,21 @@ impl Events {
         self.close(out);
         let index = self.next_index;
         self.next_index += 1;
-        write_event(out, "content_block_start", &json!({"type": "content_block_start", "index": index, "content_block": block}));
+        write_event(
+            out,
+            "content_block_start",
+            &json!({"type": "content_block_start", "index": index, "content_block": block}),
+        );
         self.open = Some((index, kind));
         index
     }
 
     fn delta(out: &mut Vec<u8>, index: usize, delta: Value) {
-        write_event(out, "content_block_delta", &json!({"type": "content_block_delta", "index": index, "delta": delta}));
+        write_event(
+            out,
+            "content_block_delta",
+            &json!({"type": "content_block_delta", "index": index, "delta": delta}),
+        );
     }
 
     pub fn chunk(&mut self, data: &[u8], out: &mut Vec<u8>) {
@@ -461,7 +482,11 @@ impl Events {
         if let Some(r) = d.reasoning {
             let index = match self.open {
                 Some((i, Block::Thinking)) => i,
-                _ => self.open(out, Block::Thinking, json!({"type": "thinking", "thinking": "", "signature": ""})),
+                _ => self.open(
+                    out,
+                    Block::Thinking,
+                    json!({"type": "thinking", "thinking": "", "signature": ""}),
+                ),
             };
             Self::delta(out, index, json!({"type": "thinking_delta", "thinking": r}));
         }
@@ -479,9 +504,19 @@ impl Events {
             let index = match self.tools.get(t.index).copied().flatten() {
                 Some(i) => i,
                 None => {
-                    let id = t.id.clone().unwrap_or_else(|| format!("toolu_{}", uuid::Uuid::now_v7().simple()));
-                    let name = t.function.as_ref().and_then(|f| f.name.clone()).unwrap_or_default();
-                    let i = self.open(out, Block::Tool(t.index), json!({"type": "tool_use", "id": id, "name": name, "input": {}}));
+                    let id =
+                        t.id.clone()
+                            .unwrap_or_else(|| format!("toolu_{}", uuid::Uuid::now_v7().simple()));
+                    let name = t
+                        .function
+                        .as_ref()
+                        .and_then(|f| f.name.clone())
+                        .unwrap_or_default();
+                    let i = self.open(
+                        out,
+                        Block::Tool(t.index),
+                        json!({"type": "tool_use", "id": id, "name": name, "input": {}}),
+                    );
                     if self.tools.len() <= t.index {
                         self.tools.resize(t.index + 1, None);
                     }
@@ -489,10 +524,18 @@ impl Events {
                     i
                 }
             };
-            if let Some(args) = t.function.and_then(|f| f.arguments).filter(|a| !a.is_empty()) {
+            if let Some(args) = t
+                .function
+                .and_then(|f| f.arguments)
+                .filter(|a| !a.is_empty())
+            {
                 // Deltas of an earlier block are not sent out of order.
                 if self.open == Some((index, Block::Tool(t.index))) {
-                    Self::delta(out, index, json!({"type": "input_json_delta", "partial_json": args}));
+                    Self::delta(
+                        out,
+                        index,
+                        json!({"type": "input_json_delta", "partial_json": args}),
+                    );
                 }
             }
         }
@@ -504,19 +547,29 @@ impl Events {
     pub fn done(&mut self, usage: Option<&Usage>, out: &mut Vec<u8>) {
         self.start(out);
         self.close(out);
-        let u = usage.map(usage_value).unwrap_or(json!({"output_tokens": 0}));
-        write_event(out, "message_delta", &json!({
-            "type": "message_delta",
-            "delta": {"stop_reason": stop_reason(self.finish.as_deref()), "stop_sequence": null},
-            "usage": u,
-        }));
+        let u = usage
+            .map(usage_value)
+            .unwrap_or(json!({"output_tokens": 0}));
+        write_event(
+            out,
+            "message_delta",
+            &json!({
+                "type": "message_delta",
+                "delta": {"stop_reason": stop_reason(self.finish.as_deref()), "stop_sequence": null},
+                "usage": u,
+            }),
+        );
         write_event(out, "message_stop", &json!({"type": "message_stop"}));
     }
 
     /// A failure after the commit point: an `error` event ends the stream.
     pub fn fail(&mut self, e: &ApiError, out: &mut Vec<u8>) {
         let (_, kind) = error_kind(e);
-        write_event(out, "error", &json!({"type": "error", "error": {"type": kind, "message": e.message}}));
+        write_event(
+            out,
+            "error",
+            &json!({"type": "error", "error": {"type": kind, "message": e.message}}),
+        );
     }
 }
 
@@ -544,8 +597,14 @@ mod tests {
         let c: Value = serde_json::from_slice(&t.chat_body).unwrap();
         let m = c["messages"].as_array().unwrap();
         assert_eq!(m[0], json!({"role":"system","content":"sys"}));
-        assert_eq!(m[2]["tool_calls"][0]["function"]["arguments"], "{\"city\":\"Paris\"}");
-        assert_eq!(m[3], json!({"role":"tool","tool_call_id":"tu1","content":"sunny"}));
+        assert_eq!(
+            m[2]["tool_calls"][0]["function"]["arguments"],
+            "{\"city\":\"Paris\"}"
+        );
+        assert_eq!(
+            m[3],
+            json!({"role":"tool","tool_call_id":"tu1","content":"sunny"})
+        );
         assert_eq!(m[4]["content"][0]["text"], "thanks");
         assert_eq!(c["tool_choice"], "required");
         assert_eq!(c["parallel_tool_calls"], false);
@@ -560,19 +619,50 @@ mod tests {
         let (s, b) = error_body(&e);
         assert_eq!(s.as_u16(), 504);
         let v: Value = serde_json::from_slice(&b).unwrap();
-        assert_eq!(v, json!({"type":"error","error":{"type":"timeout_error","message":"late"}}));
+        assert_eq!(
+            v,
+            json!({"type":"error","error":{"type":"timeout_error","message":"late"}})
+        );
     }
 
     #[test]
     fn stream_events() {
         let mut ev = Events::new("m");
         let mut out = Vec::new();
-        ev.chunk(br#"{"choices":[{"index":0,"delta":{"content":"Hi"}}]}"#, &mut out);
+        ev.chunk(
+            br#"{"choices":[{"index":0,"delta":{"content":"Hi"}}]}"#,
+            &mut out,
+        );
         ev.chunk(br#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"c","function":{"name":"f","arguments":"{}"}}]},"finish_reason":"tool_calls"}]}"#, &mut out);
-        ev.done(Some(&Usage { prompt_tokens: 10, completion_tokens: 2, total_tokens: 12, cached_tokens: 4, reasoning_tokens: 0 }), &mut out);
+        ev.done(
+            Some(&Usage {
+                prompt_tokens: 10,
+                completion_tokens: 2,
+                total_tokens: 12,
+                cached_tokens: 4,
+                reasoning_tokens: 0,
+            }),
+            &mut out,
+        );
         let text = String::from_utf8(out).unwrap();
-        let kinds: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("event: ")).collect();
-        assert_eq!(kinds, ["message_start", "content_block_start", "content_block_delta", "content_block_stop", "content_block_start", "content_block_delta", "content_block_stop", "message_delta", "message_stop"]);
+        let kinds: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("event: "))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "message_start",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_stop",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_stop",
+                "message_delta",
+                "message_stop"
+            ]
+        );
         assert!(text.contains(r#""stop_reason":"tool_use""#));
         assert!(text.contains(r#""input_tokens":6"#));
     }

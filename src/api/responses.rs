@@ -92,10 +92,17 @@ pub fn parse(body: &[u8]) -> Result<Wire, ApiError> {
 /// and output items, in order).
 pub fn translate(wire: Wire, history: &[Value]) -> Result<Translated, ApiError> {
     let input_items = match wire.input {
-        None | Some(Value::Null) => return Err(bad("input", "Missing required parameter: 'input'.")),
+        None | Some(Value::Null) => {
+            return Err(bad("input", "Missing required parameter: 'input'."))
+        }
         Some(Value::String(s)) => vec![json!({"type": "message", "role": "user", "content": s})],
         Some(Value::Array(items)) => items,
-        Some(_) => return Err(bad("input", "Invalid 'input': expected a string or a list of items.")),
+        Some(_) => {
+            return Err(bad(
+                "input",
+                "Invalid 'input': expected a string or a list of items.",
+            ))
+        }
     };
     let mut messages = Vec::with_capacity(history.len() + input_items.len() + 1);
     match &wire.instructions {
@@ -108,7 +115,10 @@ pub fn translate(wire: Wire, history: &[Value]) -> Result<Translated, ApiError> 
     items_to_messages(history, &mut messages, "previous_response_id")?;
     items_to_messages(&input_items, &mut messages, "input")?;
     if messages.is_empty() {
-        return Err(bad("input", "Invalid 'input': the request has no messages."));
+        return Err(bad(
+            "input",
+            "Invalid 'input': the request has no messages.",
+        ));
     }
 
     let mut chat = Map::new();
@@ -121,7 +131,10 @@ pub fn translate(wire: Wire, history: &[Value]) -> Result<Translated, ApiError> 
     let mut chat_tools = Vec::new();
     let mut echo_tools = Vec::new();
     for tool in wire.tools.iter().flatten() {
-        let kind = tool.get("type").and_then(Value::as_str).unwrap_or("function");
+        let kind = tool
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("function");
         if kind != "function" {
             dropped_tools.push(kind.to_string());
             echo_tools.push(tool.clone());
@@ -298,7 +311,8 @@ fn items_to_messages(items: &[Value], out: &mut Vec<Value>, param: &str) -> Resu
                             calls.push(call);
                         }
                     }
-                    _ => out.push(json!({"role": "assistant", "content": null, "tool_calls": [call]})),
+                    _ => out
+                        .push(json!({"role": "assistant", "content": null, "tool_calls": [call]})),
                 }
             }
             Some("function_call_output") => {
@@ -330,22 +344,30 @@ fn content_to_chat(content: Option<&Value>, role: &str, param: &str) -> Result<V
         None | Some(Value::Null) => return Ok(json!("")),
         Some(Value::String(s)) => return Ok(json!(s)),
         Some(Value::Array(parts)) => parts,
-        Some(_) => return Err(bad(param, format!("Invalid '{param}': message content must be a string or a list of parts."))),
+        Some(_) => {
+            return Err(bad(
+                param,
+                format!("Invalid '{param}': message content must be a string or a list of parts."),
+            ))
+        }
     };
     if role == "assistant" || role == "system" {
         // Chat assistant and system content is text.
         let text: Vec<&str> = parts
             .iter()
-            .filter_map(|p| p.get("text").or_else(|| p.get("refusal")).and_then(Value::as_str))
+            .filter_map(|p| {
+                p.get("text")
+                    .or_else(|| p.get("refusal"))
+                    .and_then(Value::as_str)
+            })
             .collect();
         return Ok(json!(text.join("")));
     }
     let mut out = Vec::with_capacity(parts.len());
     for p in parts {
         match p.get("type").and_then(Value::as_str) {
-            Some("input_text") | Some("output_text") | Some("text") => {
-                out.push(json!({"type": "text", "text": p.get("text").cloned().unwrap_or(json!(""))}))
-            }
+            Some("input_text") | Some("output_text") | Some("text") => out
+                .push(json!({"type": "text", "text": p.get("text").cloned().unwrap_or(json!(""))})),
             Some("input_image") => {
                 let Some(url) = p.get("image_url").and_then(Value::as_str) else {
                     return Err(bad(param, format!("Invalid '{param}': input_image needs an 'image_url' (file ids are not supported).")));
@@ -444,7 +466,7 @@ pub fn response_value(
         .filter(|p| p["type"] == "output_text")
         .filter_map(|p| p["text"].as_str())
         .collect();
-    json!({
+    let mut r = json!({
         "id": meta.id,
         "object": "response",
         "created_at": meta.created_at,
@@ -467,10 +489,15 @@ pub fn response_value(
         "tools": e.tools,
         "top_p": e.top_p,
         "truncation": "disabled",
-        "usage": usage.map_or(Value::Null, usage_value),
-        "user": e.user,
         "metadata": e.metadata,
-    })
+    });
+    if let Some(u) = usage {
+        r["usage"] = usage_value(u);
+    }
+    if !e.user.is_null() {
+        r["user"] = e.user.clone();
+    }
+    r
 }
 
 fn text_part(text: &str) -> Value {
@@ -499,7 +526,13 @@ pub fn output_items(a: &ChatAnswer) -> Vec<Value> {
         items.push(message_item(&new_id("msg"), "completed", content));
     }
     for (call_id, name, arguments) in &a.tool_calls {
-        items.push(function_item(&new_id("fc"), call_id, name, arguments, "completed"));
+        items.push(function_item(
+            &new_id("fc"),
+            call_id,
+            name,
+            arguments,
+            "completed",
+        ));
     }
     items
 }
@@ -519,6 +552,16 @@ pub fn from_chat(meta: &Meta, model_id: &str, body: &[u8]) -> Result<Value, serd
     ))
 }
 
+/// A function call being streamed.
+#[derive(Debug, Clone)]
+struct OpenCall {
+    index: usize,
+    id: String,
+    call_id: String,
+    name: String,
+    args: String,
+}
+
 /// Writes the Responses stream for a chat stream, chunk by chunk. Nothing is written
 /// before the first chunk the engine hands over, which is its commit point: until then
 /// `response.created` is held, so a failover stays invisible.
@@ -530,8 +573,8 @@ pub struct Events {
     started: bool,
     /// The open message item: output index, id, text so far.
     message: Option<(usize, String, String)>,
-    /// Open tool calls by chat index: output index, item id, call id, name, arguments.
-    tools: Vec<Option<(usize, String, String, String, String)>>,
+    /// Open tool calls by chat index.
+    tools: Vec<Option<OpenCall>>,
     /// Finished items, by output index.
     output: Vec<Value>,
     finish: Option<String>,
@@ -597,18 +640,41 @@ impl Events {
         };
         let part = text_part(&text);
         self.emit(out, "response.output_text.done", json!({"item_id": id, "output_index": index, "content_index": 0, "text": text, "logprobs": []}));
-        self.emit(out, "response.content_part.done", json!({"item_id": id, "output_index": index, "content_index": 0, "part": part}));
+        self.emit(
+            out,
+            "response.content_part.done",
+            json!({"item_id": id, "output_index": index, "content_index": 0, "part": part}),
+        );
         let item = message_item(&id, "completed", vec![part]);
-        self.emit(out, "response.output_item.done", json!({"output_index": index, "item": item}));
+        self.emit(
+            out,
+            "response.output_item.done",
+            json!({"output_index": index, "item": item}),
+        );
         self.place(index, item);
     }
 
     fn close_tools(&mut self, out: &mut Vec<u8>) {
         let open: Vec<_> = self.tools.drain(..).flatten().collect();
-        for (index, id, call_id, name, args) in open {
-            self.emit(out, "response.function_call_arguments.done", json!({"item_id": id, "output_index": index, "arguments": args, "name": name}));
+        for OpenCall {
+            index,
+            id,
+            call_id,
+            name,
+            args,
+        } in open
+        {
+            self.emit(
+                out,
+                "response.function_call_arguments.done",
+                json!({"item_id": id, "output_index": index, "arguments": args, "name": name}),
+            );
             let item = function_item(&id, &call_id, &name, &args, "completed");
-            self.emit(out, "response.output_item.done", json!({"output_index": index, "item": item}));
+            self.emit(
+                out,
+                "response.output_item.done",
+                json!({"output_index": index, "item": item}),
+            );
             self.place(index, item);
         }
     }
@@ -633,7 +699,11 @@ impl Events {
                 let index = self.next_index();
                 let id = new_id("msg");
                 let item = message_item(&id, "in_progress", Vec::new());
-                self.emit(out, "response.output_item.added", json!({"output_index": index, "item": item}));
+                self.emit(
+                    out,
+                    "response.output_item.added",
+                    json!({"output_index": index, "item": item}),
+                );
                 self.emit(out, "response.content_part.added", json!({"item_id": id, "output_index": index, "content_index": 0, "part": text_part("")}));
                 self.message = Some((index, id, String::new()));
             }
@@ -647,27 +717,49 @@ impl Events {
             if t.index >= super::MAX_TOOL_CALLS {
                 continue;
             }
-            let fragment = t.function.as_ref().and_then(|f| f.arguments.clone()).unwrap_or_default();
+            let fragment = t
+                .function
+                .as_ref()
+                .and_then(|f| f.arguments.clone())
+                .unwrap_or_default();
             if self.tools.get(t.index).is_none_or(|s| s.is_none()) {
                 self.close_message(out);
                 let index = self.next_index();
                 let id = new_id("fc");
                 let call_id = t.id.clone().unwrap_or_else(|| new_id("call"));
-                let name = t.function.as_ref().and_then(|f| f.name.clone()).unwrap_or_default();
+                let name = t
+                    .function
+                    .as_ref()
+                    .and_then(|f| f.name.clone())
+                    .unwrap_or_default();
                 let item = function_item(&id, &call_id, &name, "", "in_progress");
-                self.emit(out, "response.output_item.added", json!({"output_index": index, "item": item}));
+                self.emit(
+                    out,
+                    "response.output_item.added",
+                    json!({"output_index": index, "item": item}),
+                );
                 if self.tools.len() <= t.index {
                     self.tools.resize(t.index + 1, None);
                 }
-                self.tools[t.index] = Some((index, id, call_id, name, String::new()));
+                self.tools[t.index] = Some(OpenCall {
+                    index,
+                    id,
+                    call_id,
+                    name,
+                    args: String::new(),
+                });
             }
             if fragment.is_empty() {
                 continue;
             }
-            if let Some(Some((index, id, _, _, args))) = self.tools.get_mut(t.index) {
-                args.push_str(&fragment);
-                let (index, id) = (*index, id.clone());
-                self.emit(out, "response.function_call_arguments.delta", json!({"item_id": id, "output_index": index, "delta": fragment}));
+            if let Some(Some(call)) = self.tools.get_mut(t.index) {
+                call.args.push_str(&fragment);
+                let (index, id) = (call.index, call.id.clone());
+                self.emit(
+                    out,
+                    "response.function_call_arguments.delta",
+                    json!({"item_id": id, "output_index": index, "delta": fragment}),
+                );
             }
         }
         if d.finish_reason.is_some() {
@@ -681,9 +773,26 @@ impl Events {
         self.close_message(out);
         self.close_tools(out);
         let (status, incomplete) = status_for(self.finish.as_deref());
-        let output: Vec<Value> = self.output.iter().filter(|v| !v.is_null()).cloned().collect();
-        let r = response_value(&self.meta, &self.model_id, status, output, usage, Value::Null, incomplete);
-        let kind = if status == "completed" { "response.completed" } else { "response.incomplete" };
+        let output: Vec<Value> = self
+            .output
+            .iter()
+            .filter(|v| !v.is_null())
+            .cloned()
+            .collect();
+        let r = response_value(
+            &self.meta,
+            &self.model_id,
+            status,
+            output,
+            usage,
+            Value::Null,
+            incomplete,
+        );
+        let kind = if status == "completed" {
+            "response.completed"
+        } else {
+            "response.incomplete"
+        };
         self.emit(out, kind, json!({"response": r}));
         self.completed = Some(r);
     }
@@ -691,8 +800,17 @@ impl Events {
     /// The stream failed after its commit point: `error`, then `response.failed`.
     pub fn fail(&mut self, code: &str, message: &str, out: &mut Vec<u8>) {
         self.start(out);
-        self.emit(out, "error", json!({"code": code, "message": message, "param": null}));
-        let output: Vec<Value> = self.output.iter().filter(|v| !v.is_null()).cloned().collect();
+        self.emit(
+            out,
+            "error",
+            json!({"code": code, "message": message, "param": null}),
+        );
+        let output: Vec<Value> = self
+            .output
+            .iter()
+            .filter(|v| !v.is_null())
+            .cloned()
+            .collect();
         let r = response_value(
             &self.meta,
             &self.model_id,
@@ -728,7 +846,8 @@ mod tests {
 
     #[test]
     fn string_input_and_instructions() {
-        let c = chat(r#"{"model":"m","input":"hi","instructions":"be brief","max_output_tokens":9}"#);
+        let c =
+            chat(r#"{"model":"m","input":"hi","instructions":"be brief","max_output_tokens":9}"#);
         assert_eq!(
             c,
             json!({"model":"m","messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hi"}],"max_completion_tokens":9})
@@ -752,11 +871,20 @@ mod tests {
         );
         let m = c["messages"].as_array().unwrap();
         assert_eq!(m[0], json!({"role":"system","content":"sys"}));
-        assert_eq!(m[1]["content"][1], json!({"type":"image_url","image_url":{"url":"data:image/png;base64,AA","detail":"low"}}));
+        assert_eq!(
+            m[1]["content"][1],
+            json!({"type":"image_url","image_url":{"url":"data:image/png;base64,AA","detail":"low"}})
+        );
         assert_eq!(m[2]["tool_calls"].as_array().unwrap().len(), 2);
-        assert_eq!(m[3], json!({"role":"tool","tool_call_id":"c1","content":"one"}));
+        assert_eq!(
+            m[3],
+            json!({"role":"tool","tool_call_id":"c1","content":"one"})
+        );
         assert_eq!(m.len(), 4);
-        assert_eq!(c["tools"], json!([{"type":"function","function":{"name":"f","parameters":{"type":"object"}}}]));
+        assert_eq!(
+            c["tools"],
+            json!([{"type":"function","function":{"name":"f","parameters":{"type":"object"}}}])
+        );
         assert_eq!(c["tool_choice"], "auto");
         assert_eq!(c["response_format"]["json_schema"]["name"], "x");
     }
@@ -776,21 +904,47 @@ mod tests {
         let meta = Meta::new(Echo::default());
         let mut ev = Events::new(meta, "m");
         let mut out = Vec::new();
-        ev.chunk(br#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}"#, &mut out);
-        ev.chunk(br#"{"choices":[{"index":0,"delta":{"content":"Hi"}}]}"#, &mut out);
+        ev.chunk(
+            br#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}"#,
+            &mut out,
+        );
+        ev.chunk(
+            br#"{"choices":[{"index":0,"delta":{"content":"Hi"}}]}"#,
+            &mut out,
+        );
         ev.chunk(br#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"c","function":{"name":"f","arguments":"{\"a\""}}]}}]}"#, &mut out);
         ev.chunk(br#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":":1}"}}]},"finish_reason":"tool_calls"}]}"#, &mut out);
-        ev.done(Some(&Usage { prompt_tokens: 2, completion_tokens: 3, total_tokens: 5, ..Usage::default() }), &mut out);
+        ev.done(
+            Some(&Usage {
+                prompt_tokens: 2,
+                completion_tokens: 3,
+                total_tokens: 5,
+                ..Usage::default()
+            }),
+            &mut out,
+        );
         let text = String::from_utf8(out).unwrap();
-        let kinds: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("event: ")).collect();
+        let kinds: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("event: "))
+            .collect();
         assert_eq!(
             kinds,
             [
-                "response.created", "response.in_progress", "response.output_item.added",
-                "response.content_part.added", "response.output_text.delta", "response.output_text.done",
-                "response.content_part.done", "response.output_item.done", "response.output_item.added",
-                "response.function_call_arguments.delta", "response.function_call_arguments.delta",
-                "response.function_call_arguments.done", "response.output_item.done", "response.completed",
+                "response.created",
+                "response.in_progress",
+                "response.output_item.added",
+                "response.content_part.added",
+                "response.output_text.delta",
+                "response.output_text.done",
+                "response.content_part.done",
+                "response.output_item.done",
+                "response.output_item.added",
+                "response.function_call_arguments.delta",
+                "response.function_call_arguments.delta",
+                "response.function_call_arguments.done",
+                "response.output_item.done",
+                "response.completed",
             ]
         );
         let done = ev.completed.unwrap();

@@ -60,10 +60,9 @@ impl Surface {
             Surface::Chat => Encoder::Chat,
             Surface::Messages if native => Encoder::Native,
             Surface::Messages => Encoder::Messages(Box::new(messages::Events::new(model_id))),
-            Surface::Responses(meta) => Encoder::Responses(Box::new(responses::Events::new(
-                (**meta).clone(),
-                model_id,
-            ))),
+            Surface::Responses(meta) => {
+                Encoder::Responses(Box::new(responses::Events::new((**meta).clone(), model_id)))
+            }
         }
     }
 }

@@ -685,7 +685,10 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         log: log_settings(&raw.log)?,
         report: report_schedule(&raw)?,
         responses: ResponsesSettings {
-            ttl: raw.responses.ttl.unwrap_or(Duration::from_secs(30 * 86_400)),
+            ttl: raw
+                .responses
+                .ttl
+                .unwrap_or(Duration::from_secs(30 * 86_400)),
             max_memory: raw.responses.max_memory.unwrap_or(256 << 20),
         },
         cache: cache_settings(&raw.cache)?,

@@ -303,12 +303,20 @@ fn sample_json(schema: &serde_json::Value, depth: usize) -> serde_json::Value {
     if depth > 8 {
         return Value::Null;
     }
-    if let Some(e) = schema.get("enum").and_then(Value::as_array).and_then(|e| e.first()) {
+    if let Some(e) = schema
+        .get("enum")
+        .and_then(Value::as_array)
+        .and_then(|e| e.first())
+    {
         return e.clone();
     }
     let kind = match schema.get("type") {
         Some(Value::String(t)) => t.as_str(),
-        Some(Value::Array(ts)) => ts.iter().filter_map(Value::as_str).find(|t| *t != "null").unwrap_or("null"),
+        Some(Value::Array(ts)) => ts
+            .iter()
+            .filter_map(Value::as_str)
+            .find(|t| *t != "null")
+            .unwrap_or("null"),
         _ if schema.get("properties").is_some() => "object",
         _ => "object",
     };
@@ -326,11 +334,20 @@ fn sample_json(schema: &serde_json::Value, depth: usize) -> serde_json::Value {
             let mut obj = serde_json::Map::new();
             let props = schema.get("properties").and_then(Value::as_object);
             let keys: Vec<String> = match schema.get("required").and_then(Value::as_array) {
-                Some(r) => r.iter().filter_map(Value::as_str).map(String::from).collect(),
-                None => props.map(|p| p.keys().cloned().collect()).unwrap_or_default(),
+                Some(r) => r
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .map(String::from)
+                    .collect(),
+                None => props
+                    .map(|p| p.keys().cloned().collect())
+                    .unwrap_or_default(),
             };
             for k in keys {
-                let sub = props.and_then(|p| p.get(&k)).cloned().unwrap_or(json!({"type": "string"}));
+                let sub = props
+                    .and_then(|p| p.get(&k))
+                    .cloned()
+                    .unwrap_or(json!({"type": "string"}));
                 obj.insert(k, sample_json(&sub, depth + 1));
             }
             if obj.is_empty() && depth == 0 {
@@ -475,7 +492,11 @@ async fn handle(
                         .collect()
                 })
                 .unwrap_or_default();
-            return Ok(full(StatusCode::OK, "application/json", serde_json::to_vec(&bodies)?));
+            return Ok(full(
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_vec(&bodies)?,
+            ));
         }
         (&Method::GET, "/_mock/last_headers") => {
             let map: std::collections::BTreeMap<String, String> = state
@@ -485,11 +506,20 @@ async fn handle(
                 .and_then(|h| h.clone())
                 .map(|h| {
                     h.iter()
-                        .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+                        .map(|(k, v)| {
+                            (
+                                k.to_string(),
+                                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                            )
+                        })
                         .collect()
                 })
                 .unwrap_or_default();
-            return Ok(full(StatusCode::OK, "application/json", serde_json::to_vec(&map)?));
+            return Ok(full(
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_vec(&map)?,
+            ));
         }
         (&Method::POST, "/v1/messages/count_tokens") => {
             if let Some(denied) = auth_error(Format::Anthropic, &headers, &query) {

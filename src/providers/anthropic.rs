@@ -12,8 +12,8 @@ use super::sse::SseEvent;
 use super::stream::StreamItem;
 use super::{push_turn, typed, AttemptError, Outgoing};
 use crate::api::chat::{parse_data_url, Content, Message, Part, Role, ToolChoice, TypedChat};
-use crate::api::output::{self, Assembled, ChunkWriter};
 use crate::api::messages::Native;
+use crate::api::output::{self, Assembled, ChunkWriter};
 use crate::api::{ChatRequest, Usage};
 use crate::classify::ErrorClass;
 use crate::config::Model;
@@ -55,7 +55,10 @@ fn native_request(model: &Model, url: http::Uri, native: &Native) -> Outgoing {
     let cap = (!native.has_max_tokens).then(|| {
         format!(
             "\"max_tokens\":{},",
-            model.max_tokens.map(u64::from).unwrap_or(DEFAULT_MAX_TOKENS)
+            model
+                .max_tokens
+                .map(u64::from)
+                .unwrap_or(DEFAULT_MAX_TOKENS)
         )
     });
     let inserted_model = format!("\"model\":{},", model.model_id_json);
@@ -563,9 +566,12 @@ pub async fn count_tokens(
     model: &Model,
     native: &Native,
 ) -> Result<Bytes, AttemptError> {
-    let url: http::Uri = format!("{}/count_tokens", model.url.to_string().trim_end_matches('/'))
-        .parse()
-        .map_err(|e| AttemptError::new(ErrorClass::BadRequest, format!("bad count_tokens URL: {e}")))?;
+    let url: http::Uri = format!(
+        "{}/count_tokens",
+        model.url.to_string().trim_end_matches('/')
+    )
+    .parse()
+    .map_err(|e| AttemptError::new(ErrorClass::BadRequest, format!("bad count_tokens URL: {e}")))?;
     // count_tokens takes no `max_tokens`: never add one.
     let as_sent = Native {
         has_max_tokens: true,
@@ -573,7 +579,10 @@ pub async fn count_tokens(
     };
     let out = native_request(model, url, &as_sent);
     let mut headers = out.headers;
-    headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     if let Some((name, value)) = &model.provider.auth {
         headers.insert(name.clone(), value.clone());
     }

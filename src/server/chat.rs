@@ -211,12 +211,19 @@ pub struct Surfaced {
 impl Surfaced {
     /// A whole answer in the surface's format; a Responses answer is kept for
     /// follow-ups unless the request said `store: false`.
-    fn body(&self, app: &AppState, chat_body: &Bytes, native: Option<&Bytes>, model: &Model) -> Bytes {
+    fn body(
+        &self,
+        app: &AppState,
+        chat_body: &Bytes,
+        native: Option<&Bytes>,
+        model: &Model,
+    ) -> Bytes {
         if let (Surface::Responses(meta), Some(turn)) = (&self.surface, &self.turn) {
             return match responses::from_chat(meta, &model.model_id, chat_body) {
                 Ok(v) => {
                     if turn.store {
-                        app.responses.keep(turn.tenant, &turn.history, &turn.input, &v);
+                        app.responses
+                            .keep(turn.tenant, &turn.history, &turn.input, &v);
                     }
                     serde_json::to_vec(&v).unwrap_or_default().into()
                 }
@@ -786,8 +793,10 @@ fn respond_stream(
                 inflight,
                 store,
                 end,
-                encoder,
-                on.on_complete(app),
+                sse::SurfaceOut {
+                    encoder,
+                    on_complete: on.on_complete(app),
+                },
             );
             let mut r = Response::new(Body::from_stream(body));
             let h = r.headers_mut();
@@ -888,6 +897,47 @@ fn outcome_headers(
     }
 }
 
+/// `POST /v1/messages/count_tokens`: the first Anthropic target of the chain whose
+/// breaker is not open counts; without one (or when it fails) cascade's estimate
+/// answers, marked `x-cascade-estimate: true`.
+pub async fn count_tokens(State(app): State<Arc<AppState>>, request: Request) -> Response<Body> {
+    let (parts, body) = request.into_parts();
+    let headers = parts.headers;
+    let counted = async {
+        let bytes = read_body(body, &headers, app.config.server.max_body).await?;
+        let (t, mut native) = messages::translate(&bytes)?;
+        native.version = headers.get("anthropic-version").cloned();
+        native.beta = headers.get("anthropic-beta").cloned();
+        let task = headers.get(X_TASK).and_then(|v| v.to_str().ok());
+        let chain = resolve(&app.config, task, t.model.as_deref())?.clone();
+        Ok::<_, ApiError>((t, native, chain))
+    }
+    .await;
+    let (t, native, chain) = match counted {
+        Ok(v) => v,
+        Err(e) => return surface_error(&Surface::Messages, &e),
+    };
+    let counter = chain.targets.iter().map(|t| &t.model).find(|m| {
+        m.provider.kind == crate::config::ProviderKind::Anthropic
+            && m.breaker.state() != crate::resilience::breaker::BreakerState::Open
+    });
+    if let Some(model) = counter {
+        let client = app.engine.shared().http.local();
+        if let Ok(body) = crate::providers::anthropic::count_tokens(client, model, &native).await {
+            let mut r = super::json_response(body);
+            if let Some(v) = &model.name_header {
+                r.headers_mut().insert(X_MODEL, v.clone());
+            }
+            return r;
+        }
+    }
+    let n = messages::count_tokens_estimate(&t.chat_body);
+    let mut r = super::json_response(format!("{{\"input_tokens\":{n}}}").into());
+    r.headers_mut()
+        .insert("x-cascade-estimate", HeaderValue::from_static("true"));
+    r
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -915,46 +965,4 @@ mod tests {
         assert_eq!(count_header(10), "10");
         assert_eq!(count_header(123), "123");
     }
-}
-
-/// `POST /v1/messages/count_tokens`: the first Anthropic target of the chain whose
-/// breaker is not open counts; without one (or when it fails) cascade's estimate
-/// answers, marked `x-cascade-estimate: true`.
-pub async fn count_tokens(State(app): State<Arc<AppState>>, request: Request) -> Response<Body> {
-    let (parts, body) = request.into_parts();
-    let headers = parts.headers;
-    let counted = async {
-        let bytes = read_body(body, &headers, app.config.server.max_body).await?;
-        let (t, mut native) = messages::translate(&bytes)?;
-        native.version = headers.get("anthropic-version").cloned();
-        native.beta = headers.get("anthropic-beta").cloned();
-        let task = headers.get(X_TASK).and_then(|v| v.to_str().ok());
-        let chain = resolve(&app.config, task, t.model.as_deref())?.clone();
-        Ok::<_, ApiError>((t, native, chain))
-    }
-    .await;
-    let (t, native, chain) = match counted {
-        Ok(v) => v,
-        Err(e) => return surface_error(&Surface::Messages, &e),
-    };
-    let counter = chain.targets.iter().map(|t| &t.model).find(|m| {
-        m.provider.kind == crate::config::ProviderKind::Anthropic
-            && m.breaker.state() != crate::resilience::breaker::BreakerState::Open
-    });
-    if let Some(model) = counter {
-        let client = app.engine.shared().http.local();
-        if let Ok(body) = crate::providers::anthropic::count_tokens(client, model, &native).await
-        {
-            let mut r = super::json_response(body);
-            if let Some(v) = &model.name_header {
-                r.headers_mut().insert(X_MODEL, v.clone());
-            }
-            return r;
-        }
-    }
-    let n = messages::count_tokens_estimate(&t.chat_body);
-    let mut r = super::json_response(format!("{{\"input_tokens\":{n}}}").into());
-    r.headers_mut()
-        .insert("x-cascade-estimate", HeaderValue::from_static("true"));
-    r
 }

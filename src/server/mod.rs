@@ -215,7 +215,10 @@ pub(crate) fn error_response(e: &ApiError) -> Response<Body> {
 }
 
 /// An error in a surface's own shape and status.
-pub(crate) fn surface_error(surface: &crate::api::surface::Surface, e: &ApiError) -> Response<Body> {
+pub(crate) fn surface_error(
+    surface: &crate::api::surface::Surface,
+    e: &ApiError,
+) -> Response<Body> {
     let (status, body) = surface.error(e);
     let mut resp = Response::new(Body::from(body));
     *resp.status_mut() = status;
@@ -259,7 +262,10 @@ fn models_body(config: &Config) -> Bytes {
 fn anthropic_models_body(config: &Config) -> Bytes {
     let created = crate::clock::rfc3339_s(crate::clock::now_ms());
     let mut seen = std::collections::HashSet::new();
-    let ids: Vec<&str> = config.routable_names().filter(|n| seen.insert(*n)).collect();
+    let ids: Vec<&str> = config
+        .routable_names()
+        .filter(|n| seen.insert(*n))
+        .collect();
     let data: Vec<serde_json::Value> = ids
         .iter()
         .map(|id| serde_json::json!({"type": "model", "id": id, "display_name": id, "created_at": created}))

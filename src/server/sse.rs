@@ -78,6 +78,12 @@ struct State {
     _inflight: InflightGuard,
 }
 
+/// How the stream is written for the client's surface.
+pub struct SurfaceOut {
+    pub encoder: Encoder,
+    pub on_complete: Option<OnComplete>,
+}
+
 /// What a completed Responses stream's final object is handed to.
 pub type OnComplete = Box<dyn FnOnce(serde_json::Value) + Send>;
 
@@ -209,8 +215,7 @@ pub fn body(
     inflight: InflightGuard,
     store: Option<StreamStore>,
     end: StreamEnd,
-    encoder: Encoder,
-    on_complete: Option<OnComplete>,
+    out: SurfaceOut,
 ) -> impl futures_util::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send {
     let store = store.map(|s| {
         let mut asm = Assembler::new(s.wants_json);
@@ -232,8 +237,8 @@ pub fn body(
         metrics,
         store,
         end,
-        encoder,
-        on_complete,
+        encoder: out.encoder,
+        on_complete: out.on_complete,
         _inflight: inflight,
     };
     futures_util::stream::unfold(state, |mut s| async move {

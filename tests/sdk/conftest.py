@@ -55,6 +55,7 @@ chains:
   timeouts: [slow, secondary]
   offline: [unreachable, secondary]
   cross: [primary, sonnet, flash]
+  claude_first: [sonnet, primary]
 """
 
 
@@ -72,6 +73,14 @@ class Gateway:
 
     def calls(self, model):
         return json.loads(urllib.request.urlopen(f"{self.mock}/_mock/calls").read()).get(model, 0)
+
+    def bodies(self, model):
+        """The request bodies the mock received for a model id, oldest first, parsed."""
+        raw = json.loads(urllib.request.urlopen(f"{self.mock}/_mock/bodies/{model}").read())
+        return [json.loads(b) for b in raw]
+
+    def last_headers(self):
+        return json.loads(urllib.request.urlopen(f"{self.mock}/_mock/last_headers").read())
 
 
 @pytest.fixture(scope="session")
@@ -118,6 +127,13 @@ def client(gateway):
     import openai
 
     return openai.OpenAI(base_url=gateway.base + "/v1", api_key="client-key", max_retries=0)
+
+
+@pytest.fixture
+def anthropic_client(gateway):
+    import anthropic
+
+    return anthropic.Anthropic(base_url=gateway.base, api_key="client-key", max_retries=0)
 
 
 def honour_nullable(node):
