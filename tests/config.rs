@@ -320,3 +320,57 @@ fn bundled_configs_are_valid() {
         .unwrap_or_else(|e| panic!("{file}: {e}"));
     }
 }
+
+const EMBEDDINGS: &str = r#"
+providers:
+  openai: { kind: openai, base_url: https://api.openai.com/v1, api_key: k }
+  azure:  { kind: azure_openai, base_url: https://r.openai.azure.com, api_key: k, api_version: "2024-10-21" }
+  claude: { kind: anthropic, base_url: https://api.anthropic.com, api_key: k }
+models:
+  chat:   { provider: openai, model_id: gpt-4o }
+  small:  { provider: openai, model_id: text-embedding-3-small, kind: embedding, dimensions: 1536, embedding_space: te3s }
+  small2: { provider: azure, model_id: te3s-deploy, kind: embedding, dimensions: 1536, embedding_space: te3s }
+  large:  { provider: openai, model_id: text-embedding-3-large, kind: embedding, dimensions: 3072 }
+  other:  { provider: azure, model_id: ada, kind: embedding, dimensions: 1536, embedding_space: ada }
+chains:
+  emb: [small, small2]
+"#;
+
+#[test]
+fn an_embedding_chain_keeps_one_vector_space() {
+    let ok = Config::from_yaml_with_env(EMBEDDINGS, &env).unwrap();
+    let emb = &ok.chains["emb"];
+    assert_eq!(emb.targets.len(), 2);
+    assert_eq!(
+        emb.targets[1].model.embed_url.as_ref().unwrap().to_string(),
+        "https://r.openai.azure.com/openai/deployments/te3s-deploy/embeddings?api-version=2024-10-21"
+    );
+    assert_eq!(
+        emb.targets[0].model.embed_url.as_ref().unwrap().to_string(),
+        "https://api.openai.com/v1/embeddings"
+    );
+    for (chain, path, words) in [
+        ("emb: [small, large]", "chains.emb[1]", "dimensions"),
+        ("emb: [small, other]", "chains.emb[1]", "embedding_space"),
+        ("emb: [small, chat]", "chains.emb[1]", "one kind"),
+        (
+            "emb: [small, small2, large]",
+            "chains.emb[2]",
+            "vector space",
+        ),
+    ] {
+        let e = error_of(&EMBEDDINGS.replace("emb: [small, small2]", chain));
+        assert!(e.contains(path) && e.contains(words), "{chain}: {e}");
+    }
+    let e =
+        error_of(&EMBEDDINGS.replace("kind: embedding, dimensions: 3072 }", "kind: embedding }"));
+    assert!(e.contains("models.large.dimensions"), "{e}");
+    let e =
+        error_of(&EMBEDDINGS.replace("other:  { provider: azure,", "other:  { provider: claude,"));
+    assert!(
+        e.contains("models.other.provider") && e.contains("Anthropic"),
+        "{e}"
+    );
+    let e = error_of(&EMBEDDINGS.replace("model_id: gpt-4o }", "model_id: gpt-4o, kind: vision }"));
+    assert!(e.contains("models.chat.kind"), "{e}");
+}

@@ -2,6 +2,7 @@
 
 pub mod answer;
 pub mod chat;
+pub mod embeddings;
 pub mod error;
 pub mod messages;
 pub mod output;

@@ -31,6 +31,8 @@ pub struct ChatRequest {
     /// The client's own Anthropic request (the Messages surface), which an Anthropic
     /// target gets as bytes with only `model` rewritten.
     pub native: Option<std::sync::Arc<super::messages::Native>>,
+    /// An embeddings request (`/v1/embeddings`), run through the same engine.
+    pub embedding: Option<std::sync::Arc<super::embeddings::EmbeddingRequest>>,
 }
 
 #[derive(Deserialize)]
@@ -170,8 +172,29 @@ impl ChatRequest {
             seed: wire.seed,
             typed: std::sync::OnceLock::new(),
             native: None,
+            embedding: None,
             body,
         })
+    }
+
+    /// The engine's request for an embeddings call.
+    pub fn for_embedding(e: super::embeddings::EmbeddingRequest) -> ChatRequest {
+        ChatRequest {
+            body: e.body.clone(),
+            model: e.model.clone(),
+            model_span: e.model_span.clone(),
+            stream_options_span: None,
+            stream: false,
+            include_usage: false,
+            max_tokens: Some(0),
+            wants_json: false,
+            messages: 0,
+            temperature: Some(0.0),
+            seed: None,
+            typed: std::sync::OnceLock::new(),
+            native: None,
+            embedding: Some(std::sync::Arc::new(e)),
+        }
     }
 
     /// The whole request, typed, for upstreams that translate it. Parsed once.

@@ -14,6 +14,7 @@ pub enum Surface {
     Chat,
     Responses(Box<responses::Meta>),
     Messages,
+    Embeddings,
 }
 
 impl Surface {
@@ -23,6 +24,7 @@ impl Surface {
             Surface::Chat => "chat",
             Surface::Responses(_) => "responses",
             Surface::Messages => "messages",
+            Surface::Embeddings => "embeddings",
         }
     }
 
@@ -38,7 +40,7 @@ impl Surface {
     /// it speaks this surface's format) in this surface's format.
     pub fn complete(&self, chat_body: &Bytes, native: Option<&Bytes>, model_id: &str) -> Bytes {
         let value = match self {
-            Surface::Chat => return chat_body.clone(),
+            Surface::Chat | Surface::Embeddings => return chat_body.clone(),
             Surface::Messages => {
                 if let Some(n) = native {
                     return n.clone();
@@ -57,7 +59,7 @@ impl Surface {
     /// The writer of this surface's stream events.
     pub fn encoder(&self, model_id: &str, native: bool) -> Encoder {
         match self {
-            Surface::Chat => Encoder::Chat,
+            Surface::Chat | Surface::Embeddings => Encoder::Chat,
             Surface::Messages if native => Encoder::Native,
             Surface::Messages => Encoder::Messages(Box::new(messages::Events::new(model_id))),
             Surface::Responses(meta) => {

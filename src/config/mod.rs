@@ -211,6 +211,13 @@ pub struct Model {
     pub url: http::Uri,
     pub stream_url: http::Uri,
     pub chaos: Option<Chaos>,
+    pub kind: ModelKind,
+    /// An embedding model's vector size.
+    pub dimensions: Option<u32>,
+    pub embedding_space: Option<String>,
+    /// The upstream embeddings URL (embedding models only).
+    pub embed_url: Option<http::Uri>,
+    pub capabilities: Capabilities,
     /// Runtime state shared by every chain that uses this model.
     pub breaker: Arc<Breaker>,
     pub health: Health,
@@ -230,6 +237,65 @@ impl Model {
             + cached as f64 * self.cost_per_1k_cached_input
             + u.completion_tokens as f64 * self.cost_per_1k_output)
             / 1000.0
+    }
+}
+
+/// What a pool model serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelKind {
+    Chat,
+    Embedding,
+}
+
+impl ModelKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelKind::Chat => "chat",
+            ModelKind::Embedding => "embedding",
+        }
+    }
+}
+
+/// What a request may need of a model: tools, images, a JSON schema, reasoning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities(u8);
+
+impl Capabilities {
+    pub const TOOLS: Capabilities = Capabilities(1);
+    pub const VISION: Capabilities = Capabilities(2);
+    pub const JSON_SCHEMA: Capabilities = Capabilities(4);
+    pub const REASONING: Capabilities = Capabilities(8);
+    pub const ALL: Capabilities = Capabilities(15);
+    pub const NONE: Capabilities = Capabilities(0);
+    const NAMES: [(&'static str, Capabilities); 4] = [
+        ("tools", Capabilities::TOOLS),
+        ("vision", Capabilities::VISION),
+        ("json_schema", Capabilities::JSON_SCHEMA),
+        ("reasoning", Capabilities::REASONING),
+    ];
+
+    pub fn from_name(name: &str) -> Option<Capabilities> {
+        Self::NAMES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, c)| *c)
+    }
+
+    pub fn with(self, other: Capabilities) -> Capabilities {
+        Capabilities(self.0 | other.0)
+    }
+
+    /// Whether every capability in `needed` is here.
+    pub fn covers(self, needed: Capabilities) -> bool {
+        self.0 & needed.0 == needed.0
+    }
+
+    /// The first capability of `needed` missing here, by name.
+    pub fn first_missing(self, needed: Capabilities) -> Option<&'static str> {
+        Self::NAMES
+            .iter()
+            .find(|(_, c)| needed.covers(*c) && !self.covers(*c))
+            .map(|(n, _)| *n)
     }
 }
 
@@ -457,6 +523,46 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 format!("cannot build the upstream URL: {e}"),
             )
         })?;
+        let kind = match m.kind.as_deref() {
+            None | Some("chat") => ModelKind::Chat,
+            Some("embedding") => ModelKind::Embedding,
+            Some(other) => {
+                return Err(ConfigError::at(
+                    &format!("{path}.kind"),
+                    format!("unknown model kind {other:?} (expected chat or embedding)"),
+                ))
+            }
+        };
+        let embed_url = match kind {
+            ModelKind::Chat => None,
+            ModelKind::Embedding => {
+                if m.dimensions.is_none_or(|d| d == 0) {
+                    return Err(ConfigError::at(
+                        &format!("{path}.dimensions"),
+                        "an embedding model must declare its vector size (a positive number)",
+                    ));
+                }
+                Some(
+                    embed_url(provider, &m.model_id)
+                        .map_err(|e| ConfigError::at(&format!("{path}.provider"), e))?,
+                )
+            }
+        };
+        let capabilities = match &m.capabilities {
+            None => Capabilities::ALL,
+            Some(list) => {
+                let mut caps = Capabilities::NONE;
+                for (i, c) in list.iter().enumerate() {
+                    caps = caps.with(Capabilities::from_name(c).ok_or_else(|| {
+                        ConfigError::at(
+                            &format!("{path}.capabilities[{i}]"),
+                            format!("unknown capability {c:?} (known: tools, vision, json_schema, reasoning)"),
+                        )
+                    })?);
+                }
+                caps
+            }
+        };
         let model_id_json = serde_json::to_string(&m.model_id)
             .map_err(|e| ConfigError::at(&format!("{path}.model_id"), e.to_string()))?
             .into_boxed_str();
@@ -478,6 +584,11 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 url,
                 stream_url,
                 chaos,
+                kind,
+                dimensions: m.dimensions,
+                embedding_space: m.embedding_space.clone(),
+                embed_url,
+                capabilities,
                 breaker: Arc::new(Breaker::new(breaker)),
                 health: Health::new(health),
                 attempt_timeout: m.attempt_timeout,
@@ -520,6 +631,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             .enumerate()
             .map(|(i, m)| lookup(&format!("{list_path}[{i}]"), m))
             .collect::<Result<Vec<_>, _>>()?;
+        same_space(&list_path, &members)?;
         if let Some(r) = &spec.retry {
             check_retry(&format!("{path}.retry"), r)?;
         }
@@ -633,6 +745,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         for (i, f) in m.fallbacks.iter().enumerate() {
             members.push(lookup(&format!("models.{name}.fallbacks[{i}]"), f)?);
         }
+        same_space(&format!("models.{name}.fallbacks"), &members)?;
         model_chains.insert(
             name.clone(),
             Arc::new(Chain {
@@ -867,6 +980,76 @@ fn model_urls(p: &Provider, model_id: &str) -> Result<(http::Uri, http::Uri), St
         http::Uri::try_from(checked.as_str()).map_err(|e| e.to_string())
     };
     Ok((parse(&plain)?, parse(&stream)?))
+}
+
+/// A chain serves one kind of request, and an embedding chain one vector space: a
+/// fallback to vectors of another size or model would corrupt the caller's index.
+/// The error names the first entry that differs from the chain's first.
+fn same_space(list_path: &str, members: &[Arc<Model>]) -> Result<(), ConfigError> {
+    let Some(first) = members.first() else {
+        return Ok(());
+    };
+    // The implicit chain's path names `fallbacks`, whose entries start after the model.
+    let offset = usize::from(list_path.ends_with(".fallbacks"));
+    for (i, m) in members.iter().enumerate().skip(1) {
+        let at = format!("{list_path}[{}]", i - offset);
+        if m.kind != first.kind {
+            return Err(ConfigError::at(
+                &at,
+                format!(
+                    "{:?} is a {} model, and the chain's first model {:?} is a {} model: a chain serves one kind",
+                    m.name, m.kind.as_str(), first.name, first.kind.as_str()
+                ),
+            ));
+        }
+        if m.kind != ModelKind::Embedding {
+            continue;
+        }
+        if m.dimensions != first.dimensions {
+            return Err(ConfigError::at(
+                &at,
+                format!(
+                    "{:?} makes vectors of {} dimensions and {:?} of {}: a fallback must not change the vector space",
+                    m.name,
+                    m.dimensions.unwrap_or(0),
+                    first.name,
+                    first.dimensions.unwrap_or(0)
+                ),
+            ));
+        }
+        if let (Some(a), Some(b)) = (&m.embedding_space, &first.embedding_space) {
+            if a != b {
+                return Err(ConfigError::at(
+                    &at,
+                    format!(
+                        "{:?} declares embedding_space {a:?} and {:?} declares {b:?}: a fallback must not change the vector space",
+                        m.name, first.name
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The embeddings URL of a model on provider `p`.
+fn embed_url(p: &Provider, model_id: &str) -> Result<http::Uri, String> {
+    let id: String = url::form_urlencoded::byte_serialize(model_id.as_bytes()).collect();
+    let u = match p.kind {
+        ProviderKind::Openai | ProviderKind::OpenaiCompatible => {
+            format!("{}embeddings", p.chat_url.trim_end_matches("chat/completions"))
+        }
+        ProviderKind::AzureOpenai => format!(
+            "{}{id}/embeddings?api-version={}",
+            p.chat_url, p.api_version
+        ),
+        ProviderKind::Gemini => format!("{}{id}:batchEmbedContents", p.chat_url),
+        ProviderKind::Anthropic => {
+            return Err("Anthropic serves no embeddings: use an openai, azure_openai, openai_compatible or gemini provider".into())
+        }
+    };
+    let checked = url::Url::parse(&u).map_err(|e| e.to_string())?;
+    http::Uri::try_from(checked.as_str()).map_err(|e| e.to_string())
 }
 
 /// Durations that must be greater than zero when set.

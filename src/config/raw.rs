@@ -278,6 +278,14 @@ pub struct RawModel {
     pub retry: Option<RawRetry>,
     pub breaker: Option<RawBreaker>,
     pub chaos: Option<RawChaos>,
+    /// `chat` (the default) or `embedding`.
+    pub kind: Option<String>,
+    /// An embedding model's vector size (required for `kind: embedding`).
+    pub dimensions: Option<u32>,
+    /// Names the vector space; models in one embedding chain must agree on it.
+    pub embedding_space: Option<String>,
+    /// What requests the model can serve (absent: everything).
+    pub capabilities: Option<Vec<String>>,
 }
 
 /// Which YAML form a chain was written in; error paths follow the form the user wrote.

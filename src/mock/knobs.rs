@@ -47,6 +47,8 @@ pub struct Knobs {
     /// Answer text even when the request offers tools (the mock calls the first
     /// offered tool otherwise).
     pub no_tools: bool,
+    /// Embeddings: the vector size when the request does not set one.
+    pub dims: Option<usize>,
     /// Gemini: block the prompt (no candidates, `promptFeedback.blockReason`); other
     /// formats answer empty with `content_filter`.
     pub blocked: bool,
@@ -78,6 +80,7 @@ impl Default for Knobs {
             finish_reason: None,
             tool: None,
             no_tools: false,
+            dims: None,
             blocked: false,
             error_event_after: None,
             cached: 0,
@@ -156,6 +159,7 @@ impl Knobs {
                 "finish_reason" => k.finish_reason = Some(value.to_string()),
                 "tool" => k.tool = Some(value.to_string()),
                 "no_tools" => k.no_tools = true,
+                "dims" => k.dims = Some(num(value)?),
                 "blocked" => k.blocked = true,
                 "error_event_after" => k.error_event_after = Some(num(value)?),
                 "cached" => k.cached = num(value)? as u64,

@@ -435,6 +435,134 @@ fn route(path: &str) -> Option<(Format, FromPath)> {
     ))
 }
 
+/// An embeddings path: OpenAI (`/v1/embeddings`), Azure (`…/deployments/D/embeddings`)
+/// or Gemini (`…:batchEmbedContents`).
+fn embeddings_route(path: &str) -> Option<Format> {
+    if path.ends_with("/embeddings") {
+        Some(Format::OpenAi)
+    } else if path.ends_with(":batchEmbedContents") {
+        Some(Format::Gemini)
+    } else {
+        None
+    }
+}
+
+/// A deterministic unit-ish vector for `text`.
+fn mock_vector(text: &str, dims: usize) -> Vec<f32> {
+    let mut seed = xxhash_rust::xxh3::xxh3_64(text.as_bytes());
+    (0..dims)
+        .map(|_| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// Answers an embeddings call in the request's format; the model's knobs apply
+/// (`status`, `fail_first`, `latency`, `dims=N` for the vector size, default 8).
+async fn embeddings(
+    format: Format,
+    path: &str,
+    query: &str,
+    headers: &HeaderMap,
+    body: &Bytes,
+    state: &MockState,
+) -> Result<Response<MockBody>, BoxError> {
+    use serde_json::Value;
+    if let Some(denied) = auth_error(format, headers, query) {
+        return Ok(denied);
+    }
+    let req: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => {
+            let msg = json!({"error": {"message": format!("mock: invalid JSON: {e}"), "type": "invalid_request_error", "param": null, "code": null}});
+            return Ok(json_response(400, &msg));
+        }
+    };
+    let model = match format {
+        Format::Gemini => path
+            .rsplit_once("/models/")
+            .and_then(|(_, rest)| rest.split_once(':'))
+            .map(|(m, _)| m.to_string())
+            .unwrap_or_default(),
+        _ => match path.split_once("/openai/deployments/") {
+            Some((_, rest)) => rest.trim_end_matches("/embeddings").to_string(),
+            None => req["model"].as_str().unwrap_or_default().to_string(),
+        },
+    };
+    let index = state.record(&model, body, headers);
+    let k = state.knobs_for(&model);
+    if !k.latency.is_zero() {
+        tokio::time::sleep(k.latency).await;
+    }
+    if k.fails(index) {
+        let status = k.status.unwrap_or(500);
+        return Ok(json_response(
+            status,
+            &formats::error_body(format, status, k.code.as_deref()),
+        ));
+    }
+    let default_dims = k.dims.unwrap_or(8);
+    match format {
+        Format::Gemini => {
+            let requests = req["requests"].as_array().cloned().unwrap_or_default();
+            let embeddings: Vec<Value> = requests
+                .iter()
+                .map(|r| {
+                    let text = r["content"]["parts"][0]["text"]
+                        .as_str()
+                        .unwrap_or_default();
+                    let dims = r["outputDimensionality"]
+                        .as_u64()
+                        .map_or(default_dims, |d| d as usize);
+                    json!({"values": mock_vector(text, dims)})
+                })
+                .collect();
+            Ok(json_response(200, &json!({"embeddings": embeddings})))
+        }
+        _ => {
+            let texts: Vec<String> = match &req["input"] {
+                Value::String(s) => vec![s.clone()],
+                Value::Array(items) if items.iter().all(Value::is_u64) => {
+                    vec![Value::Array(items.clone()).to_string()]
+                }
+                Value::Array(items) => items
+                    .iter()
+                    .map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_string))
+                    .collect(),
+                _ => Vec::new(),
+            };
+            let dims = req["dimensions"]
+                .as_u64()
+                .map_or(default_dims, |d| d as usize);
+            let base64 = req["encoding_format"] == "base64";
+            let data: Vec<Value> = texts
+                .iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    let v = mock_vector(t, dims);
+                    let embedding = if base64 {
+                        json!(crate::api::embeddings::to_base64(&v))
+                    } else {
+                        json!(v)
+                    };
+                    json!({"object": "embedding", "index": i, "embedding": embedding})
+                })
+                .collect();
+            let tokens: usize = texts.iter().map(|t| t.len().div_ceil(4)).sum();
+            Ok(json_response(
+                200,
+                &json!({
+                    "object": "list", "data": data, "model": model,
+                    "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+                }),
+            ))
+        }
+    }
+}
+
 /// The credentials each API expects, checked the way the real services do.
 fn auth_error(format: Format, headers: &HeaderMap, query: &str) -> Option<Response<MockBody>> {
     let has = |name: &str| headers.get(name).is_some_and(|v| !v.is_empty());
@@ -566,6 +694,9 @@ async fn handle(
         _ => {}
     }
 
+    if let Some(format) = embeddings_route(&path) {
+        return embeddings(format, &path, &query, &headers, &body, &state).await;
+    }
     let (path_knobs, rest) = match path.strip_prefix("/k/") {
         Some(tail) => match tail.split_once('/') {
             Some((k, rest)) => (Some(k.to_string()), format!("/{rest}")),

@@ -579,19 +579,7 @@ pub async fn count_tokens(
     };
     let out = native_request(model, url, &as_sent);
     let mut headers = out.headers;
-    headers.insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    if let Some((name, value)) = &model.provider.auth {
-        headers.insert(name.clone(), value.clone());
-    }
-    for (name, value) in &model.provider.extra_headers {
-        headers.insert(name.clone(), value.clone());
-    }
-    if let Some(host) = &model.provider.host {
-        headers.insert(http::header::HOST, host.clone());
-    }
+    super::provider_headers(model, &mut headers);
     let resp = super::client::post(client, out.url, headers, out.body).await?;
     if !resp.status().is_success() {
         return Err(super::errors::from_response(resp, model).await);

@@ -4,6 +4,7 @@
 
 pub mod anthropic;
 pub mod client;
+pub mod embeddings;
 pub mod errors;
 pub mod gemini;
 pub mod openai;
@@ -63,6 +64,9 @@ pub async fn call(
     model: &Model,
     req: &ChatRequest,
 ) -> Result<Reply, AttemptError> {
+    if let Some(e) = &req.embedding {
+        return embed(client, model, e).await;
+    }
     let kind = model.provider.kind;
     let out = match kind {
         ProviderKind::Openai | ProviderKind::OpenaiCompatible | ProviderKind::AzureOpenai => {
@@ -72,17 +76,7 @@ pub async fn call(
         ProviderKind::Gemini => gemini::request(model, req)?,
     };
     let mut headers = out.headers;
-    headers.reserve(4 + model.provider.extra_headers.len());
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    if let Some(host) = &model.provider.host {
-        headers.insert(http::header::HOST, host.clone());
-    }
-    if let Some((name, value)) = &model.provider.auth {
-        headers.insert(name.clone(), value.clone());
-    }
-    for (name, value) in &model.provider.extra_headers {
-        headers.insert(name.clone(), value.clone());
-    }
+    provider_headers(model, &mut headers);
     if req.stream && kind == ProviderKind::Anthropic {
         headers.insert(
             http::header::ACCEPT,
@@ -133,6 +127,49 @@ pub async fn call(
             e.status.get_or_insert(status.as_u16());
             e
         })
+}
+
+/// The headers every call to `model`'s provider carries: content type, host, the
+/// provider's credential and its extra headers.
+pub(crate) fn provider_headers(model: &Model, headers: &mut http::HeaderMap) {
+    headers.reserve(4 + model.provider.extra_headers.len());
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if let Some(host) = &model.provider.host {
+        headers.insert(http::header::HOST, host.clone());
+    }
+    if let Some((name, value)) = &model.provider.auth {
+        headers.insert(name.clone(), value.clone());
+    }
+    for (name, value) in &model.provider.extra_headers {
+        headers.insert(name.clone(), value.clone());
+    }
+}
+
+/// One embeddings call.
+async fn embed(
+    client: &HttpClient,
+    model: &Model,
+    e: &crate::api::embeddings::EmbeddingRequest,
+) -> Result<Reply, AttemptError> {
+    let Some(url) = model.embed_url.clone() else {
+        return Err(AttemptError::new(
+            ErrorClass::BadRequest,
+            format!("{} is not an embedding model", model.name),
+        ));
+    };
+    let body = embeddings::request_body(model, e)?;
+    let mut headers = http::HeaderMap::new();
+    provider_headers(model, &mut headers);
+    let resp = client::post(client, url, headers, body).await?;
+    let status = resp.status();
+    if !status.is_success() {
+        return Err(errors::from_response(resp, model).await);
+    }
+    let body = client::read_body(resp.into_body(), None).await?;
+    embeddings::completion(model, e, body).map_err(|mut err| {
+        err.status.get_or_insert(status.as_u16());
+        err
+    })
 }
 
 /// Judges a 200 answer in OpenAI format: malformed, filtered, empty, not the JSON asked

@@ -48,6 +48,7 @@ pub enum Inbound {
     Chat,
     Responses,
     Messages,
+    Embeddings,
 }
 
 impl Inbound {
@@ -56,6 +57,7 @@ impl Inbound {
             Inbound::Chat => "chat",
             Inbound::Responses => "responses",
             Inbound::Messages => "messages",
+            Inbound::Embeddings => "embeddings",
         }
     }
 
@@ -129,6 +131,12 @@ fn prepare(
                 dropped_tools: t.dropped_tools,
             })
         }
+        Inbound::Embeddings => Ok(Prepared {
+            req: ChatRequest::for_embedding(crate::api::embeddings::EmbeddingRequest::parse(body)?),
+            surface: Surface::Embeddings,
+            turn: None,
+            dropped_tools: Vec::new(),
+        }),
         Inbound::Messages => {
             let (t, mut native) = messages::translate(&body)?;
             native.version = headers.get("anthropic-version").cloned();
@@ -155,6 +163,10 @@ pub async fn responses(app: State<Arc<AppState>>, request: Request) -> Response<
 
 pub async fn messages(app: State<Arc<AppState>>, request: Request) -> Response<Body> {
     handle(app, request, Inbound::Messages).await
+}
+
+pub async fn embeddings(app: State<Arc<AppState>>, request: Request) -> Response<Body> {
+    handle(app, request, Inbound::Embeddings).await
 }
 
 async fn handle(
@@ -263,6 +275,9 @@ async fn answer(
         Err(e) => return rejected(app, ledger, &e, &on.surface),
     };
     ledger.chain = Some(chain.clone());
+    if let Err(e) = serves_kind(&chain, &req) {
+        return rejected(app, ledger, &e, &on.surface);
+    }
     let timeout = match client_timeout(headers) {
         Ok(Some(t)) => t.min(chain.request_timeout),
         Ok(None) => chain.request_timeout,
@@ -371,17 +386,19 @@ async fn answer(
     // A sampled answer (one the gateway called for, not a shared one) is also tried
     // on the chain's shadow models, on their own tasks.
     let shadows = match &finished.result {
-        Ok((model, c)) if !joined && app.shadow.sampled(&chain) => app.shadow.start(
-            &chain,
-            &req,
-            &ledger.request_id,
-            model,
-            c.usage,
-            Served::Now {
-                body: c.body.clone(),
-                latency_ms: ledger.elapsed_ms(),
-            },
-        ),
+        Ok((model, c)) if !joined && req.embedding.is_none() && app.shadow.sampled(&chain) => {
+            app.shadow.start(
+                &chain,
+                &req,
+                &ledger.request_id,
+                model,
+                c.usage,
+                Served::Now {
+                    body: c.body.clone(),
+                    latency_ms: ledger.elapsed_ms(),
+                },
+            )
+        }
         _ => Vec::new(),
     };
     let mut resp = respond_complete(app, &chain, &finished, start, label, ledger, joined, on);
@@ -389,6 +406,28 @@ async fn answer(
         resp.headers_mut().insert(X_SHADOW, v);
     }
     resp
+}
+
+/// A chat chain serves chat surfaces and an embedding chain `/v1/embeddings`.
+fn serves_kind(chain: &Chain, req: &ChatRequest) -> Result<(), ApiError> {
+    use crate::config::ModelKind;
+    let kind = chain
+        .targets
+        .first()
+        .map_or(ModelKind::Chat, |t| t.model.kind);
+    match (kind, req.embedding.is_some()) {
+        (ModelKind::Chat, true) => Err(ApiError::invalid_request(format!(
+            "The chain '{}' serves chat models, not embeddings: name an embedding chain.",
+            chain.name
+        ))
+        .with_param("model")),
+        (ModelKind::Embedding, false) => Err(ApiError::invalid_request(format!(
+            "The chain '{}' serves embedding models: use /v1/embeddings.",
+            chain.name
+        ))
+        .with_param("model")),
+        _ => Ok(()),
+    }
 }
 
 /// `x-cascade-shadow`: the shadow calls started, in config order.

@@ -106,6 +106,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(responses::get_response).delete(responses::delete_response),
         )
         .route("/v1/messages", post(chat::messages))
+        .route("/v1/embeddings", post(chat::embeddings))
         .route("/v1/messages/count_tokens", post(chat::count_tokens))
         .route("/v1/models", get(list_models))
         .route("/healthz", get(healthz))

@@ -43,6 +43,7 @@ providers:
   dead: {{ kind: openai_compatible, base_url: "http://127.0.0.1:{dead_port}/v1" }}
   claude: {{ kind: anthropic, base_url: "http://127.0.0.1:{mock_port}", api_key: "sk-ant-sdk-SECRET" }}
   google: {{ kind: gemini, base_url: "http://127.0.0.1:{mock_port}", api_key: "goog-sdk-SECRET" }}
+  azure: {{ kind: azure_openai, base_url: "http://127.0.0.1:{mock_port}/az", api_key: "az-sdk-SECRET", api_version: "2024-10-21" }}
 models:
   primary:   {{ provider: mock, model_id: p, max_tokens: 256, context_window: 8000 }}
   secondary: {{ provider: mock, model_id: s, context_window: 8000 }}
@@ -50,12 +51,17 @@ models:
   unreachable: {{ provider: dead, model_id: gone }}
   sonnet:    {{ provider: claude, model_id: claude-x, max_tokens: 512 }}
   flash:     {{ provider: google, model_id: gemini-x }}
+  emb-openai: {{ provider: mock, model_id: te3, kind: embedding, dimensions: 8, embedding_space: te3, cost_per_1k_input: 0.02 }}
+  emb-azure:  {{ provider: azure, model_id: te3-deploy, kind: embedding, dimensions: 8, embedding_space: te3 }}
+  emb-gemini: {{ provider: google, model_id: gem-emb, kind: embedding, dimensions: 8 }}
 chains:
   main: [primary, secondary]
   timeouts: [slow, secondary]
   offline: [unreachable, secondary]
   cross: [primary, sonnet, flash]
   claude_first: [sonnet, primary]
+  emb: [emb-openai, emb-azure]
+  emb_gemini: [emb-gemini]
 """
 
 
