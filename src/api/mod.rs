@@ -12,7 +12,7 @@ pub mod responses;
 pub mod surface;
 
 pub use error::ApiError;
-pub use request::ChatRequest;
+pub use request::{Capabilities, ChatRequest};
 pub use response::{ChunkView, CompletionView, Usage};
 
 /// More tool calls than any model makes in one turn: later indexes are ignored.

@@ -33,6 +33,8 @@ pub struct ChatRequest {
     pub native: Option<std::sync::Arc<super::messages::Native>>,
     /// An embeddings request (`/v1/embeddings`), run through the same engine.
     pub embedding: Option<std::sync::Arc<super::embeddings::EmbeddingRequest>>,
+    /// What a target must be able to do for this request.
+    pub needs: Capabilities,
 }
 
 #[derive(Deserialize)]
@@ -89,6 +91,55 @@ struct Wire<'a> {
     response_format: Option<ResponseFormat>,
     #[allow(dead_code)]
     user: Option<String>,
+    #[serde(borrow)]
+    tools: Option<&'a RawValue>,
+    #[serde(borrow)]
+    functions: Option<&'a RawValue>,
+    #[serde(borrow)]
+    reasoning_effort: Option<&'a RawValue>,
+}
+
+/// What a request may need of a model: tools, images, a JSON schema, reasoning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities(u8);
+
+impl Capabilities {
+    pub const TOOLS: Capabilities = Capabilities(1);
+    pub const VISION: Capabilities = Capabilities(2);
+    pub const JSON_SCHEMA: Capabilities = Capabilities(4);
+    pub const REASONING: Capabilities = Capabilities(8);
+    pub const ALL: Capabilities = Capabilities(15);
+    pub const NONE: Capabilities = Capabilities(0);
+    const NAMES: [(&'static str, Capabilities); 4] = [
+        ("tools", Capabilities::TOOLS),
+        ("vision", Capabilities::VISION),
+        ("json_schema", Capabilities::JSON_SCHEMA),
+        ("reasoning", Capabilities::REASONING),
+    ];
+
+    pub fn from_name(name: &str) -> Option<Capabilities> {
+        Self::NAMES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, c)| *c)
+    }
+
+    pub fn with(self, other: Capabilities) -> Capabilities {
+        Capabilities(self.0 | other.0)
+    }
+
+    /// Whether every capability in `needed` is here.
+    pub fn covers(self, needed: Capabilities) -> bool {
+        self.0 & needed.0 == needed.0
+    }
+
+    /// The first capability of `needed` missing here, by name.
+    pub fn first_missing(self, needed: Capabilities) -> Option<&'static str> {
+        Self::NAMES
+            .iter()
+            .find(|(_, c)| needed.covers(*c) && !self.covers(*c))
+            .map(|(n, _)| *n)
+    }
 }
 
 impl ChatRequest {
@@ -139,6 +190,28 @@ impl ChatRequest {
             }
         }
 
+        let mut needs = Capabilities::NONE;
+        let listed = |v: Option<&RawValue>| v.is_some_and(|v| !matches!(v.get(), "null" | "[]"));
+        if listed(wire.tools) || listed(wire.functions) {
+            needs = needs.with(Capabilities::TOOLS);
+        }
+        if wire.reasoning_effort.is_some_and(|v| v.get() != "null") {
+            needs = needs.with(Capabilities::REASONING);
+        }
+        if wire
+            .response_format
+            .as_ref()
+            .is_some_and(|f| f.kind == "json_schema")
+        {
+            needs = needs.with(Capabilities::JSON_SCHEMA);
+        }
+        // Content parts are only scanned when there are any (a string is text).
+        if messages.iter().any(|m| {
+            m.content
+                .is_some_and(|c| c.get().starts_with('[') && c.get().contains("\"image_url\""))
+        }) {
+            needs = needs.with(Capabilities::VISION);
+        }
         let stream = wire.stream.unwrap_or(false);
         let stream_options_span = wire.stream_options.map(|raw| span_in(&body, raw));
         let stream_options = match wire.stream_options {
@@ -173,6 +246,7 @@ impl ChatRequest {
             typed: std::sync::OnceLock::new(),
             native: None,
             embedding: None,
+            needs,
             body,
         })
     }
@@ -194,6 +268,7 @@ impl ChatRequest {
             typed: std::sync::OnceLock::new(),
             native: None,
             embedding: Some(std::sync::Arc::new(e)),
+            needs: Capabilities::NONE,
         }
     }
 

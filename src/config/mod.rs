@@ -77,6 +77,8 @@ pub struct Config {
     pub log: LogSettings,
     pub report: Option<ReportSchedule>,
     pub responses: ResponsesSettings,
+    /// `server.passthrough`: where other `/v1/*` paths go.
+    pub passthrough: Option<Arc<Provider>>,
 }
 
 /// How long and how many Responses objects are kept (`responses:`).
@@ -256,48 +258,7 @@ impl ModelKind {
     }
 }
 
-/// What a request may need of a model: tools, images, a JSON schema, reasoning.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Capabilities(u8);
-
-impl Capabilities {
-    pub const TOOLS: Capabilities = Capabilities(1);
-    pub const VISION: Capabilities = Capabilities(2);
-    pub const JSON_SCHEMA: Capabilities = Capabilities(4);
-    pub const REASONING: Capabilities = Capabilities(8);
-    pub const ALL: Capabilities = Capabilities(15);
-    pub const NONE: Capabilities = Capabilities(0);
-    const NAMES: [(&'static str, Capabilities); 4] = [
-        ("tools", Capabilities::TOOLS),
-        ("vision", Capabilities::VISION),
-        ("json_schema", Capabilities::JSON_SCHEMA),
-        ("reasoning", Capabilities::REASONING),
-    ];
-
-    pub fn from_name(name: &str) -> Option<Capabilities> {
-        Self::NAMES
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, c)| *c)
-    }
-
-    pub fn with(self, other: Capabilities) -> Capabilities {
-        Capabilities(self.0 | other.0)
-    }
-
-    /// Whether every capability in `needed` is here.
-    pub fn covers(self, needed: Capabilities) -> bool {
-        self.0 & needed.0 == needed.0
-    }
-
-    /// The first capability of `needed` missing here, by name.
-    pub fn first_missing(self, needed: Capabilities) -> Option<&'static str> {
-        Self::NAMES
-            .iter()
-            .find(|(_, c)| needed.covers(*c) && !self.covers(*c))
-            .map(|(n, _)| *n)
-    }
-}
+pub use crate::api::Capabilities;
 
 /// An ordered fallback chain.
 #[derive(Debug)]
@@ -459,6 +420,18 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         let path = format!("providers.{name}");
         providers.insert(name.clone(), Arc::new(validate_provider(&path, name, p)?));
     }
+    let passthrough = match &raw.server.passthrough {
+        None => None,
+        Some(name) => Some(providers.get(name).cloned().ok_or_else(|| {
+            ConfigError::at(
+                "server.passthrough",
+                format!(
+                    "unknown provider {name:?} (providers: {})",
+                    join_keys(providers.keys())
+                ),
+            )
+        })?),
+    };
 
     if raw.models.is_empty() {
         return Err(ConfigError::at("models", "the model pool is empty"));
@@ -797,6 +770,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         store: store_settings(&raw.store)?,
         log: log_settings(&raw.log)?,
         report: report_schedule(&raw)?,
+        passthrough,
         responses: ResponsesSettings {
             ttl: raw
                 .responses

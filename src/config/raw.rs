@@ -199,6 +199,8 @@ pub struct RawServer {
     pub max_body: Option<u64>,
     pub worker_threads: Option<usize>,
     pub scheduler: Option<Scheduler>,
+    /// The provider other `/v1/*` paths are forwarded to unchanged.
+    pub passthrough: Option<String>,
 }
 
 /// How requests are spread over the worker threads (see `crate::workers`).

@@ -435,6 +435,19 @@ fn route(path: &str) -> Option<(Format, FromPath)> {
     ))
 }
 
+/// The OpenAI paths the mock echoes (files, batches, moderations, audio, images).
+fn is_passthrough_route(path: &str) -> bool {
+    [
+        "/v1/files",
+        "/v1/batches",
+        "/v1/moderations",
+        "/v1/audio/",
+        "/v1/images/",
+    ]
+    .iter()
+    .any(|p| path.starts_with(p))
+}
+
 /// An embeddings path: OpenAI (`/v1/embeddings`), Azure (`…/deployments/D/embeddings`)
 /// or Gemini (`…:batchEmbedContents`).
 fn embeddings_route(path: &str) -> Option<Format> {
@@ -694,6 +707,23 @@ async fn handle(
         _ => {}
     }
 
+    if is_passthrough_route(&path) {
+        // Echoes what arrived, so tests can see what a pass-through forwarded.
+        let echo = json!({
+            "method": method.as_str(), "path": path, "query": query,
+            "authorization": headers.get("authorization").and_then(|v| v.to_str().ok()),
+            "x_api_key": headers.get("x-api-key").and_then(|v| v.to_str().ok()),
+            "content_type": headers.get("content-type").and_then(|v| v.to_str().ok()),
+            "bytes": body.len(),
+        });
+        state.record("passthrough", &body, &headers);
+        let status = headers
+            .get("x-mock-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(200);
+        return Ok(json_response(status, &echo));
+    }
     if let Some(format) = embeddings_route(&path) {
         return embeddings(format, &path, &query, &headers, &body, &state).await;
     }

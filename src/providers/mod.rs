@@ -238,7 +238,12 @@ pub(crate) fn push_turn<T>(
 
 /// Removes any provider key from text that may reach a client or a log.
 pub(crate) fn redact(text: &str, model: &Model) -> String {
-    match &model.provider.api_key {
+    redact_key(text, model.provider.api_key.as_ref())
+}
+
+/// Removes `key` from text that may reach a client or a log.
+pub(crate) fn redact_key(text: &str, key: Option<&crate::secret::Secret>) -> String {
+    match key {
         Some(k) if k.expose().len() >= 4 && text.contains(k.expose()) => {
             text.replace(k.expose(), "***")
         }

@@ -146,6 +146,8 @@ pub struct Outcome {
     /// Time spent waiting on upstreams.
     pub upstream_time: Duration,
     pub result: Result<(Arc<Model>, Answer), ApiError>,
+    /// Targets left out without a call.
+    pub skipped: Vec<Skipped>,
 }
 
 pub struct Engine {
@@ -158,6 +160,15 @@ struct Plan {
     order: Vec<usize>,
     /// Every breaker was open: this target is called through its breaker.
     forced: Option<usize>,
+    /// Targets left out without a call, and why (`capability`, `context_window`).
+    skipped: Vec<Skipped>,
+}
+
+/// A target the plan left out without calling it.
+#[derive(Debug, Clone)]
+pub struct Skipped {
+    pub model: Arc<Model>,
+    pub reason: &'static str,
 }
 
 /// How a walk over the targets ended without an answer.
@@ -214,21 +225,23 @@ impl Engine {
     ) -> Outcome {
         let deadline = ctx.deadline;
         let ctx = ctx.clone();
-        let (walk, plan_order) = match plan(chain, &req) {
+        let (walk, plan_order, skipped) = match plan(chain, &req) {
             Ok(plan) => {
                 let walk = match chain.strategy {
                     Strategy::Sequential => self.sequential(chain, &plan, 0, &req, &ctx).await,
                     Strategy::Race { k } => self.race(chain, &plan, k, &req, &ctx).await,
                     Strategy::Hedge { delay } => self.hedge(chain, &plan, delay, &req, &ctx).await,
                 };
-                (walk, plan.order)
+                (walk, plan.order, plan.skipped)
             }
-            Err(e) => {
+            Err(failed) => {
+                let (e, skipped) = *failed;
                 return Outcome {
                     attempts: Vec::new(),
                     fallbacks: 0,
                     upstream_time: Duration::ZERO,
                     result: Err(e),
+                    skipped,
                 }
             }
         };
@@ -261,6 +274,7 @@ impl Engine {
             fallbacks,
             upstream_time,
             result,
+            skipped,
         }
     }
 
@@ -527,8 +541,9 @@ impl Engine {
 }
 
 /// The order to try a chain's targets in: open breakers skipped, degraded targets
-/// last, and targets whose context window cannot hold the prompt left out.
-fn plan(chain: &Chain, req: &ChatRequest) -> Result<Plan, ApiError> {
+/// last, and targets that cannot serve the request (a capability it needs, a context
+/// window too small for the prompt) left out without a call.
+fn plan(chain: &Chain, req: &ChatRequest) -> Result<Plan, Box<(ApiError, Vec<Skipped>)>> {
     let needs_estimate = chain
         .targets
         .iter()
@@ -542,9 +557,21 @@ fn plan(chain: &Chain, req: &ChatRequest) -> Result<Plan, ApiError> {
     let mut degraded = Vec::new();
     let mut open = Vec::new();
     let mut too_small = 0;
+    let mut skipped = Vec::new();
+    let mut missing = None;
     for (pos, t) in chain.targets.iter().enumerate() {
-        if t.model.context_window.is_some_and(|w| prompt_tokens > w) {
+        if let Some(cap) = t.model.capabilities.first_missing(req.needs) {
+            missing.get_or_insert(cap);
+            skipped.push(Skipped {
+                model: t.model.clone(),
+                reason: "capability",
+            });
+        } else if t.model.context_window.is_some_and(|w| prompt_tokens > w) {
             too_small += 1;
+            skipped.push(Skipped {
+                model: t.model.clone(),
+                reason: "context_window",
+            });
         } else if t.model.breaker.state() == BreakerState::Open {
             open.push(pos);
         } else if t.model.health.is_degraded() {
@@ -558,15 +585,29 @@ fn plan(chain: &Chain, req: &ChatRequest) -> Result<Plan, ApiError> {
         return Ok(Plan {
             order,
             forced: None,
+            skipped,
         });
     }
-    if too_small == chain.targets.len() {
-        return Err(ApiError::invalid_request(format!(
-            "The prompt (about {prompt_tokens} tokens) is larger than the context window of every model in chain `{}`.",
-            chain.name
-        ))
-        .with_param("messages")
-        .with_code("context_length_exceeded"));
+    if skipped.len() == chain.targets.len() {
+        let e = match missing {
+            Some(cap) if too_small == 0 => ApiError::invalid_request(format!(
+                "The request needs `{cap}`, and no model in chain `{}` declares that capability.",
+                chain.name
+            ))
+            .with_code("unsupported_capability"),
+            Some(cap) => ApiError::invalid_request(format!(
+                "No model in chain `{}` can serve the request: some lack the capability `{cap}`, the others' context windows are smaller than the prompt (about {prompt_tokens} tokens).",
+                chain.name
+            ))
+            .with_code("unsupported_capability"),
+            None => ApiError::invalid_request(format!(
+                "The prompt (about {prompt_tokens} tokens) is larger than the context window of every model in chain `{}`.",
+                chain.name
+            ))
+            .with_param("messages")
+            .with_code("context_length_exceeded"),
+        };
+        return Err(Box::new((e, skipped)));
     }
     let soonest = open
         .iter()
@@ -577,6 +618,7 @@ fn plan(chain: &Chain, req: &ChatRequest) -> Result<Plan, ApiError> {
         WhenAllOpen::TrySoonest => Ok(Plan {
             order: vec![soonest],
             forced: Some(soonest),
+            skipped,
         }),
         WhenAllOpen::Fail => {
             let wait = chain.targets[soonest]
@@ -592,7 +634,7 @@ fn plan(chain: &Chain, req: &ChatRequest) -> Result<Plan, ApiError> {
             )
             .with_code("all_targets_open");
             e.retry_after = Some(wait.as_secs_f64().ceil().max(1.0) as u64);
-            Err(e)
+            Err(Box::new((e, skipped)))
         }
     }
 }

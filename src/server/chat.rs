@@ -19,7 +19,7 @@ use crate::api::{messages, responses, ApiError, ChatRequest};
 use crate::cache::{self, Outcome as CacheOutcome, ResponseCache};
 use crate::config::{Chain, Model};
 use crate::providers::Completion;
-use crate::routing::engine::{Answer, AttemptRecord, Outcome};
+use crate::routing::engine::{Answer, AttemptRecord, Outcome, Skipped};
 use crate::routing::resolve;
 use crate::routing::target::RequestCtx;
 use crate::shadow::{Served, ServedChunks};
@@ -456,6 +456,7 @@ fn from_cache<'a>(app: &'a AppState, entry: &cache::Entry, attempts: usize) -> A
 /// A non-streaming outcome, shareable between the callers of one single flight.
 struct Finished {
     attempts: Vec<AttemptRecord>,
+    skipped: Vec<Skipped>,
     fallbacks: usize,
     upstream_time: std::time::Duration,
     result: Result<(Arc<Model>, Completion), ApiError>,
@@ -474,6 +475,7 @@ impl From<Outcome> for Finished {
         };
         Finished {
             attempts: o.attempts,
+            skipped: o.skipped,
             fallbacks: o.fallbacks,
             upstream_time: o.upstream_time,
             result,
@@ -674,14 +676,23 @@ fn count_header(n: usize) -> HeaderValue {
     }
 }
 
-/// `x-cascade-trace`: `MODEL:OUTCOME:MS` per attempt, in order.
-fn trace(attempts: &[AttemptRecord]) -> Option<HeaderValue> {
-    if attempts.is_empty() {
+/// `x-cascade-trace`: `MODEL:skipped:REASON` per target left out without a call, then
+/// `MODEL:OUTCOME:MS` per attempt, in order.
+fn trace(attempts: &[AttemptRecord], skipped: &[Skipped]) -> Option<HeaderValue> {
+    if attempts.is_empty() && skipped.is_empty() {
         return None;
     }
-    let mut out = String::with_capacity(attempts.len() * 32);
-    for (i, a) in attempts.iter().enumerate() {
-        if i > 0 {
+    let mut out = String::with_capacity((attempts.len() + skipped.len()) * 32);
+    for s in skipped {
+        if !out.is_empty() {
+            out.push(',');
+        }
+        out.push_str(&s.model.name);
+        out.push_str(":skipped:");
+        out.push_str(s.reason);
+    }
+    for a in attempts {
+        if !out.is_empty() {
             out.push(',');
         }
         out.push_str(&a.model.name);
@@ -772,6 +783,7 @@ fn respond_complete(
         resp.headers_mut(),
         chain,
         &f.attempts,
+        &f.skipped,
         f.fallbacks,
         answered_by,
         label,
@@ -896,6 +908,7 @@ fn respond_stream(
         resp.headers_mut(),
         chain,
         &outcome.attempts,
+        &outcome.skipped,
         outcome.fallbacks,
         answered_by.as_ref(),
         label,
@@ -907,10 +920,12 @@ fn respond_stream(
 }
 
 /// The `x-cascade-*` headers of an answer that went upstream.
+#[allow(clippy::too_many_arguments)]
 fn outcome_headers(
     h: &mut HeaderMap,
     chain: &Chain,
     attempts: &[AttemptRecord],
+    skipped: &[Skipped],
     fallbacks: usize,
     answered_by: Option<&Arc<Model>>,
     label: CacheOutcome,
@@ -923,7 +938,7 @@ fn outcome_headers(
     }
     h.insert(X_ATTEMPTS, count_header(attempts.len()));
     h.insert(X_FALLBACKS, count_header(fallbacks));
-    if let Some(v) = trace(attempts) {
+    if let Some(v) = trace(attempts, skipped) {
         h.insert(X_TRACE, v);
     }
     if let Some(model) = answered_by {

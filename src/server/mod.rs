@@ -4,6 +4,7 @@
 mod admin;
 pub use admin::{read_report, report_query, start_scheduled_report};
 mod chat;
+mod passthrough;
 mod record;
 mod request_id;
 mod responses;
@@ -43,6 +44,8 @@ pub struct AppState {
     pub shadow: Shadow,
     /// Responses kept for follow-up turns.
     pub responses: Arc<responses::ResponsesState>,
+    /// For `server.passthrough`.
+    passthrough: passthrough::StreamingClient,
     /// When the gateway started, for the scheduled report.
     pub started_ms: i64,
     models_body: Bytes,
@@ -76,6 +79,7 @@ impl AppState {
         );
         Ok(Arc::new(AppState {
             responses: Arc::new(responses::ResponsesState::new(&config.responses)),
+            passthrough: passthrough::client(),
             store,
             shadow,
             started_ms: crate::clock::now_ms(),
@@ -114,7 +118,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/admin/health", get(admin::health))
         .route("/admin/report", get(admin::report))
-        .fallback(not_found)
+        .fallback(passthrough::forward)
         .with_state(state)
 }
 
@@ -321,15 +325,4 @@ async fn metrics(State(app): State<Arc<AppState>>) -> Response<Body> {
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
     resp
-}
-
-async fn not_found() -> Response<Body> {
-    error_response(
-        &ApiError::new(
-            StatusCode::NOT_FOUND,
-            "invalid_request_error",
-            "Unknown endpoint.",
-        )
-        .with_code("not_found"),
-    )
 }

@@ -30,6 +30,7 @@ server:
   listen: 127.0.0.1:{port}
   request_timeout: 20s
   attempt_timeout: 5s
+  passthrough: mock
 # One gateway serves every test: keep retries, breakers and health ordering out of the
 # way so each test sees exactly the calls it causes (tests/resilience.rs covers them).
 retry: {{ max_retries: 0 }}
