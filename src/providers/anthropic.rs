@@ -586,3 +586,35 @@ pub async fn count_tokens(
     }
     super::client::read_body(resp.into_body(), Some(1 << 20)).await
 }
+
+/// Anthropic Messages: translated from chat, or the Messages surface's own bytes.
+pub struct AnthropicFormat;
+
+impl super::wire::WireFormat for AnthropicFormat {
+    fn request(&self, model: &Model, req: &ChatRequest) -> Result<Outgoing, AttemptError> {
+        request(model, req)
+    }
+
+    fn completion(&self, body: Bytes, model: &Model) -> Result<Bytes, AttemptError> {
+        completion(&body, model)
+    }
+
+    fn stream(&self, model: &Model, req: &ChatRequest) -> Box<dyn super::wire::StreamTranslator> {
+        Box::new(StreamState::new(model, req.include_usage))
+    }
+
+    fn stream_accept(&self) -> Option<HeaderValue> {
+        Some(HeaderValue::from_static("text/event-stream"))
+    }
+
+    fn speaks_messages(&self) -> bool {
+        true
+    }
+}
+
+// An Anthropic stream is complete only at `message_stop`.
+impl super::wire::StreamTranslator for StreamState {
+    fn on_event(&mut self, ev: &SseEvent) -> Result<Vec<StreamItem>, AttemptError> {
+        StreamState::on_event(self, ev)
+    }
+}

@@ -501,3 +501,31 @@ impl StreamState {
         items
     }
 }
+
+/// Google Gemini (`generateContent`, `streamGenerateContent?alt=sse`).
+pub struct GeminiFormat;
+
+impl super::wire::WireFormat for GeminiFormat {
+    fn request(&self, model: &Model, req: &ChatRequest) -> Result<Outgoing, AttemptError> {
+        request(model, req)
+    }
+
+    fn completion(&self, body: Bytes, model: &Model) -> Result<Bytes, AttemptError> {
+        completion(&body, model)
+    }
+
+    fn stream(&self, model: &Model, req: &ChatRequest) -> Box<dyn super::wire::StreamTranslator> {
+        Box::new(StreamState::new(model, req.include_usage))
+    }
+}
+
+// Gemini has no terminator: the end of the body is the end of the answer.
+impl super::wire::StreamTranslator for StreamState {
+    fn on_event(&mut self, ev: &SseEvent) -> Result<Vec<StreamItem>, AttemptError> {
+        StreamState::on_event(self, ev)
+    }
+
+    fn at_eof(&mut self) -> Vec<StreamItem> {
+        StreamState::at_eof(self)
+    }
+}

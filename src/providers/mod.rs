@@ -10,6 +10,7 @@ pub mod gemini;
 pub mod openai;
 pub mod sse;
 pub mod stream;
+pub mod wire;
 
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
@@ -18,7 +19,7 @@ use http::HeaderValue;
 use crate::api::{splice, ChatRequest, CompletionView, Usage};
 pub use crate::classify::AttemptError;
 use crate::classify::ErrorClass;
-use crate::config::{Model, ProviderKind};
+use crate::config::Model;
 pub use stream::{ChunkStream, StreamItem};
 
 pub use client::{HttpClient, HttpClients};
@@ -67,23 +68,16 @@ pub async fn call(
     if let Some(e) = &req.embedding {
         return embed(client, model, e).await;
     }
-    let kind = model.provider.kind;
-    let out = match kind {
-        ProviderKind::Openai | ProviderKind::OpenaiCompatible | ProviderKind::AzureOpenai => {
-            openai::request(model, req)?
-        }
-        ProviderKind::Anthropic => anthropic::request(model, req)?,
-        ProviderKind::Gemini => gemini::request(model, req)?,
-    };
+    let wire = wire::for_kind(model.provider.kind);
+    let out = wire.request(model, req)?;
     let mut headers = out.headers;
     provider_headers(model, &mut headers);
-    if req.stream && kind == ProviderKind::Anthropic {
-        headers.insert(
-            http::header::ACCEPT,
-            HeaderValue::from_static("text/event-stream"),
-        );
+    if req.stream {
+        if let Some(accept) = wire.stream_accept() {
+            headers.insert(http::header::ACCEPT, accept);
+        }
     }
-    let native = kind == ProviderKind::Anthropic && req.native.is_some();
+    let native = wire.speaks_messages() && req.native.is_some();
     let resp = client::post(client, out.url, headers, out.body).await?;
     let status = resp.status();
     if !status.is_success() {
@@ -105,16 +99,11 @@ pub async fn call(
             resp.into_body(),
             model,
             req,
+            wire,
         ))));
     }
     let body = client::read_body(resp.into_body(), None).await?;
-    let translated = match kind {
-        ProviderKind::Openai | ProviderKind::OpenaiCompatible | ProviderKind::AzureOpenai => {
-            Ok(body.clone())
-        }
-        ProviderKind::Anthropic => anthropic::completion(&body, model),
-        ProviderKind::Gemini => gemini::completion(&body, model),
-    };
+    let translated = wire.completion(body.clone(), model);
     translated
         .and_then(|translated| judge(translated, model, req.wants_json))
         .map(|mut c| {

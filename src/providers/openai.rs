@@ -146,3 +146,32 @@ impl StreamState {
         }])
     }
 }
+
+/// OpenAI, Azure OpenAI and OpenAI-compatible servers: the client's bytes with `model`
+/// rewritten (and `drop_params`/`extra_body` applied), answers passed through.
+pub struct OpenAiFormat;
+
+impl super::wire::WireFormat for OpenAiFormat {
+    fn request(&self, model: &Model, req: &ChatRequest) -> Result<Outgoing, AttemptError> {
+        request(model, req)
+    }
+
+    fn completion(&self, body: Bytes, _model: &Model) -> Result<Bytes, AttemptError> {
+        Ok(body)
+    }
+
+    fn stream(&self, model: &Model, req: &ChatRequest) -> Box<dyn super::wire::StreamTranslator> {
+        Box::new(StreamState::new(model, req.include_usage))
+    }
+}
+
+impl super::wire::StreamTranslator for StreamState {
+    fn on_event(&mut self, ev: &SseEvent) -> Result<Vec<StreamItem>, AttemptError> {
+        StreamState::on_event(self, ev)
+    }
+
+    // OpenAI-compatible servers sometimes omit `[DONE]`.
+    fn eof_after_finish_is_complete(&self) -> bool {
+        true
+    }
+}

@@ -4,10 +4,11 @@ use std::collections::VecDeque;
 
 use bytes::Bytes;
 
-use super::sse::{SseDecoder, SseEvent};
-use super::{anthropic, gemini, openai, AttemptError};
+use super::sse::SseDecoder;
+use super::wire::{StreamTranslator, WireFormat};
+use super::AttemptError;
 use crate::api::{ChatRequest, Usage};
-use crate::config::{Model, ProviderKind};
+use crate::config::Model;
 
 /// One item of an upstream stream, already in OpenAI chunk format.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,48 +40,11 @@ impl StreamItem {
     }
 }
 
-/// Turns one upstream event into OpenAI stream items.
-pub enum Dialect {
-    OpenAi(openai::StreamState),
-    Anthropic(anthropic::StreamState),
-    Gemini(gemini::StreamState),
-}
-
-impl Dialect {
-    pub(crate) fn for_model(model: &Model, req: &ChatRequest) -> Dialect {
-        match model.provider.kind {
-            ProviderKind::Anthropic => {
-                Dialect::Anthropic(anthropic::StreamState::new(model, req.include_usage))
-            }
-            ProviderKind::Gemini => {
-                Dialect::Gemini(gemini::StreamState::new(model, req.include_usage))
-            }
-            _ => Dialect::OpenAi(openai::StreamState::new(model, req.include_usage)),
-        }
-    }
-
-    pub(crate) fn on_event(&mut self, ev: &SseEvent) -> Result<Vec<StreamItem>, AttemptError> {
-        match self {
-            Dialect::OpenAi(s) => s.on_event(ev),
-            Dialect::Anthropic(s) => s.on_event(ev),
-            Dialect::Gemini(s) => s.on_event(ev),
-        }
-    }
-
-    /// Items owed at the end of the upstream stream (formats with no terminator).
-    pub(crate) fn at_eof(&mut self) -> Vec<StreamItem> {
-        match self {
-            Dialect::Gemini(s) => s.at_eof(),
-            _ => Vec::new(),
-        }
-    }
-}
-
 /// An upstream stream, decoded and translated.
 pub struct ChunkStream {
     body: hyper::body::Incoming,
     decoder: SseDecoder,
-    dialect: Dialect,
+    dialect: Box<dyn StreamTranslator>,
     pending: VecDeque<StreamItem>,
     eof: bool,
     drained: bool,
@@ -92,17 +56,21 @@ pub struct ChunkStream {
 }
 
 impl ChunkStream {
-    pub(crate) fn new(body: hyper::body::Incoming, model: &Model, req: &ChatRequest) -> Self {
+    pub(crate) fn new(
+        body: hyper::body::Incoming,
+        model: &Model,
+        req: &ChatRequest,
+        wire: &dyn WireFormat,
+    ) -> Self {
         ChunkStream {
             body,
             decoder: SseDecoder::new(),
-            dialect: Dialect::for_model(model, req),
+            dialect: wire.stream(model, req),
             pending: VecDeque::new(),
             eof: false,
             drained: false,
             key: model.provider.api_key.clone(),
-            native: (model.provider.kind == ProviderKind::Anthropic && req.native.is_some())
-                .then(Vec::new),
+            native: (wire.speaks_messages() && req.native.is_some()).then(Vec::new),
         }
     }
 
@@ -121,7 +89,7 @@ impl ChunkStream {
     /// OpenAI-compatible servers sometimes omit `[DONE]`; an Anthropic stream is only
     /// complete at `message_stop` (Gemini's end of body is its terminator, handled above).
     pub fn eof_after_finish_is_complete(&self) -> bool {
-        matches!(self.dialect, Dialect::OpenAi(_))
+        self.dialect.eof_after_finish_is_complete()
     }
 
     /// The next item; `None` when the upstream closed the connection.

@@ -242,7 +242,7 @@ impl Engine {
                     upstream_time: Duration::ZERO,
                     result: Err(e),
                     skipped,
-                }
+                };
             }
         };
         let attempts = ctx.attempts();

@@ -972,7 +972,7 @@ pub async fn count_tokens(State(app): State<Arc<AppState>>, request: Request) ->
         Err(e) => return surface_error(&Surface::Messages, &e),
     };
     let counter = chain.targets.iter().map(|t| &t.model).find(|m| {
-        m.provider.kind == crate::config::ProviderKind::Anthropic
+        crate::providers::wire::for_kind(m.provider.kind).speaks_messages()
             && m.breaker.state() != crate::resilience::breaker::BreakerState::Open
     });
     if let Some(model) = counter {
