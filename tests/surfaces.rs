@@ -292,3 +292,62 @@ async fn without_passthrough_other_paths_say_how_to_turn_it_on() {
         .contains("server.passthrough"));
     assert_eq!(h.mock.calls("passthrough"), 0);
 }
+
+#[tokio::test]
+async fn kept_responses_survive_a_restart_on_the_same_store() {
+    let dir = TempDir::new("surfaces-restart");
+    let auth = [("authorization", "Bearer tenant-a")];
+    let (id, gone) = {
+        let h = start(&config(&dir, "")).await;
+        let r = post(
+            &h,
+            "/v1/responses",
+            &json!({"model": "main", "input": "remember Ada"}),
+            &auth,
+        )
+        .await;
+        let g = post(
+            &h,
+            "/v1/responses",
+            &json!({"model": "main", "input": "then forget"}),
+            &auth,
+        )
+        .await;
+        let gone = g.json()["id"].as_str().unwrap().to_string();
+        let d = h
+            .http
+            .delete(h.url(&format!("/v1/responses/{gone}")))
+            .header("authorization", "Bearer tenant-a")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(d.status().as_u16(), 200);
+        h.state.store.as_ref().unwrap().flush().await;
+        (r.json()["id"].as_str().unwrap().to_string(), gone)
+    };
+    let h = start(&config(&dir, "")).await;
+    let get = |id: String, who: &'static str| {
+        let req = h
+            .http
+            .get(h.url(&format!("/v1/responses/{id}")))
+            .header("authorization", who);
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(get(id.clone(), "Bearer tenant-a").await, 200);
+    assert_eq!(get(id.clone(), "Bearer tenant-b").await, 404);
+    assert_eq!(get(gone, "Bearer tenant-a").await, 404);
+    let f = post(
+        &h,
+        "/v1/responses",
+        &json!({"model": "main", "input": "who?", "previous_response_id": id}),
+        &auth,
+    )
+    .await;
+    assert_eq!(f.status, 200, "{}", f.text);
+    let sent = h.mock.bodies("p");
+    let last = sent.last().unwrap().to_string();
+    assert!(
+        last.contains("remember Ada") && last.contains("who?"),
+        "{last}"
+    );
+}

@@ -86,7 +86,7 @@ struct Prepared {
     dropped_tools: Vec<String>,
 }
 
-fn prepare(
+async fn prepare(
     app: &AppState,
     inbound: Inbound,
     body: Bytes,
@@ -104,7 +104,7 @@ fn prepare(
             let tenant = crate::api::tenant(headers);
             let history = match &wire.previous_response_id {
                 Some(id) => {
-                    let kept = app.responses.get(tenant, id).ok_or_else(|| {
+                    let kept = app.responses.get(tenant, id).await.ok_or_else(|| {
                         ApiError::new(
                             StatusCode::NOT_FOUND,
                             "invalid_request_error",
@@ -183,7 +183,7 @@ async fn handle(
     let early = inbound.error_surface();
 
     let prepared = match read_body(body, &headers, app.config.server.max_body).await {
-        Ok(bytes) => prepare(&app, inbound, bytes, &headers),
+        Ok(bytes) => prepare(&app, inbound, bytes, &headers).await,
         Err(e) => Err(e),
     };
     let Prepared {

@@ -78,7 +78,12 @@ impl AppState {
             metrics.clone(),
         );
         Ok(Arc::new(AppState {
-            responses: Arc::new(responses::ResponsesState::new(&config.responses)),
+            responses: Arc::new(responses::ResponsesState::new(
+                &config.responses,
+                store
+                    .clone()
+                    .zip(config.store.as_ref().map(|s| s.path.clone())),
+            )),
             passthrough: passthrough::client(),
             store,
             shadow,

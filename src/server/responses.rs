@@ -20,12 +20,27 @@ pub struct Kept {
 }
 
 pub struct ResponsesState {
+    /// The recent ones, in memory.
     kept: moka::sync::Cache<(u128, Box<str>), Arc<Kept>>,
+    /// All of them, in the store (when it is on), so a restart or an evicted entry
+    /// loses nothing within `responses.ttl`.
+    store: Option<(crate::store::Store, std::path::PathBuf)>,
+    ttl: std::time::Duration,
+}
+
+/// The tenant as the store keeps it.
+fn tenant_key(tenant: u128) -> String {
+    format!("{tenant:032x}")
 }
 
 impl ResponsesState {
-    pub fn new(settings: &ResponsesSettings) -> ResponsesState {
+    pub fn new(
+        settings: &ResponsesSettings,
+        store: Option<(crate::store::Store, std::path::PathBuf)>,
+    ) -> ResponsesState {
         ResponsesState {
+            store,
+            ttl: settings.ttl,
             kept: moka::sync::Cache::builder()
                 .max_capacity(settings.max_memory)
                 .weigher(|k: &(u128, Box<str>), v: &Arc<Kept>| {
@@ -47,22 +62,59 @@ impl ResponsesState {
         else {
             return;
         };
-        self.kept.insert(
-            (tenant, id.into()),
-            Arc::new(Kept {
-                response: body.into(),
-                items: items.into(),
-            }),
-        );
+        let kept = Arc::new(Kept {
+            response: body.into(),
+            items: items.into(),
+        });
+        if let Some((store, _)) = &self.store {
+            let now = crate::clock::now_ms();
+            store.record(crate::store::Row::Response(Box::new(
+                crate::store::ResponseRow {
+                    tenant: tenant_key(tenant),
+                    id: id.to_string(),
+                    created_ms: now,
+                    expires_ms: now.saturating_add(
+                        i64::try_from(self.ttl.as_millis()).unwrap_or(i64::MAX / 2),
+                    ),
+                    response: kept.response.clone(),
+                    items: kept.items.clone(),
+                },
+            )));
+        }
+        self.kept.insert((tenant, id.into()), kept);
     }
 
-    pub fn get(&self, tenant: u128, id: &str) -> Option<Arc<Kept>> {
-        self.kept.get(&(tenant, id.into()))
+    /// A kept response: from memory, else from the store (off the request thread).
+    pub async fn get(&self, tenant: u128, id: &str) -> Option<Arc<Kept>> {
+        let key = (tenant, Box::<str>::from(id));
+        if let Some(k) = self.kept.get(&key) {
+            return Some(k);
+        }
+        let (_, path) = self.store.as_ref()?;
+        let (path, t, i) = (path.clone(), tenant_key(tenant), id.to_string());
+        let found = tokio::task::spawn_blocking(move || crate::store::read_response(&path, &t, &i))
+            .await
+            .ok()?
+            .ok()??;
+        let kept = Arc::new(Kept {
+            response: found.0.into(),
+            items: found.1.into(),
+        });
+        self.kept.insert(key, kept.clone());
+        Some(kept)
     }
 
     /// Whether it was there.
-    pub fn delete(&self, tenant: u128, id: &str) -> bool {
-        self.kept.remove(&(tenant, id.into())).is_some()
+    pub async fn delete(&self, tenant: u128, id: &str) -> bool {
+        let existed = self.get(tenant, id).await.is_some();
+        self.kept.remove(&(tenant, id.into()));
+        if let (true, Some((store, _))) = (existed, &self.store) {
+            store.record(crate::store::Row::ForgetResponse {
+                tenant: tenant_key(tenant),
+                id: id.to_string(),
+            });
+        }
+        existed
     }
 }
 
@@ -72,7 +124,7 @@ pub async fn get_response(
     axum::extract::Path(id): axum::extract::Path<String>,
     headers: http::HeaderMap,
 ) -> axum::response::Response {
-    match app.responses.get(crate::api::tenant(&headers), &id) {
+    match app.responses.get(crate::api::tenant(&headers), &id).await {
         Some(kept) => super::json_response(kept.response.clone()),
         None => super::error_response(&not_found(&id)),
     }
@@ -84,7 +136,11 @@ pub async fn delete_response(
     axum::extract::Path(id): axum::extract::Path<String>,
     headers: http::HeaderMap,
 ) -> axum::response::Response {
-    if app.responses.delete(crate::api::tenant(&headers), &id) {
+    if app
+        .responses
+        .delete(crate::api::tenant(&headers), &id)
+        .await
+    {
         let body = serde_json::json!({"id": id, "object": "response", "deleted": true});
         super::json_response(serde_json::to_vec(&body).unwrap_or_default().into())
     } else {

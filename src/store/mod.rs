@@ -151,6 +151,41 @@ pub enum Row {
     Call(CallRow),
     Request(RequestRow),
     Shadow(Box<ShadowRow>),
+    /// A Responses object kept (replaced if it exists).
+    Response(Box<ResponseRow>),
+    /// A Responses object deleted.
+    ForgetResponse {
+        tenant: String,
+        id: String,
+    },
+}
+
+/// A kept Responses object: the served object and the conversation up to it.
+#[derive(Debug, Clone)]
+pub struct ResponseRow {
+    /// The caller's tenant (a hash of its credential, never the credential).
+    pub tenant: String,
+    pub id: String,
+    pub created_ms: i64,
+    pub expires_ms: i64,
+    pub response: bytes::Bytes,
+    pub items: bytes::Bytes,
+}
+
+/// A kept response read back: (response, items), if it has not expired.
+pub fn read_response(
+    path: &std::path::Path,
+    tenant: &str,
+    id: &str,
+) -> rusqlite::Result<Option<(Vec<u8>, Vec<u8>)>> {
+    use rusqlite::OptionalExtension;
+    let conn = open_read_only(path)?;
+    conn.query_row(
+        "SELECT response, items FROM responses WHERE tenant = ?1 AND id = ?2 AND expires_ms > ?3",
+        rusqlite::params![tenant, id, crate::clock::now_ms()],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .optional()
 }
 
 /// What the writer is sent.

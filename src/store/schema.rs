@@ -80,6 +80,17 @@ const MIGRATIONS: &[&str] = &[
         cost_usd REAL NOT NULL DEFAULT 0
     );
     CREATE INDEX shadow_results_by_time ON shadow_results(timestamp);",
+    // 3: Responses API objects kept for `previous_response_id` and GET, per tenant.
+    "CREATE TABLE responses (
+        tenant TEXT NOT NULL,
+        id TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        expires_ms INTEGER NOT NULL,
+        response BLOB NOT NULL,
+        items BLOB NOT NULL,
+        PRIMARY KEY (tenant, id)
+    ) WITHOUT ROWID;
+    CREATE INDEX responses_by_expiry ON responses(expires_ms);",
 ];
 
 /// The schema version this build writes.

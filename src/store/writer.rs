@@ -258,6 +258,16 @@ impl Writer {
                 }
             }
         }
+        // Kept responses carry their own expiry (`responses.ttl`).
+        if failed.is_none() {
+            match conn.execute(
+                "DELETE FROM responses WHERE expires_ms < ?1",
+                [clock::now_ms()],
+            ) {
+                Ok(_) => {}
+                Err(e) => failed = Some(e.to_string()),
+            }
+        }
         self.retention_pending = left && failed.is_none();
         if let Some(e) = failed {
             self.log_error(&format!("retention: {e}"));
@@ -350,6 +360,24 @@ fn insert(conn: &mut Connection, batch: &[Row]) -> rusqlite::Result<[u64; 3]> {
                 }
                 Row::Call(c) => calls.push(c),
                 Row::Request(r) => requests.push(r),
+                Row::Response(r) => {
+                    tx.prepare_cached(
+                        "INSERT OR REPLACE INTO responses (tenant, id, created_at, expires_ms, response, items)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    )?
+                    .execute(params![
+                        r.tenant,
+                        r.id,
+                        clock::rfc3339_ms(r.created_ms),
+                        r.expires_ms,
+                        &r.response[..],
+                        &r.items[..],
+                    ])?;
+                }
+                Row::ForgetResponse { tenant, id } => {
+                    tx.prepare_cached("DELETE FROM responses WHERE tenant = ?1 AND id = ?2")?
+                        .execute(params![tenant, id])?;
+                }
             }
         }
     }
