@@ -434,6 +434,52 @@ http {{
               f" {s10_table['shadowed']['added_p50']:.3f} ms ({report['S10']['shadow_calls']:.0f} shadow calls,"
               f" {report['S10']['shadow_skipped']:.0f} skipped)", flush=True)
 
+        # S11: the other surfaces at 1 connection, each against its own direct-to-mock
+        # base: Responses translated to chat (kept or not), Messages passed through to an
+        # Anthropic target as bytes, and Messages translated to an OpenAI-format target.
+        text = ("lorem ipsum dolor sit amet " * 40)[:1024]
+        def surface_body(name, obj):
+            path = pathlib.Path(tmp) / f"surface-{name}.json"
+            path.write_text(json.dumps(obj))
+            return path
+        msg = {"max_tokens": 100, "messages": [{"role": "user", "content": text}]}
+        s11_runs = {
+            "direct_openai": (direct, bodies[("ok", 1024)], ()),
+            "direct_anthropic": (f"http://127.0.0.1:{mock_port}/v1/messages",
+                                 surface_body("direct-anthropic", dict(msg, model="claude-x")),
+                                 ("x-api-key: bench", "anthropic-version: 2023-06-01")),
+            "chat": (gateway, bodies[("direct", 1024)], ()),
+            "responses": (f"http://127.0.0.1:{gw_port}/v1/responses",
+                          surface_body("responses", {"model": "direct", "input": text, "store": False}), ()),
+            "responses_kept": (f"http://127.0.0.1:{gw_port}/v1/responses",
+                               surface_body("responses-kept", {"model": "direct", "input": text}), ()),
+            "messages_native": (f"http://127.0.0.1:{gw_port}/v1/messages",
+                                surface_body("messages", dict(msg, model="claude_direct")),
+                                ("anthropic-version: 2023-06-01",)),
+            "messages_translated": (f"http://127.0.0.1:{gw_port}/v1/messages",
+                                    surface_body("messages-tr", dict(msg, model="direct")),
+                                    ("anthropic-version: 2023-06-01",)),
+        }
+        for name, (u, b, h) in s11_runs.items():
+            oha(u, b, 4, 1, headers=h)
+        s11 = paired(list(s11_runs), lambda t: oha(s11_runs[t][0], s11_runs[t][1], 1, secs, 1000, headers=s11_runs[t][2]), reps)
+        base_of = {"chat": "direct_openai", "responses": "direct_openai", "responses_kept": "direct_openai",
+                   "messages_native": "direct_anthropic", "messages_translated": "direct_openai"}
+        s11_table = {}
+        for t, runs in s11.items():
+            row = {"rps": median_of(runs, "rps"), "p50": median_of(runs, "p50"),
+                   "error_rate": max(r["error_rate"] for r in runs)}
+            if t in base_of:
+                row["added_p50"] = statistics.median(a["p50"] - b["p50"] for a, b in zip(runs, s11[base_of[t]]))
+            s11_table[t] = row
+        for t in ["responses", "responses_kept", "messages_native", "messages_translated"]:
+            s11_table[t]["over_chat_p50"] = s11_table[t]["added_p50"] - s11_table["chat"]["added_p50"]
+        report["S11"] = {"table": s11_table, "raw": s11}
+        print("S11: added p50 at 1 connection: " + ", ".join(
+            f"{t} {s11_table[t]['added_p50']:.3f} ms" for t in base_of) +
+            f"; Responses over chat {s11_table['responses']['over_chat_p50'] * 1000:.1f} µs,"
+            f" Messages pass-through over chat {s11_table['messages_native']['over_chat_p50'] * 1000:.1f} µs", flush=True)
+
         # S8: the writer's own rate: rows recorded through Store::record as fast as the
         # queue takes them, committed in batches.
         def store_load(path, calls, days):
@@ -530,6 +576,14 @@ def markdown(r):
         L.append(f"| {k} | {s7['closed'][k]['rps']:.0f} | {s7['closed'][k]['p99']:.3f} | {s7['c1'][k]['added_p50']:.3f} |")
     L.append(f"\non/off per repetition: {', '.join(f'{x:.2f}x' for x in s7['closed_ratios'])}; rows written"
              f" {s7['rows_written']:.0f}, dropped {s7['rows_dropped']:.0f}; log lines dropped {s7['log_dropped']:.0f}.")
+    if "S11" in r:
+        s11 = r["S11"]["table"]
+        L += ["", "## S11: surfaces (1 connection, 1,000 req/s; each against its own direct-to-mock base)", "",
+              "| surface | added p50 (ms) | over chat pass-through (µs) | errors |", "|---|---|---|---|"]
+        for t in ["chat", "responses", "responses_kept", "messages_native", "messages_translated"]:
+            over = s11[t].get("over_chat_p50")
+            L.append(f"| {t} | {s11[t]['added_p50']:.3f} | {'' if over is None else f'{over * 1000:.1f}'} |"
+                     f" {s11[t]['error_rate']:.4f} |")
     s10 = r["S10"]["table"]
     L += ["", "## S10: shadow traffic at sample 1.0 (1 connection, 1,000 req/s)", "",
           f"added p50: without shadow {s10['plain_chain']['added_p50']:.3f} ms, every request shadowed"

@@ -482,6 +482,7 @@ async fn embeddings(
     headers: &HeaderMap,
     body: &Bytes,
     state: &MockState,
+    path_knobs: Option<Knobs>,
 ) -> Result<Response<MockBody>, BoxError> {
     use serde_json::Value;
     if let Some(denied) = auth_error(format, headers, query) {
@@ -506,7 +507,7 @@ async fn embeddings(
         },
     };
     let index = state.record(&model, body, headers);
-    let k = state.knobs_for(&model);
+    let k = path_knobs.unwrap_or_else(|| state.knobs_for(&model));
     if !k.latency.is_zero() {
         tokio::time::sleep(k.latency).await;
     }
@@ -724,9 +725,6 @@ async fn handle(
             .unwrap_or(200);
         return Ok(json_response(status, &echo));
     }
-    if let Some(format) = embeddings_route(&path) {
-        return embeddings(format, &path, &query, &headers, &body, &state).await;
-    }
     let (path_knobs, rest) = match path.strip_prefix("/k/") {
         Some(tail) => match tail.split_once('/') {
             Some((k, rest)) => (Some(k.to_string()), format!("/{rest}")),
@@ -734,6 +732,13 @@ async fn handle(
         },
         None => (None, path.clone()),
     };
+    if let Some(format) = embeddings_route(&rest) {
+        let knobs = match &path_knobs {
+            Some(spec) => Some(Knobs::parse(spec).map_err(|e| -> BoxError { e.into() })?),
+            None => None,
+        };
+        return embeddings(format, &rest, &query, &headers, &body, &state, knobs).await;
+    }
     let Some((format, from_path)) = route(&rest).filter(|_| method == Method::POST) else {
         return Ok(json_response(
             404,
