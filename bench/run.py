@@ -174,9 +174,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="short runs, one repeat (a smoke test of the harness)")
     ap.add_argument("--workers", type=int, default=int(os.environ.get("BENCH_WORKERS", "2")))
+    ap.add_argument("--only", default="", help="comma-separated scenarios to run (e.g. S7,S11); all by default")
     args = ap.parse_args()
+    only = {x.strip() for x in args.only.split(",") if x.strip()}
+
+    def want(scenario):
+        return not only or scenario in only
     secs = 2 if args.quick else 5
     reps = 1 if args.quick else 3
+    closed_reps = reps if args.quick else reps + 2
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     outdir = ROOT / "bench" / "results" / stamp
@@ -264,259 +270,270 @@ http {{
         report["mock_capacity_rps"] = mock_alone["rps"]
         print(f"mock alone: {mock_alone['rps']:.0f} req/s at 64 connections", flush=True)
 
-        # S1: added latency at a fixed load.
-        s1 = {}
-        for conns, rate in [(1, 1000), (64, 2000)]:
-            for size in (1024, 16384):
-                label = f"c{conns}_{size // 1024}KiB_{rate}rps"
-                metrics_before = urllib.request.urlopen(f"http://127.0.0.1:{gw_port}/metrics", timeout=10).read().decode()
-                res = paired(list(urls), lambda t: oha(urls[t], bodies[(model_for[t], size)], conns, secs, rate), reps)
-                metrics_after = urllib.request.urlopen(f"http://127.0.0.1:{gw_port}/metrics", timeout=10).read().decode()
-                table = diff_table(res)
-                n = metric_sum(metrics_after, "cascade_overhead_seconds_count") - metric_sum(metrics_before, "cascade_overhead_seconds_count")
-                total = metric_sum(metrics_after, "cascade_overhead_seconds_sum") - metric_sum(metrics_before, "cascade_overhead_seconds_sum")
-                table["overhead_metric_mean_ms"] = (total / n * 1000.0) if n else None
-                s1[label] = {"table": table, "raw": res}
-                print(f"S1 {label}: added p50 {table['cascade']['added_p50']:.3f} ms, p99 {table['cascade']['added_p99']:.3f} ms"
-                      f" (nginx {table['nginx']['added_p50']:.3f} / {table['nginx']['added_p99']:.3f}); overhead metric mean "
-                      f"{table['overhead_metric_mean_ms'] or 0:.3f} ms", flush=True)
-        report["S1"] = s1
+        if want("S1"):
+            # S1: added latency at a fixed load.
+            s1 = {}
+            for conns, rate in [(1, 1000), (64, 2000)]:
+                for size in (1024, 16384):
+                    label = f"c{conns}_{size // 1024}KiB_{rate}rps"
+                    metrics_before = urllib.request.urlopen(f"http://127.0.0.1:{gw_port}/metrics", timeout=10).read().decode()
+                    res = paired(list(urls), lambda t: oha(urls[t], bodies[(model_for[t], size)], conns, secs, rate), reps)
+                    metrics_after = urllib.request.urlopen(f"http://127.0.0.1:{gw_port}/metrics", timeout=10).read().decode()
+                    table = diff_table(res)
+                    n = metric_sum(metrics_after, "cascade_overhead_seconds_count") - metric_sum(metrics_before, "cascade_overhead_seconds_count")
+                    total = metric_sum(metrics_after, "cascade_overhead_seconds_sum") - metric_sum(metrics_before, "cascade_overhead_seconds_sum")
+                    table["overhead_metric_mean_ms"] = (total / n * 1000.0) if n else None
+                    s1[label] = {"table": table, "raw": res}
+                    print(f"S1 {label}: added p50 {table['cascade']['added_p50']:.3f} ms, p99 {table['cascade']['added_p99']:.3f} ms"
+                          f" (nginx {table['nginx']['added_p50']:.3f} / {table['nginx']['added_p99']:.3f}); overhead metric mean "
+                          f"{table['overhead_metric_mean_ms'] or 0:.3f} ms", flush=True)
+            report["S1"] = s1
 
-        # S2: the highest fixed rate each target sustains at 64 connections with errors
-        # under 0.1%, the offered rate achieved, and p99 within 2 ms of direct at that rate.
-        rates = [5000, 10000, 20000, 30000, 40000, 60000, 80000, 100000] if not args.quick else [5000, 20000, 40000, 80000]
-        step_secs = 2 if args.quick else 3
-        sustained = {t: 0 for t in urls}
-        search = []
-        alive = set(urls)
-        for rate in rates:
-            if not alive:
-                break
-            base = oha(direct, bodies[("ok", 1024)], 64, step_secs, rate)
-            for t in [t for t in urls if t in alive]:
-                r = base if t == "direct" else oha(urls[t], bodies[(model_for[t], 1024)], 64, step_secs, rate)
-                ok = r["error_rate"] < 0.001 and r["rps"] >= 0.95 * rate and r["p99"] <= base["p99"] + 2.0
-                search.append({**r, "target": t, "rate": rate, "passes": ok})
-                if ok:
-                    sustained[t] = rate
-                else:
-                    alive.discard(t)
-        # And the closed-loop figure (as fast as 64 connections go). The VM's speed drifts
-        # over tens of seconds, so this takes two more repetitions than the others, and
-        # the cascade/nginx ratio is also given per repetition (runs next to each other).
-        closed_reps = reps if args.quick else reps + 2
-        res = paired(list(urls), lambda t: oha(urls[t], bodies[(model_for[t], 1024)], 64, secs), closed_reps)
-        ratios = [c["rps"] / max(n["rps"], 1) for c, n in zip(res["cascade"], res["nginx"])]
-        report["S2"] = {"table": diff_table(res), "raw": res, "sustained": sustained, "search": search,
-                        "closed_loop_ratios": ratios}
-        t = report["S2"]["table"]
-        print(f"S2: sustained direct {sustained['direct']}, cascade {sustained['cascade']}, nginx {sustained['nginx']} req/s;"
-              f" closed loop direct {t['direct']['rps']:.0f}, cascade {t['cascade']['rps']:.0f}, nginx {t['nginx']['rps']:.0f} req/s"
-              f" (cascade/nginx per repetition: {', '.join(f'{x:.2f}' for x in ratios)})", flush=True)
+        if want("S2"):
+            # S2: the highest fixed rate each target sustains at 64 connections with errors
+            # under 0.1%, the offered rate achieved, and p99 within 2 ms of direct at that rate.
+            rates = [5000, 10000, 20000, 30000, 40000, 60000, 80000, 100000] if not args.quick else [5000, 20000, 40000, 80000]
+            step_secs = 2 if args.quick else 3
+            sustained = {t: 0 for t in urls}
+            search = []
+            alive = set(urls)
+            for rate in rates:
+                if not alive:
+                    break
+                base = oha(direct, bodies[("ok", 1024)], 64, step_secs, rate)
+                for t in [t for t in urls if t in alive]:
+                    r = base if t == "direct" else oha(urls[t], bodies[(model_for[t], 1024)], 64, step_secs, rate)
+                    ok = r["error_rate"] < 0.001 and r["rps"] >= 0.95 * rate and r["p99"] <= base["p99"] + 2.0
+                    search.append({**r, "target": t, "rate": rate, "passes": ok})
+                    if ok:
+                        sustained[t] = rate
+                    else:
+                        alive.discard(t)
+            # And the closed-loop figure (as fast as 64 connections go). The VM's speed drifts
+            # over tens of seconds, so this takes two more repetitions than the others, and
+            # the cascade/nginx ratio is also given per repetition (runs next to each other).
+            res = paired(list(urls), lambda t: oha(urls[t], bodies[(model_for[t], 1024)], 64, secs), closed_reps)
+            ratios = [c["rps"] / max(n["rps"], 1) for c, n in zip(res["cascade"], res["nginx"])]
+            report["S2"] = {"table": diff_table(res), "raw": res, "sustained": sustained, "search": search,
+                            "closed_loop_ratios": ratios}
+            t = report["S2"]["table"]
+            print(f"S2: sustained direct {sustained['direct']}, cascade {sustained['cascade']}, nginx {sustained['nginx']} req/s;"
+                  f" closed loop direct {t['direct']['rps']:.0f}, cascade {t['cascade']['rps']:.0f}, nginx {t['nginx']['rps']:.0f} req/s"
+                  f" (cascade/nginx per repetition: {', '.join(f'{x:.2f}' for x in ratios)})", flush=True)
 
-        # S3: memory: idle, peak with 1,000 requests in flight (mock delay 1 s), after.
-        idle = rss_kib(gw.pid)
-        peak = [idle]
-        loader = procs.track(subprocess.Popen([OHA, "--no-tui", "--output-format", "json", "-m", "POST", "-H", "content-type: application/json",
-                                   "-D", str(bodies[("slow_chain", 1024)]), "-c", "1000", "-n", "3000", gateway],
-                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True))
-        deadline = time.time() + 60
-        while loader.poll() is None and time.time() < deadline:
-            peak.append(rss_kib(gw.pid))
-            time.sleep(0.05)
-        if loader.poll() is None:
-            loader.kill()
-        out, _ = loader.communicate(timeout=10)
-        inflight = summarize(json.loads(out)) if out else {}
-        time.sleep(1)
-        report["S3"] = {"idle_at_start_rss_mib": idle_at_start / 1024, "idle_rss_mib": idle / 1024,
-                        "peak_rss_mib": max(peak) / 1024, "after_rss_mib": rss_kib(gw.pid) / 1024, "run": inflight}
-        print(f"S3: RSS idle at start {idle_at_start / 1024:.1f} MiB (before S3 {idle / 1024:.1f}), peak {max(peak) / 1024:.1f} MiB with 1000 in flight, after {rss_kib(gw.pid) / 1024:.1f} MiB", flush=True)
+        if want("S3"):
+            # S3: memory: idle, peak with 1,000 requests in flight (mock delay 1 s), after.
+            idle = rss_kib(gw.pid)
+            peak = [idle]
+            loader = procs.track(subprocess.Popen([OHA, "--no-tui", "--output-format", "json", "-m", "POST", "-H", "content-type: application/json",
+                                       "-D", str(bodies[("slow_chain", 1024)]), "-c", "1000", "-n", "3000", gateway],
+                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True))
+            deadline = time.time() + 60
+            while loader.poll() is None and time.time() < deadline:
+                peak.append(rss_kib(gw.pid))
+                time.sleep(0.05)
+            if loader.poll() is None:
+                loader.kill()
+            out, _ = loader.communicate(timeout=10)
+            inflight = summarize(json.loads(out)) if out else {}
+            time.sleep(1)
+            report["S3"] = {"idle_at_start_rss_mib": idle_at_start / 1024, "idle_rss_mib": idle / 1024,
+                            "peak_rss_mib": max(peak) / 1024, "after_rss_mib": rss_kib(gw.pid) / 1024, "run": inflight}
+            print(f"S3: RSS idle at start {idle_at_start / 1024:.1f} MiB (before S3 {idle / 1024:.1f}), peak {max(peak) / 1024:.1f} MiB with 1000 in flight, after {rss_kib(gw.pid) / 1024:.1f} MiB", flush=True)
 
-        # S4: streaming: added time to first token and added inter-chunk gap.
-        def probe(url, model, n):
-            out = subprocess.run([str(PROBE), url, model, str(n)], capture_output=True, text=True, timeout=120)
-            if out.returncode != 0 or not out.stdout.strip():
-                raise RuntimeError(f"stream_probe failed: {out.stderr[-300:]}")
-            return json.loads(out.stdout)
+        if want("S4"):
+            # S4: streaming: added time to first token and added inter-chunk gap.
+            def probe(url, model, n):
+                out = subprocess.run([str(PROBE), url, model, str(n)], capture_output=True, text=True, timeout=120)
+                if out.returncode != 0 or not out.stdout.strip():
+                    raise RuntimeError(f"stream_probe failed: {out.stderr[-300:]}")
+                return json.loads(out.stdout)
 
-        n = 50 if args.quick else 200
-        s4 = {}
-        for rep in range(reps):
-            for t, model in ([("direct", "stream"), ("cascade", "stream_chain"), ("nginx", "stream")] if rep % 2 == 0
-                             else [("nginx", "stream"), ("cascade", "stream_chain"), ("direct", "stream")]):
-                s4.setdefault(t, []).append(probe(urls[t], model, n))
+            n = 50 if args.quick else 200
+            s4 = {}
+            for rep in range(reps):
+                for t, model in ([("direct", "stream"), ("cascade", "stream_chain"), ("nginx", "stream")] if rep % 2 == 0
+                                 else [("nginx", "stream"), ("cascade", "stream_chain"), ("direct", "stream")]):
+                    s4.setdefault(t, []).append(probe(urls[t], model, n))
 
-        def pct(values, q):
-            values = sorted(values)
-            return values[min(len(values) - 1, int(q * len(values)))] if values else 0.0
+            def pct(values, q):
+                values = sorted(values)
+                return values[min(len(values) - 1, int(q * len(values)))] if values else 0.0
 
-        s4_table = {}
-        for t, runs in s4.items():
-            s4_table[t] = {
-                "ttft_p50": statistics.median(pct(r["ttft_ms"], 0.5) for r in runs),
-                "ttft_p99": statistics.median(pct(r["ttft_ms"], 0.99) for r in runs),
-                "gap_p50": statistics.median(pct(r["gap_ms"], 0.5) for r in runs),
-                "gap_p99": statistics.median(pct(r["gap_ms"], 0.99) for r in runs),
-                "chunks": sorted({c for r in runs for c in r["chunks"]}),
-                "errors": sum(r["errors"] for r in runs),
-            }
-        for t in ("cascade", "nginx"):
-            for k, q in (("ttft_p50", 0.5), ("ttft_p99", 0.99), ("gap_p50", 0.5), ("gap_p99", 0.99)):
-                series = "ttft_ms" if k.startswith("ttft") else "gap_ms"
-                # Paired: each repeat against the direct run of the same repeat.
-                s4_table[t][f"added_{k}"] = statistics.median(
-                    pct(a[series], q) - pct(b[series], q) for a, b in zip(s4[t], s4["direct"]))
-            s4_table[t]["chunks_equal_direct"] = s4_table[t]["chunks"] == s4_table["direct"]["chunks"]
-        report["S4"] = s4_table
-        print(f"S4: added TTFT p50 {s4_table['cascade']['added_ttft_p50']:.3f} ms p99 {s4_table['cascade']['added_ttft_p99']:.3f} ms;"
-              f" chunks {s4_table['cascade']['chunks']} vs direct {s4_table['direct']['chunks']}", flush=True)
+            s4_table = {}
+            for t, runs in s4.items():
+                s4_table[t] = {
+                    "ttft_p50": statistics.median(pct(r["ttft_ms"], 0.5) for r in runs),
+                    "ttft_p99": statistics.median(pct(r["ttft_ms"], 0.99) for r in runs),
+                    "gap_p50": statistics.median(pct(r["gap_ms"], 0.5) for r in runs),
+                    "gap_p99": statistics.median(pct(r["gap_ms"], 0.99) for r in runs),
+                    "chunks": sorted({c for r in runs for c in r["chunks"]}),
+                    "errors": sum(r["errors"] for r in runs),
+                }
+            for t in ("cascade", "nginx"):
+                for k, q in (("ttft_p50", 0.5), ("ttft_p99", 0.99), ("gap_p50", 0.5), ("gap_p99", 0.99)):
+                    series = "ttft_ms" if k.startswith("ttft") else "gap_ms"
+                    # Paired: each repeat against the direct run of the same repeat.
+                    s4_table[t][f"added_{k}"] = statistics.median(
+                        pct(a[series], q) - pct(b[series], q) for a, b in zip(s4[t], s4["direct"]))
+                s4_table[t]["chunks_equal_direct"] = s4_table[t]["chunks"] == s4_table["direct"]["chunks"]
+            report["S4"] = s4_table
+            print(f"S4: added TTFT p50 {s4_table['cascade']['added_ttft_p50']:.3f} ms p99 {s4_table['cascade']['added_ttft_p99']:.3f} ms;"
+                  f" chunks {s4_table['cascade']['chunks']} vs direct {s4_table['direct']['chunks']}", flush=True)
 
-        # S5: resilience paths, each against the plain one-target chain through the gateway.
-        fail_direct = f"http://127.0.0.1:{mock_port}/k/status=500/v1/chat/completions"
-        urllib.request.urlopen(urllib.request.Request(gateway, data=bodies[("skip_open", 1024)].read_bytes(),
-                                                      headers={"content-type": "application/json"}), timeout=10)
-        for _ in range(3):  # open the `broken` breaker
-            try:
-                urllib.request.urlopen(urllib.request.Request(gateway, data=bodies[("skip_open", 1024)].read_bytes(),
-                                                              headers={"content-type": "application/json"}), timeout=10)
-            except Exception:
-                pass
-        paths = {"plain": ("direct", gateway), "fallback": ("fallback", gateway), "skip_open": ("skip_open", gateway),
-                 "translate": ("translate", gateway), "failed_call": ("ok", fail_direct)}
-        res = paired(list(paths), lambda p: oha(paths[p][1], bodies[(paths[p][0], 1024)], 1, secs), reps)
-        table = diff_table(res, base="plain")
-        table["fallback"]["beyond_failed_call_p50"] = table["fallback"]["p50"] - table["plain"]["p50"] - table["failed_call"]["p50"]
-        report["S5"] = {"table": table, "raw": res}
-        print(f"S5: fallback hop +{table['fallback']['added_p50']:.3f} ms (failed call alone {table['failed_call']['p50']:.3f} ms),"
-              f" skip open breaker +{table['skip_open']['added_p50']:.3f} ms, OpenAI->Anthropic +{table['translate']['added_p50']:.3f} ms", flush=True)
+        if want("S5"):
+            # S5: resilience paths, each against the plain one-target chain through the gateway.
+            fail_direct = f"http://127.0.0.1:{mock_port}/k/status=500/v1/chat/completions"
+            urllib.request.urlopen(urllib.request.Request(gateway, data=bodies[("skip_open", 1024)].read_bytes(),
+                                                          headers={"content-type": "application/json"}), timeout=10)
+            for _ in range(3):  # open the `broken` breaker
+                try:
+                    urllib.request.urlopen(urllib.request.Request(gateway, data=bodies[("skip_open", 1024)].read_bytes(),
+                                                                  headers={"content-type": "application/json"}), timeout=10)
+                except Exception:
+                    pass
+            paths = {"plain": ("direct", gateway), "fallback": ("fallback", gateway), "skip_open": ("skip_open", gateway),
+                     "translate": ("translate", gateway), "failed_call": ("ok", fail_direct)}
+            res = paired(list(paths), lambda p: oha(paths[p][1], bodies[(paths[p][0], 1024)], 1, secs), reps)
+            table = diff_table(res, base="plain")
+            table["fallback"]["beyond_failed_call_p50"] = table["fallback"]["p50"] - table["plain"]["p50"] - table["failed_call"]["p50"]
+            report["S5"] = {"table": table, "raw": res}
+            print(f"S5: fallback hop +{table['fallback']['added_p50']:.3f} ms (failed call alone {table['failed_call']['p50']:.3f} ms),"
+                  f" skip open breaker +{table['skip_open']['added_p50']:.3f} ms, OpenAI->Anthropic +{table['translate']['added_p50']:.3f} ms", flush=True)
 
-        # S6: a 100% cache-hit workload.
-        oha(gateway, bodies[("cached", 1024)], 1, 1)
-        res = paired(["direct", "cached"], lambda t: oha(direct if t == "direct" else gateway,
-                                                         bodies[("ok" if t == "direct" else "cached", 1024)], 64, secs), reps)
-        report["S6"] = {"table": diff_table(res), "raw": res}
-        t = report["S6"]["table"]
-        print(f"S6: cache hits {t['cached']['rps']:.0f} req/s, p99 {t['cached']['p99']:.3f} ms (direct-to-mock {t['direct']['rps']:.0f})", flush=True)
+        if want("S6"):
+            # S6: a 100% cache-hit workload.
+            oha(gateway, bodies[("cached", 1024)], 1, 1)
+            res = paired(["direct", "cached"], lambda t: oha(direct if t == "direct" else gateway,
+                                                             bodies[("ok" if t == "direct" else "cached", 1024)], 64, secs), reps)
+            report["S6"] = {"table": diff_table(res), "raw": res}
+            t = report["S6"]["table"]
+            print(f"S6: cache hits {t['cached']['rps']:.0f} req/s, p99 {t['cached']['p99']:.3f} ms (direct-to-mock {t['direct']['rps']:.0f})", flush=True)
 
-        # S7: what the store and the request log cost: the gateway as shipped against the
-        # same binary with both off, side by side (closed loop, and added p50 at 1 connection).
-        bare_url = f"http://127.0.0.1:{bare_port}/v1/chat/completions"
-        s7_urls = {"store_on": gateway, "store_off": bare_url}
-        oha(bare_url, bodies[("direct", 1024)], 8, 1)
-        closed = paired(list(s7_urls), lambda t: oha(s7_urls[t], bodies[("direct", 1024)], 64, secs), closed_reps)
-        ratios = [a["rps"] / max(b["rps"], 1) for a, b in zip(closed["store_on"], closed["store_off"])]
-        one = paired(["direct", "store_on", "store_off"],
-                     lambda t: oha(direct if t == "direct" else s7_urls[t], bodies[("ok" if t == "direct" else "direct", 1024)], 1, secs, 1000), reps)
-        one_table = diff_table(one)
-        metrics = urllib.request.urlopen(f"http://127.0.0.1:{gw_port}/metrics", timeout=10).read().decode()
-        report["S7"] = {"closed": diff_table(closed, base="store_off"), "closed_ratios": ratios, "c1": one_table,
-                        "rows_written": metric_sum(metrics, "cascade_store_rows_total"),
-                        "rows_dropped": metric_sum(metrics, "cascade_store_dropped_total"),
-                        "log_dropped": metric_sum(metrics, "cascade_log_dropped_total")}
-        print(f"S7: closed loop store+log on {statistics.median(r['rps'] for r in closed['store_on']):.0f} vs off"
-              f" {statistics.median(r['rps'] for r in closed['store_off']):.0f} req/s (ratio per repetition:"
-              f" {', '.join(f'{x:.2f}' for x in ratios)}); added p50 at 1 connection on {one_table['store_on']['added_p50']:.3f} ms,"
-              f" off {one_table['store_off']['added_p50']:.3f} ms; rows written {report['S7']['rows_written']:.0f},"
-              f" dropped {report['S7']['rows_dropped']:.0f}", flush=True)
+        if want("S7"):
+            # S7: what the store and the request log cost: the gateway as shipped against the
+            # same binary with both off, side by side (closed loop, and added p50 at 1 connection).
+            bare_url = f"http://127.0.0.1:{bare_port}/v1/chat/completions"
+            s7_urls = {"store_on": gateway, "store_off": bare_url}
+            oha(bare_url, bodies[("direct", 1024)], 8, 1)
+            closed = paired(list(s7_urls), lambda t: oha(s7_urls[t], bodies[("direct", 1024)], 64, secs), closed_reps)
+            ratios = [a["rps"] / max(b["rps"], 1) for a, b in zip(closed["store_on"], closed["store_off"])]
+            one = paired(["direct", "store_on", "store_off"],
+                         lambda t: oha(direct if t == "direct" else s7_urls[t], bodies[("ok" if t == "direct" else "direct", 1024)], 1, secs, 1000), reps)
+            one_table = diff_table(one)
+            metrics = urllib.request.urlopen(f"http://127.0.0.1:{gw_port}/metrics", timeout=10).read().decode()
+            report["S7"] = {"closed": diff_table(closed, base="store_off"), "closed_ratios": ratios, "c1": one_table,
+                            "rows_written": metric_sum(metrics, "cascade_store_rows_total"),
+                            "rows_dropped": metric_sum(metrics, "cascade_store_dropped_total"),
+                            "log_dropped": metric_sum(metrics, "cascade_log_dropped_total")}
+            print(f"S7: closed loop store+log on {statistics.median(r['rps'] for r in closed['store_on']):.0f} vs off"
+                  f" {statistics.median(r['rps'] for r in closed['store_off']):.0f} req/s (ratio per repetition:"
+                  f" {', '.join(f'{x:.2f}' for x in ratios)}); added p50 at 1 connection on {one_table['store_on']['added_p50']:.3f} ms,"
+                  f" off {one_table['store_off']['added_p50']:.3f} ms; rows written {report['S7']['rows_written']:.0f},"
+                  f" dropped {report['S7']['rows_dropped']:.0f}", flush=True)
 
-        # S10: shadow traffic at sample 1.0 against a fast mock: the served answers'
-        # added p50 at 1 connection, against the same chain without shadow.
-        s10 = paired(["direct", "plain_chain", "shadowed"],
-                     lambda t: oha(direct if t == "direct" else gateway,
-                                   bodies[({"direct": "ok", "plain_chain": "direct", "shadowed": "shadowed"}[t], 1024)], 1, secs, 1000), reps)
-        s10_table = diff_table(s10)
-        metrics = urllib.request.urlopen(f"http://127.0.0.1:{gw_port}/metrics", timeout=10).read().decode()
-        report["S10"] = {"table": s10_table, "raw": s10,
-                         "shadow_calls": metric_sum(metrics, "cascade_shadow_requests_total"),
-                         "shadow_skipped": metric_sum(metrics, "cascade_shadow_skipped_total")}
-        print(f"S10: added p50 at 1 connection: plain {s10_table['plain_chain']['added_p50']:.3f} ms, shadowed"
-              f" {s10_table['shadowed']['added_p50']:.3f} ms ({report['S10']['shadow_calls']:.0f} shadow calls,"
-              f" {report['S10']['shadow_skipped']:.0f} skipped)", flush=True)
+        if want("S10"):
+            # S10: shadow traffic at sample 1.0 against a fast mock: the served answers'
+            # added p50 at 1 connection, against the same chain without shadow.
+            s10 = paired(["direct", "plain_chain", "shadowed"],
+                         lambda t: oha(direct if t == "direct" else gateway,
+                                       bodies[({"direct": "ok", "plain_chain": "direct", "shadowed": "shadowed"}[t], 1024)], 1, secs, 1000), reps)
+            s10_table = diff_table(s10)
+            metrics = urllib.request.urlopen(f"http://127.0.0.1:{gw_port}/metrics", timeout=10).read().decode()
+            report["S10"] = {"table": s10_table, "raw": s10,
+                             "shadow_calls": metric_sum(metrics, "cascade_shadow_requests_total"),
+                             "shadow_skipped": metric_sum(metrics, "cascade_shadow_skipped_total")}
+            print(f"S10: added p50 at 1 connection: plain {s10_table['plain_chain']['added_p50']:.3f} ms, shadowed"
+                  f" {s10_table['shadowed']['added_p50']:.3f} ms ({report['S10']['shadow_calls']:.0f} shadow calls,"
+                  f" {report['S10']['shadow_skipped']:.0f} skipped)", flush=True)
 
-        # S11: the other surfaces at 1 connection, each against its own direct-to-mock
-        # base: Responses translated to chat (kept or not), Messages passed through to an
-        # Anthropic target as bytes, and Messages translated to an OpenAI-format target.
-        text = ("lorem ipsum dolor sit amet " * 40)[:1024]
-        def surface_body(name, obj):
-            path = pathlib.Path(tmp) / f"surface-{name}.json"
-            path.write_text(json.dumps(obj))
-            return path
-        msg = {"max_tokens": 100, "messages": [{"role": "user", "content": text}]}
-        s11_runs = {
-            "direct_openai": (direct, bodies[("ok", 1024)], ()),
-            "direct_anthropic": (f"http://127.0.0.1:{mock_port}/v1/messages",
-                                 surface_body("direct-anthropic", dict(msg, model="claude-x")),
-                                 ("x-api-key: bench", "anthropic-version: 2023-06-01")),
-            "chat": (gateway, bodies[("direct", 1024)], ()),
-            "responses": (f"http://127.0.0.1:{gw_port}/v1/responses",
-                          surface_body("responses", {"model": "direct", "input": text, "store": False}), ()),
-            "responses_kept": (f"http://127.0.0.1:{gw_port}/v1/responses",
-                               surface_body("responses-kept", {"model": "direct", "input": text}), ()),
-            "messages_native": (f"http://127.0.0.1:{gw_port}/v1/messages",
-                                surface_body("messages", dict(msg, model="claude_direct")),
-                                ("anthropic-version: 2023-06-01",)),
-            "messages_translated": (f"http://127.0.0.1:{gw_port}/v1/messages",
-                                    surface_body("messages-tr", dict(msg, model="direct")),
+        if want("S11"):
+            # S11: the other surfaces at 1 connection, each against its own direct-to-mock
+            # base: Responses translated to chat (kept or not), Messages passed through to an
+            # Anthropic target as bytes, and Messages translated to an OpenAI-format target.
+            text = ("lorem ipsum dolor sit amet " * 40)[:1024]
+            def surface_body(name, obj):
+                path = pathlib.Path(tmp) / f"surface-{name}.json"
+                path.write_text(json.dumps(obj))
+                return path
+            msg = {"max_tokens": 100, "messages": [{"role": "user", "content": text}]}
+            s11_runs = {
+                "direct_openai": (direct, bodies[("ok", 1024)], ()),
+                "direct_anthropic": (f"http://127.0.0.1:{mock_port}/v1/messages",
+                                     surface_body("direct-anthropic", dict(msg, model="claude-x")),
+                                     ("x-api-key: bench", "anthropic-version: 2023-06-01")),
+                "chat": (gateway, bodies[("direct", 1024)], ()),
+                "responses": (f"http://127.0.0.1:{gw_port}/v1/responses",
+                              surface_body("responses", {"model": "direct", "input": text, "store": False}), ()),
+                "responses_kept": (f"http://127.0.0.1:{gw_port}/v1/responses",
+                                   surface_body("responses-kept", {"model": "direct", "input": text}), ()),
+                "messages_native": (f"http://127.0.0.1:{gw_port}/v1/messages",
+                                    surface_body("messages", dict(msg, model="claude_direct")),
                                     ("anthropic-version: 2023-06-01",)),
-        }
-        for name, (u, b, h) in s11_runs.items():
-            oha(u, b, 4, 1, headers=h)
-        s11 = paired(list(s11_runs), lambda t: oha(s11_runs[t][0], s11_runs[t][1], 1, secs, 1000, headers=s11_runs[t][2]), reps)
-        base_of = {"chat": "direct_openai", "responses": "direct_openai", "responses_kept": "direct_openai",
-                   "messages_native": "direct_anthropic", "messages_translated": "direct_openai"}
-        s11_table = {}
-        for t, runs in s11.items():
-            row = {"rps": median_of(runs, "rps"), "p50": median_of(runs, "p50"),
-                   "error_rate": max(r["error_rate"] for r in runs)}
-            if t in base_of:
-                row["added_p50"] = statistics.median(a["p50"] - b["p50"] for a, b in zip(runs, s11[base_of[t]]))
-            s11_table[t] = row
-        for t in ["responses", "responses_kept", "messages_native", "messages_translated"]:
-            s11_table[t]["over_chat_p50"] = s11_table[t]["added_p50"] - s11_table["chat"]["added_p50"]
-        report["S11"] = {"table": s11_table, "raw": s11}
-        print("S11: added p50 at 1 connection: " + ", ".join(
-            f"{t} {s11_table[t]['added_p50']:.3f} ms" for t in base_of) +
-            f"; Responses over chat {s11_table['responses']['over_chat_p50'] * 1000:.1f} µs,"
-            f" Messages pass-through over chat {s11_table['messages_native']['over_chat_p50'] * 1000:.1f} µs", flush=True)
+                "messages_translated": (f"http://127.0.0.1:{gw_port}/v1/messages",
+                                        surface_body("messages-tr", dict(msg, model="direct")),
+                                        ("anthropic-version: 2023-06-01",)),
+            }
+            for name, (u, b, h) in s11_runs.items():
+                oha(u, b, 4, 1, headers=h)
+            s11 = paired(list(s11_runs), lambda t: oha(s11_runs[t][0], s11_runs[t][1], 1, secs, 1000, headers=s11_runs[t][2]), reps)
+            base_of = {"chat": "direct_openai", "responses": "direct_openai", "responses_kept": "direct_openai",
+                       "messages_native": "direct_anthropic", "messages_translated": "direct_openai"}
+            s11_table = {}
+            for t, runs in s11.items():
+                row = {"rps": median_of(runs, "rps"), "p50": median_of(runs, "p50"),
+                       "error_rate": max(r["error_rate"] for r in runs)}
+                if t in base_of:
+                    row["added_p50"] = statistics.median(a["p50"] - b["p50"] for a, b in zip(runs, s11[base_of[t]]))
+                s11_table[t] = row
+            for t in ["responses", "responses_kept", "messages_native", "messages_translated"]:
+                s11_table[t]["over_chat_p50"] = s11_table[t]["added_p50"] - s11_table["chat"]["added_p50"]
+            report["S11"] = {"table": s11_table, "raw": s11}
+            print("S11: added p50 at 1 connection: " + ", ".join(
+                f"{t} {s11_table[t]['added_p50']:.3f} ms" for t in base_of) +
+                f"; Responses over chat {s11_table['responses']['over_chat_p50'] * 1000:.1f} µs,"
+                f" Messages pass-through over chat {s11_table['messages_native']['over_chat_p50'] * 1000:.1f} µs", flush=True)
 
-        # S8: the writer's own rate: rows recorded through Store::record as fast as the
-        # queue takes them, committed in batches.
-        def store_load(path, calls, days):
-            out = subprocess.run([str(STORE_LOAD), str(path), str(calls), str(days)], capture_output=True, text=True, timeout=900)
-            if out.returncode != 0:
-                raise RuntimeError(f"store_load failed: {out.stderr[-300:]}")
-            return json.loads(out.stdout)
-
-        s8 = [store_load(pathlib.Path(tmp) / f"s8-{i}.db", 200_000 if args.quick else 1_000_000, 0) for i in range(reps)]
-        report["S8"] = {"runs": s8, "rows_per_sec": statistics.median(r["rows_per_sec"] for r in s8)}
-        print(f"S8: writer {report['S8']['rows_per_sec']:.0f} rows/s (runs: {', '.join(str(r['rows_per_sec']) for r in s8)};"
-              f" dropped {sum(r['dropped'] for r in s8)})", flush=True)
-
-        # S9: a store of 10 million calls (5 million requests) over 30 days, and the
-        # report over its last 7 days by each grouping, and over all of it.
-        s9_db = pathlib.Path(tmp) / "s9.db"
-        fill = store_load(s9_db, 1_000_000 if args.quick else 10_000_000, 30)
-        timings = {}
-        for by, since in [("chain", "7d"), ("model", "7d"), ("day", "7d"), ("model", "30d")]:
-            runs = []
-            for _ in range(reps):
-                t0 = time.time()
-                out = subprocess.run([str(BIN), "report", "--config", str(cfg_path), "--db", str(s9_db), "--since", since,
-                                      "--by", by, "--format", "json"], capture_output=True, text=True, timeout=300)
-                runs.append(time.time() - t0)
+        if want("S8"):
+            # S8: the writer's own rate: rows recorded through Store::record as fast as the
+            # queue takes them, committed in batches.
+            def store_load(path, calls, days):
+                out = subprocess.run([str(STORE_LOAD), str(path), str(calls), str(days)], capture_output=True, text=True, timeout=900)
                 if out.returncode != 0:
-                    raise RuntimeError(f"report failed: {out.stderr[-300:]}")
-            timings[f"{by}_{since}"] = statistics.median(runs)
-        report["S9"] = {"fill": fill, "db_mib": s9_db.stat().st_size / 2**20, "report_seconds": timings}
-        print(f"S9: {fill['rows']} rows in {fill['seconds']:.0f} s ({s9_db.stat().st_size / 2**30:.1f} GiB);"
-              f" report seconds {', '.join(f'{k} {v:.2f}' for k, v in timings.items())}", flush=True)
+                    raise RuntimeError(f"store_load failed: {out.stderr[-300:]}")
+                return json.loads(out.stdout)
+
+            s8 = [store_load(pathlib.Path(tmp) / f"s8-{i}.db", 200_000 if args.quick else 1_000_000, 0) for i in range(reps)]
+            report["S8"] = {"runs": s8, "rows_per_sec": statistics.median(r["rows_per_sec"] for r in s8)}
+            print(f"S8: writer {report['S8']['rows_per_sec']:.0f} rows/s (runs: {', '.join(str(r['rows_per_sec']) for r in s8)};"
+                  f" dropped {sum(r['dropped'] for r in s8)})", flush=True)
+
+        if want("S9"):
+            # S9: a store of 10 million calls (5 million requests) over 30 days, and the
+            # report over its last 7 days by each grouping, and over all of it.
+            s9_db = pathlib.Path(tmp) / "s9.db"
+            fill = store_load(s9_db, 1_000_000 if args.quick else 10_000_000, 30)
+            timings = {}
+            for by, since in [("chain", "7d"), ("model", "7d"), ("day", "7d"), ("model", "30d")]:
+                runs = []
+                for _ in range(reps):
+                    t0 = time.time()
+                    out = subprocess.run([str(BIN), "report", "--config", str(cfg_path), "--db", str(s9_db), "--since", since,
+                                          "--by", by, "--format", "json"], capture_output=True, text=True, timeout=300)
+                    runs.append(time.time() - t0)
+                    if out.returncode != 0:
+                        raise RuntimeError(f"report failed: {out.stderr[-300:]}")
+                timings[f"{by}_{since}"] = statistics.median(runs)
+            report["S9"] = {"fill": fill, "db_mib": s9_db.stat().st_size / 2**20, "report_seconds": timings}
+            print(f"S9: {fill['rows']} rows in {fill['seconds']:.0f} s ({s9_db.stat().st_size / 2**30:.1f} GiB);"
+                  f" report seconds {', '.join(f'{k} {v:.2f}' for k, v in timings.items())}", flush=True)
     finally:
         procs.stop_all()
 
     (outdir / "report.json").write_text(json.dumps(report, indent=2))
-    (outdir / "report.md").write_text(markdown(report))
-    print(f"\nreport: {outdir / 'report.md'}")
+    if not only:
+        (outdir / "report.md").write_text(markdown(report))
+    print(f"\nreport: {outdir / ('report.md' if not only else 'report.json')}")
 
 
 def markdown(r):

@@ -2,9 +2,16 @@
 //! or one `chat.completion.chunk`, typed just enough to be written out again as a
 //! Responses object or an Anthropic message.
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 
 use super::Usage;
+
+/// `null` read as the default: servers send `"tool_calls": null` and `"id": null`.
+fn or_default<'de, D: Deserializer<'de>, T: Default + Deserialize<'de>>(
+    d: D,
+) -> Result<T, D::Error> {
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
 
 /// A whole chat answer.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -20,45 +27,45 @@ pub struct ChatAnswer {
 
 #[derive(Deserialize)]
 struct CompletionWire {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "or_default")]
     choices: Vec<ChoiceWire>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "or_default")]
     usage: Option<Usage>,
 }
 
 #[derive(Deserialize)]
 struct ChoiceWire {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "or_default")]
     message: Option<MessageWire>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "or_default")]
     finish_reason: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
 struct MessageWire {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "or_default")]
     content: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "or_default")]
     refusal: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "or_default")]
     reasoning_content: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "or_default")]
     tool_calls: Vec<ToolCallWire>,
 }
 
 #[derive(Deserialize)]
 struct ToolCallWire {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "or_default")]
     id: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "or_default")]
     function: FunctionWire,
 }
 
 #[derive(Deserialize, Default)]
 struct FunctionWire {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "or_default")]
     name: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "or_default")]
     arguments: String,
 }
 
@@ -98,47 +105,47 @@ pub struct ChunkDelta {
 /// A fragment of one tool call: the first names it, the rest add arguments.
 #[derive(Debug, Deserialize)]
 pub struct ToolDelta {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "or_default")]
     pub index: usize,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "or_default")]
     pub id: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "or_default")]
     pub function: Option<FunctionDelta>,
 }
 
 #[derive(Debug, Deserialize)]
 pub struct FunctionDelta {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "or_default")]
     pub name: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "or_default")]
     pub arguments: Option<String>,
 }
 
 #[derive(Deserialize)]
 struct ChunkWire {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "or_default")]
     choices: Vec<ChunkChoiceWire>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "or_default")]
     usage: Option<Usage>,
 }
 
 #[derive(Deserialize)]
 struct ChunkChoiceWire {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "or_default")]
     delta: Option<DeltaWire>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "or_default")]
     finish_reason: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
 struct DeltaWire {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "or_default")]
     content: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "or_default")]
     refusal: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "or_default")]
     reasoning_content: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "or_default")]
     tool_calls: Vec<ToolDelta>,
 }
 
@@ -181,6 +188,19 @@ mod tests {
         );
         assert_eq!(a.finish_reason.as_deref(), Some("tool_calls"));
         assert_eq!(a.usage.unwrap().total_tokens, 5);
+    }
+
+    #[test]
+    fn nulls_are_defaults() {
+        let c = ChunkDelta::parse(br#"{"choices":[{"index":0,"delta":{"content":"Hi","tool_calls":null,"refusal":null},"finish_reason":null}],"usage":null}"#).unwrap();
+        assert_eq!(c.text.as_deref(), Some("Hi"));
+        let a = ChatAnswer::parse(br#"{"choices":[{"message":{"content":"x","tool_calls":null},"finish_reason":"stop"}],"usage":null}"#).unwrap();
+        assert_eq!(a.text.as_deref(), Some("x"));
+        let t = ChunkDelta::parse(br#"{"choices":[{"delta":{"tool_calls":[{"index":0,"id":null,"function":{"name":null,"arguments":"{}"}}]}}]}"#).unwrap();
+        assert_eq!(
+            t.tools[0].function.as_ref().unwrap().arguments.as_deref(),
+            Some("{}")
+        );
     }
 
     #[test]

@@ -333,10 +333,9 @@ pub fn new_id() -> String {
 /// The Anthropic message for a whole chat answer.
 pub fn from_chat(model_id: &str, body: &[u8]) -> Result<Value, serde_json::Error> {
     let a = ChatAnswer::parse(body)?;
+    // Reasoning from another provider has no Anthropic signature: a `thinking` block
+    // without one would be refused when the client sends it back next turn.
     let mut content = Vec::new();
-    if let Some(r) = &a.reasoning {
-        content.push(json!({"type": "thinking", "thinking": r, "signature": ""}));
-    }
     if let Some(t) = a.text.as_ref().or(a.refusal.as_ref()) {
         content.push(json!({"type": "text", "text": t}));
     }
@@ -385,6 +384,10 @@ pub fn error_body(e: &ApiError) -> (StatusCode, Bytes) {
 
 /// Writes Anthropic stream events for a chat stream. Like every surface, nothing is
 /// written before the engine's commit point (so `message_start` is held until then).
+///
+/// Anthropic blocks are contiguous, chat tool calls may interleave: the first call
+/// streams live, calls that start while it is open are buffered and written whole
+/// when it closes.
 #[derive(Debug)]
 pub struct Events {
     id: String,
@@ -393,16 +396,33 @@ pub struct Events {
     /// The open block: its index and kind.
     open: Option<(usize, Block)>,
     next_index: usize,
-    /// Chat tool index -> block index.
-    tools: Vec<Option<usize>>,
+    /// Tool calls by chat index.
+    tools: Vec<Option<ToolSlot>>,
     finish: Option<String>,
+    /// Usage carried by a chunk (a replayed answer), if `done` is given none.
+    usage: Option<Usage>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Block {
     Text,
-    Thinking,
     Tool(usize),
+}
+
+#[derive(Debug)]
+struct ToolSlot {
+    id: String,
+    name: String,
+    /// Arguments not yet written (a buffered call).
+    args: String,
+    state: ToolState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum ToolState {
+    Streaming,
+    Buffered,
+    Written,
 }
 
 fn write_event(out: &mut Vec<u8>, kind: &str, data: &Value) {
@@ -423,6 +443,7 @@ impl Events {
             next_index: 0,
             tools: Vec::new(),
             finish: None,
+            usage: None,
         }
     }
 
@@ -443,8 +464,52 @@ impl Events {
         );
     }
 
+    /// Closes the open block; a tool call closing lets the buffered ones out.
     fn close(&mut self, out: &mut Vec<u8>) {
-        if let Some((index, _)) = self.open.take() {
+        let Some((index, kind)) = self.open.take() else {
+            return;
+        };
+        write_event(
+            out,
+            "content_block_stop",
+            &json!({"type": "content_block_stop", "index": index}),
+        );
+        if let Block::Tool(i) = kind {
+            if let Some(Some(slot)) = self.tools.get_mut(i) {
+                slot.state = ToolState::Written;
+            }
+            self.flush_buffered(out);
+        }
+    }
+
+    fn flush_buffered(&mut self, out: &mut Vec<u8>) {
+        for i in 0..self.tools.len() {
+            let Some(slot) = self.tools[i]
+                .as_mut()
+                .filter(|s| s.state == ToolState::Buffered)
+            else {
+                continue;
+            };
+            slot.state = ToolState::Written;
+            let (id, name, args) = (
+                slot.id.clone(),
+                slot.name.clone(),
+                std::mem::take(&mut slot.args),
+            );
+            let index = self.next_index;
+            self.next_index += 1;
+            write_event(
+                out,
+                "content_block_start",
+                &json!({"type": "content_block_start", "index": index, "content_block": {"type": "tool_use", "id": id, "name": name, "input": {}}}),
+            );
+            if !args.is_empty() {
+                Self::delta(
+                    out,
+                    index,
+                    json!({"type": "input_json_delta", "partial_json": args}),
+                );
+            }
             write_event(
                 out,
                 "content_block_stop",
@@ -479,17 +544,6 @@ impl Events {
             return;
         };
         self.start(out);
-        if let Some(r) = d.reasoning {
-            let index = match self.open {
-                Some((i, Block::Thinking)) => i,
-                _ => self.open(
-                    out,
-                    Block::Thinking,
-                    json!({"type": "thinking", "thinking": "", "signature": ""}),
-                ),
-            };
-            Self::delta(out, index, json!({"type": "thinking_delta", "thinking": r}));
-        }
         if let Some(t) = d.text.or(d.refusal) {
             let index = match self.open {
                 Some((i, Block::Text)) => i,
@@ -501,53 +555,78 @@ impl Events {
             if t.index >= super::MAX_TOOL_CALLS {
                 continue;
             }
-            let index = match self.tools.get(t.index).copied().flatten() {
-                Some(i) => i,
-                None => {
-                    let id =
-                        t.id.clone()
-                            .unwrap_or_else(|| format!("toolu_{}", uuid::Uuid::now_v7().simple()));
-                    let name = t
-                        .function
-                        .as_ref()
-                        .and_then(|f| f.name.clone())
-                        .unwrap_or_default();
-                    let i = self.open(
+            let fragment = t
+                .function
+                .as_ref()
+                .and_then(|f| f.arguments.clone())
+                .unwrap_or_default();
+            if self.tools.get(t.index).is_none_or(|s| s.is_none()) {
+                let id =
+                    t.id.clone()
+                        .unwrap_or_else(|| format!("toolu_{}", uuid::Uuid::now_v7().simple()));
+                let name = t
+                    .function
+                    .as_ref()
+                    .and_then(|f| f.name.clone())
+                    .unwrap_or_default();
+                if self.tools.len() <= t.index {
+                    self.tools.resize_with(t.index + 1, || None);
+                }
+                let another_streams = matches!(self.open, Some((_, Block::Tool(_))));
+                let state = if another_streams {
+                    ToolState::Buffered
+                } else {
+                    self.open(
                         out,
                         Block::Tool(t.index),
                         json!({"type": "tool_use", "id": id, "name": name, "input": {}}),
                     );
-                    if self.tools.len() <= t.index {
-                        self.tools.resize(t.index + 1, None);
-                    }
-                    self.tools[t.index] = Some(i);
-                    i
-                }
+                    ToolState::Streaming
+                };
+                self.tools[t.index] = Some(ToolSlot {
+                    id,
+                    name,
+                    args: String::new(),
+                    state,
+                });
+            }
+            if fragment.is_empty() {
+                continue;
+            }
+            let open_index = self.open.map(|(i, _)| i);
+            let Some(Some(slot)) = self.tools.get_mut(t.index) else {
+                continue;
             };
-            if let Some(args) = t
-                .function
-                .and_then(|f| f.arguments)
-                .filter(|a| !a.is_empty())
-            {
-                // Deltas of an earlier block are not sent out of order.
-                if self.open == Some((index, Block::Tool(t.index))) {
-                    Self::delta(
-                        out,
-                        index,
-                        json!({"type": "input_json_delta", "partial_json": args}),
-                    );
+            match slot.state {
+                ToolState::Streaming => {
+                    if let Some(index) = open_index {
+                        Self::delta(
+                            out,
+                            index,
+                            json!({"type": "input_json_delta", "partial_json": fragment}),
+                        );
+                    }
                 }
+                ToolState::Buffered => slot.args.push_str(&fragment),
+                // Its block is closed: Anthropic blocks cannot be reopened.
+                ToolState::Written => {}
             }
         }
         if d.finish_reason.is_some() {
             self.finish = d.finish_reason;
         }
+        if d.usage.is_some() {
+            self.usage = d.usage;
+        }
     }
 
     pub fn done(&mut self, usage: Option<&Usage>, out: &mut Vec<u8>) {
+        let usage = usage.copied().or(self.usage);
         self.start(out);
         self.close(out);
+        self.flush_buffered(out);
         let u = usage
+            .as_ref()
             .map(usage_value)
             .unwrap_or(json!({"output_tokens": 0}));
         write_event(
@@ -622,6 +701,50 @@ mod tests {
         assert_eq!(
             v,
             json!({"type":"error","error":{"type":"timeout_error","message":"late"}})
+        );
+    }
+
+    #[test]
+    fn interleaved_tool_calls_keep_their_arguments() {
+        let mut ev = Events::new("m");
+        let mut out = Vec::new();
+        ev.chunk(br#"{"choices":[{"delta":{"tool_calls":[{"index":0,"id":"a","function":{"name":"a","arguments":""}},{"index":1,"id":"b","function":{"name":"b","arguments":""}}]}}]}"#, &mut out);
+        ev.chunk(br#"{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\"x\":1}"}}]}}]}"#, &mut out);
+        ev.chunk(br#"{"choices":[{"delta":{"tool_calls":[{"index":1,"function":{"arguments":"{\"y\":2}"}}]}}]}"#, &mut out);
+        ev.done(None, &mut out);
+        let text = String::from_utf8(out).unwrap();
+        let events: Vec<Value> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .map(|d| serde_json::from_str(d).unwrap())
+            .collect();
+        let args: Vec<(u64, &str)> = events
+            .iter()
+            .filter(|e| e["type"] == "content_block_delta")
+            .map(|e| {
+                (
+                    e["index"].as_u64().unwrap(),
+                    e["delta"]["partial_json"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(args, vec![(0, "{\"x\":1}"), (1, "{\"y\":2}")]);
+        // Blocks are contiguous: each start is followed by its own stop before the next.
+        let order: Vec<String> = events
+            .iter()
+            .filter(|e| e["type"].as_str().unwrap().starts_with("content_block"))
+            .map(|e| format!("{}{}", e["type"], e["index"]))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                "\"content_block_start\"0",
+                "\"content_block_delta\"0",
+                "\"content_block_stop\"0",
+                "\"content_block_start\"1",
+                "\"content_block_delta\"1",
+                "\"content_block_stop\"1"
+            ]
         );
     }
 

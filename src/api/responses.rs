@@ -36,6 +36,7 @@ pub struct Echo {
     pub parallel_tool_calls: bool,
     pub max_output_tokens: Value,
     pub user: Value,
+    pub reasoning: Value,
 }
 
 /// The fields cascade reads; the rest (`include`, `reasoning`, `prompt_cache_key`,
@@ -72,6 +73,8 @@ pub struct Wire {
     pub previous_response_id: Option<String>,
     #[serde(default)]
     user: Option<String>,
+    #[serde(default)]
+    reasoning: Option<Value>,
 }
 
 fn bad(param: &str, message: impl Into<String>) -> ApiError {
@@ -216,6 +219,16 @@ pub fn translate(wire: Wire, history: &[Value]) -> Result<Translated, ApiError> 
     if let Some(u) = &wire.user {
         chat.insert("user".into(), json!(u));
     }
+    // Only an effort that is set goes upstream; a target without the `reasoning`
+    // capability is then skipped.
+    if let Some(effort) = wire
+        .reasoning
+        .as_ref()
+        .and_then(|r| r.get("effort"))
+        .and_then(Value::as_str)
+    {
+        chat.insert("reasoning_effort".into(), json!(effort));
+    }
     if let Some(format) = wire.text.as_ref().and_then(|t| t.get("format")) {
         match format.get("type").and_then(Value::as_str) {
             Some("json_schema") => {
@@ -262,6 +275,10 @@ pub fn translate(wire: Wire, history: &[Value]) -> Result<Translated, ApiError> 
         parallel_tool_calls: wire.parallel_tool_calls.unwrap_or(true),
         max_output_tokens: wire.max_output_tokens.map_or(Value::Null, |n| json!(n)),
         user: wire.user.map_or(Value::Null, Value::String),
+        reasoning: json!({
+            "effort": wire.reasoning.as_ref().and_then(|r| r.get("effort")).cloned().unwrap_or(Value::Null),
+            "summary": null,
+        }),
     };
     let chat_body = serde_json::to_vec(&Value::Object(chat))
         .map_err(|e| ApiError::invalid_request(format!("could not translate the request: {e}")))?;
@@ -481,7 +498,7 @@ pub fn response_value(
         "output_text": output_text,
         "parallel_tool_calls": e.parallel_tool_calls,
         "previous_response_id": e.previous_response_id,
-        "reasoning": {"effort": null, "summary": null},
+        "reasoning": e.reasoning,
         "store": e.store,
         "temperature": e.temperature,
         "text": e.text,
@@ -560,6 +577,17 @@ struct OpenCall {
     call_id: String,
     name: String,
     args: String,
+    /// Its `.done` events are out: later fragments for it are dropped, never a new item.
+    closed: bool,
+}
+
+/// The message item being streamed: one output text or one refusal part.
+#[derive(Debug, Clone)]
+struct OpenMessage {
+    index: usize,
+    id: String,
+    text: String,
+    refusal: bool,
 }
 
 /// Writes the Responses stream for a chat stream, chunk by chunk. Nothing is written
@@ -571,15 +599,20 @@ pub struct Events {
     model_id: String,
     seq: u64,
     started: bool,
-    /// The open message item: output index, id, text so far.
-    message: Option<(usize, String, String)>,
-    /// Open tool calls by chat index.
+    message: Option<OpenMessage>,
+    /// Tool calls by chat index.
     tools: Vec<Option<OpenCall>>,
     /// Finished items, by output index.
     output: Vec<Value>,
     finish: Option<String>,
+    /// Usage carried by a chunk (a replayed answer), if `done` is given none.
+    usage: Option<Usage>,
     /// The final `response` object, once the stream completed.
     pub completed: Option<Value>,
+}
+
+fn refusal_part(text: &str) -> Value {
+    json!({"type": "refusal", "refusal": text})
 }
 
 impl Events {
@@ -593,6 +626,7 @@ impl Events {
             tools: Vec::new(),
             output: Vec::new(),
             finish: None,
+            usage: None,
             completed: None,
         }
     }
@@ -627,19 +661,25 @@ impl Events {
         self.emit(out, "response.in_progress", json!({"response": r}));
     }
 
-    /// The index the next output item takes.
+    /// The index the next output item takes: every item opened so far.
     fn next_index(&self) -> usize {
         self.output.len()
             + usize::from(self.message.is_some())
-            + self.tools.iter().flatten().count()
+            + self.tools.iter().flatten().filter(|c| !c.closed).count()
     }
 
     fn close_message(&mut self, out: &mut Vec<u8>) {
-        let Some((index, id, text)) = self.message.take() else {
+        let Some(m) = self.message.take() else {
             return;
         };
-        let part = text_part(&text);
-        self.emit(out, "response.output_text.done", json!({"item_id": id, "output_index": index, "content_index": 0, "text": text, "logprobs": []}));
+        let (index, id) = (m.index, m.id.clone());
+        let part = if m.refusal {
+            self.emit(out, "response.refusal.done", json!({"item_id": id, "output_index": index, "content_index": 0, "refusal": m.text}));
+            refusal_part(&m.text)
+        } else {
+            self.emit(out, "response.output_text.done", json!({"item_id": id, "output_index": index, "content_index": 0, "text": m.text, "logprobs": []}));
+            text_part(&m.text)
+        };
         self.emit(
             out,
             "response.content_part.done",
@@ -655,27 +695,25 @@ impl Events {
     }
 
     fn close_tools(&mut self, out: &mut Vec<u8>) {
-        let open: Vec<_> = self.tools.drain(..).flatten().collect();
-        for OpenCall {
-            index,
-            id,
-            call_id,
-            name,
-            args,
-        } in open
-        {
-            self.emit(
-                out,
-                "response.function_call_arguments.done",
-                json!({"item_id": id, "output_index": index, "arguments": args, "name": name}),
-            );
-            let item = function_item(&id, &call_id, &name, &args, "completed");
+        let open: Vec<OpenCall> = self
+            .tools
+            .iter_mut()
+            .flatten()
+            .filter(|c| !c.closed)
+            .map(|c| {
+                c.closed = true;
+                c.clone()
+            })
+            .collect();
+        for c in open {
+            self.emit(out, "response.function_call_arguments.done", json!({"item_id": c.id, "output_index": c.index, "arguments": c.args, "name": c.name}));
+            let item = function_item(&c.id, &c.call_id, &c.name, &c.args, "completed");
             self.emit(
                 out,
                 "response.output_item.done",
-                json!({"output_index": index, "item": item}),
+                json!({"output_index": c.index, "item": item}),
             );
-            self.place(index, item);
+            self.place(c.index, item);
         }
     }
 
@@ -686,32 +724,65 @@ impl Events {
         self.output[index] = item;
     }
 
+    /// Text or a refusal: into the open message part of that kind, else a new item.
+    fn message_delta(&mut self, text: &str, refusal: bool, out: &mut Vec<u8>) {
+        if self.message.as_ref().is_some_and(|m| m.refusal != refusal) {
+            self.close_message(out);
+        }
+        if self.message.is_none() {
+            self.close_tools(out);
+            let index = self.next_index();
+            let id = new_id("msg");
+            let item = message_item(&id, "in_progress", Vec::new());
+            self.emit(
+                out,
+                "response.output_item.added",
+                json!({"output_index": index, "item": item}),
+            );
+            let part = if refusal {
+                refusal_part("")
+            } else {
+                text_part("")
+            };
+            self.emit(
+                out,
+                "response.content_part.added",
+                json!({"item_id": id, "output_index": index, "content_index": 0, "part": part}),
+            );
+            self.message = Some(OpenMessage {
+                index,
+                id,
+                text: String::new(),
+                refusal,
+            });
+        }
+        let Some(m) = self.message.as_mut() else {
+            return;
+        };
+        m.text.push_str(text);
+        let (index, id) = (m.index, m.id.clone());
+        if refusal {
+            self.emit(
+                out,
+                "response.refusal.delta",
+                json!({"item_id": id, "output_index": index, "content_index": 0, "delta": text}),
+            );
+        } else {
+            self.emit(out, "response.output_text.delta", json!({"item_id": id, "output_index": index, "content_index": 0, "delta": text, "logprobs": []}));
+        }
+    }
+
     /// Events for one chat chunk (its JSON).
     pub fn chunk(&mut self, data: &[u8], out: &mut Vec<u8>) {
         let Ok(d) = ChunkDelta::parse(data) else {
             return;
         };
         self.start(out);
-        let text = d.text.or(d.refusal);
-        if let Some(text) = text {
-            if self.message.is_none() {
-                self.close_tools(out);
-                let index = self.next_index();
-                let id = new_id("msg");
-                let item = message_item(&id, "in_progress", Vec::new());
-                self.emit(
-                    out,
-                    "response.output_item.added",
-                    json!({"output_index": index, "item": item}),
-                );
-                self.emit(out, "response.content_part.added", json!({"item_id": id, "output_index": index, "content_index": 0, "part": text_part("")}));
-                self.message = Some((index, id, String::new()));
-            }
-            if let Some((index, id, so_far)) = self.message.as_mut() {
-                so_far.push_str(&text);
-                let (index, id) = (*index, id.clone());
-                self.emit(out, "response.output_text.delta", json!({"item_id": id, "output_index": index, "content_index": 0, "delta": text, "logprobs": []}));
-            }
+        if let Some(text) = &d.text {
+            self.message_delta(text, false, out);
+        }
+        if let Some(refusal) = &d.refusal {
+            self.message_delta(refusal, true, out);
         }
         for t in d.tools {
             if t.index >= super::MAX_TOOL_CALLS {
@@ -747,12 +818,17 @@ impl Events {
                     call_id,
                     name,
                     args: String::new(),
+                    closed: false,
                 });
             }
             if fragment.is_empty() {
                 continue;
             }
-            if let Some(Some(call)) = self.tools.get_mut(t.index) {
+            if let Some(Some(call)) = self
+                .tools
+                .get_mut(t.index)
+                .filter(|c| c.as_ref().is_some_and(|c| !c.closed))
+            {
                 call.args.push_str(&fragment);
                 let (index, id) = (call.index, call.id.clone());
                 self.emit(
@@ -765,10 +841,15 @@ impl Events {
         if d.finish_reason.is_some() {
             self.finish = d.finish_reason;
         }
+        if d.usage.is_some() {
+            self.usage = d.usage;
+        }
     }
 
     /// The stream completed: close what is open and send `response.completed`.
     pub fn done(&mut self, usage: Option<&Usage>, out: &mut Vec<u8>) {
+        let usage = usage.copied().or(self.usage);
+        let usage = usage.as_ref();
         self.start(out);
         self.close_message(out);
         self.close_tools(out);

@@ -38,22 +38,23 @@ impl Surface {
 
     /// A whole answer (an OpenAI `chat.completion` body, or the upstream's own body when
     /// it speaks this surface's format) in this surface's format.
-    pub fn complete(&self, chat_body: &Bytes, native: Option<&Bytes>, model_id: &str) -> Bytes {
+    pub fn complete(
+        &self,
+        chat_body: &Bytes,
+        native: Option<&Bytes>,
+        model_id: &str,
+    ) -> Result<Bytes, serde_json::Error> {
         let value = match self {
-            Surface::Chat | Surface::Embeddings => return chat_body.clone(),
+            Surface::Chat | Surface::Embeddings => return Ok(chat_body.clone()),
             Surface::Messages => {
                 if let Some(n) = native {
-                    return n.clone();
+                    return Ok(n.clone());
                 }
-                messages::from_chat(model_id, chat_body)
+                messages::from_chat(model_id, chat_body)?
             }
-            Surface::Responses(meta) => responses::from_chat(meta, model_id, chat_body),
+            Surface::Responses(meta) => responses::from_chat(meta, model_id, chat_body)?,
         };
-        match value {
-            Ok(v) => serde_json::to_vec(&v).unwrap_or_default().into(),
-            // A judged answer always parses; this is not reached in practice.
-            Err(_) => chat_body.clone(),
-        }
+        serde_json::to_vec(&value).map(Bytes::from)
     }
 
     /// The writer of this surface's stream events.

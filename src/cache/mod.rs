@@ -208,9 +208,18 @@ impl ResponseCache {
         let namespace = crate::api::tenant(headers).to_le_bytes();
         // A Messages request is keyed by its own bytes: fields with no chat form
         // (`thinking`, `cache_control`) still tell two requests apart.
-        let body = req.native.as_ref().map_or(&req.body, |n| &n.body);
+        // ...and a Messages body is never read as a chat body of the same bytes.
+        let (body, chain_key) = match &req.native {
+            Some(n) => (&n.body, format!("{}\u{0}messages", chain.name)),
+            None => (&req.body, String::new()),
+        };
+        let chain_key = if chain_key.is_empty() {
+            &*chain.name
+        } else {
+            chain_key.as_str()
+        };
         Decision {
-            key: key::key(&namespace, &chain.name, body),
+            key: key::key(&namespace, chain_key, body),
             read: !directives.iter().any(|d| d == "no-cache"),
             write: !directives.iter().any(|d| d == "no-store") && !ttl.is_zero(),
             ttl,

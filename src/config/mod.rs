@@ -991,8 +991,8 @@ fn same_space(list_path: &str, members: &[Arc<Model>]) -> Result<(), ConfigError
                 ),
             ));
         }
-        if let (Some(a), Some(b)) = (&m.embedding_space, &first.embedding_space) {
-            if a != b {
+        match (&m.embedding_space, &first.embedding_space) {
+            (Some(a), Some(b)) if a != b => {
                 return Err(ConfigError::at(
                     &at,
                     format!(
@@ -1001,6 +1001,18 @@ fn same_space(list_path: &str, members: &[Arc<Model>]) -> Result<(), ConfigError
                     ),
                 ));
             }
+            (Some(_), Some(_)) => {}
+            // Without a declared space, only the same model id is known to share one.
+            _ if m.model_id != first.model_id => {
+                return Err(ConfigError::at(
+                    &at,
+                    format!(
+                        "{:?} ({}) and {:?} ({}) are different models: declare the same embedding_space on both if their vectors are interchangeable",
+                        m.name, m.model_id, first.name, first.model_id
+                    ),
+                ));
+            }
+            _ => {}
         }
     }
     Ok(())

@@ -229,20 +229,46 @@ impl Surfaced {
         chat_body: &Bytes,
         native: Option<&Bytes>,
         model: &Model,
-    ) -> Bytes {
+    ) -> Result<Bytes, serde_json::Error> {
         if let (Surface::Responses(meta), Some(turn)) = (&self.surface, &self.turn) {
-            return match responses::from_chat(meta, &model.model_id, chat_body) {
-                Ok(v) => {
-                    if turn.store {
-                        app.responses
-                            .keep(turn.tenant, &turn.history, &turn.input, &v);
-                    }
-                    serde_json::to_vec(&v).unwrap_or_default().into()
-                }
-                Err(_) => chat_body.clone(),
-            };
+            let v = responses::from_chat(meta, &model.model_id, chat_body)?;
+            if turn.store {
+                app.responses
+                    .keep(turn.tenant, &turn.history, &turn.input, &v);
+            }
+            return serde_json::to_vec(&v).map(Bytes::from);
         }
         self.surface.complete(chat_body, native, &model.model_id)
+    }
+
+    /// A whole answer as a JSON response; an answer that cannot be written in the
+    /// surface's format (a judged body the surface cannot read) is a 502, never a chat
+    /// body served to a client of another API.
+    fn json_answer(
+        &self,
+        app: &AppState,
+        chat_body: &Bytes,
+        native: Option<&Bytes>,
+        model: &Model,
+    ) -> Response<Body> {
+        match self.body(app, chat_body, native, model) {
+            Ok(b) => {
+                let mut r = Response::new(Body::from(b));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                r
+            }
+            Err(e) => self.error(
+                &ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "server_error",
+                    format!("the upstream answer could not be translated: {e}"),
+                )
+                .with_code("untranslatable_answer"),
+            ),
+        }
     }
 
     /// Where a completed Responses stream's final object goes.
@@ -557,12 +583,7 @@ fn cached(
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         r
     } else {
-        let mut r = Response::new(Body::from(on.body(app, &entry.body, None, model)));
-        r.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        r
+        on.json_answer(app, &entry.body, None, model)
     };
     app.metrics.count_cache(chain, outcome.as_str());
     observe(app, chain, start, std::time::Duration::ZERO, StatusCode::OK);
@@ -748,7 +769,7 @@ fn respond_complete(
                 app.metrics.record_usage(model, &u);
                 model.cost_usd(&u)
             });
-            let mut r = Response::new(Body::from(on.body(app, &c.body, c.native.as_ref(), model)));
+            let mut r = on.json_answer(app, &c.body, c.native.as_ref(), model);
             let h = r.headers_mut();
             h.reserve(RESPONSE_HEADERS);
             h.insert(
@@ -860,11 +881,7 @@ fn respond_stream(
             (r, Ok(model))
         }
         Ok((model, Answer::Complete(c))) => {
-            let mut r = Response::new(Body::from(on.body(app, &c.body, c.native.as_ref(), &model)));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
+            let r = on.json_answer(app, &c.body, c.native.as_ref(), &model);
             (r, Ok(model))
         }
         Err(e) => {
@@ -977,7 +994,12 @@ pub async fn count_tokens(State(app): State<Arc<AppState>>, request: Request) ->
     });
     if let Some(model) = counter {
         let client = app.engine.shared().http.local();
-        if let Ok(body) = crate::providers::anthropic::count_tokens(client, model, &native).await {
+        let counted = tokio::time::timeout(
+            app.config.server.attempt_timeout,
+            crate::providers::anthropic::count_tokens(client, model, &native),
+        )
+        .await;
+        if let Ok(Ok(body)) = counted {
             let mut r = super::json_response(body);
             if let Some(v) = &model.name_header {
                 r.headers_mut().insert(X_MODEL, v.clone());

@@ -48,12 +48,17 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::UPGRADE,
 ];
 
-/// The caller's credentials: never forwarded.
-const CREDENTIALS: [HeaderName; 3] = [
+/// The caller's credentials and cookies: never forwarded.
+const CREDENTIALS: [HeaderName; 5] = [
     header::AUTHORIZATION,
     HeaderName::from_static("x-api-key"),
     HeaderName::from_static("api-key"),
+    HeaderName::from_static("x-goog-api-key"),
+    header::COOKIE,
 ];
+
+/// How long the upstream may take to answer (its head), uploads included.
+const HEAD_TIMEOUT_FLOOR: std::time::Duration = std::time::Duration::from_secs(600);
 
 fn strip(headers: &mut HeaderMap) {
     // Headers named by `Connection` are hop-by-hop too.
@@ -75,6 +80,18 @@ fn strip(headers: &mut HeaderMap) {
 pub fn upstream_uri(p: &Provider, uri: &Uri) -> Result<Uri, String> {
     let base = p.base_url.as_str().trim_end_matches('/');
     let path = uri.path();
+    // Dot segments (plain or percent-encoded) and empty ones could climb out of the
+    // provider's base path with cascade's key attached.
+    let lowered = path.to_ascii_lowercase().replace("%2e", ".");
+    if lowered
+        .split('/')
+        .skip(1)
+        .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+        || lowered.contains("%2f")
+        || lowered.contains("%5c")
+    {
+        return Err("the path has empty or dot segments".into());
+    }
     let path = match base.ends_with("/v1") {
         true => path.strip_prefix("/v1").unwrap_or(path),
         false => path,
@@ -130,6 +147,16 @@ pub async fn forward(State(app): State<Arc<AppState>>, request: Request) -> http
     for name in &CREDENTIALS {
         parts.headers.remove(name);
     }
+    // cascade's own request headers are for cascade.
+    let own: Vec<HeaderName> = parts
+        .headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-cascade-"))
+        .cloned()
+        .collect();
+    for name in own {
+        parts.headers.remove(name);
+    }
     parts.headers.remove(header::HOST);
     if let Some(host) = &provider.host {
         parts.headers.insert(header::HOST, host.clone());
@@ -142,9 +169,10 @@ pub async fn forward(State(app): State<Arc<AppState>>, request: Request) -> http
     }
     parts.uri = uri;
     let upstream = http::Request::from_parts(parts, body);
-    // The answer's head must come within the request timeout; its body then streams.
+    // The answer's head must come within the request timeout (at least ten minutes:
+    // the upload streams within it too); its body then streams.
     let sent = tokio::time::timeout(
-        app.config.server.request_timeout,
+        app.config.server.request_timeout.max(HEAD_TIMEOUT_FLOOR),
         app.passthrough.request(upstream),
     )
     .await;
@@ -168,6 +196,7 @@ pub async fn forward(State(app): State<Arc<AppState>>, request: Request) -> http
     };
     let (mut parts, body) = resp.into_parts();
     strip(&mut parts.headers);
+    parts.headers.remove(header::SET_COOKIE);
     ledger.finish(Answered {
         status: parts.status.as_u16(),
         model: None,

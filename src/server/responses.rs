@@ -17,11 +17,31 @@ pub struct Kept {
     /// The conversation up to and including this response's output, as a JSON array
     /// of Responses items: what a follow-up turn prepends.
     pub items: Bytes,
+    /// When it is forgotten (the same moment in memory and in the store).
+    expires_at: std::time::Instant,
+}
+
+/// Each entry lives until its own `expires_at`, also when it was read back from the
+/// store (a fresh TTL then would keep it past `responses.ttl`).
+struct UntilExpiry;
+
+impl moka::Expiry<(u128, Box<str>), Arc<Kept>> for UntilExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &(u128, Box<str>),
+        value: &Arc<Kept>,
+        now: std::time::Instant,
+    ) -> Option<std::time::Duration> {
+        Some(value.expires_at.saturating_duration_since(now))
+    }
 }
 
 pub struct ResponsesState {
     /// The recent ones, in memory.
     kept: moka::sync::Cache<(u128, Box<str>), Arc<Kept>>,
+    /// Deleted ones, until they would have expired: a deletion still queued for the
+    /// store (or dropped with a full queue) never brings a response back.
+    deleted: moka::sync::Cache<(u128, Box<str>), ()>,
     /// All of them, in the store (when it is on), so a restart or an evicted entry
     /// loses nothing within `responses.ttl`.
     store: Option<(crate::store::Store, std::path::PathBuf)>,
@@ -47,6 +67,10 @@ impl ResponsesState {
                     (k.1.len() + v.response.len() + v.items.len() + 64).min(u32::MAX as usize)
                         as u32
                 })
+                .expire_after(UntilExpiry)
+                .build(),
+            deleted: moka::sync::Cache::builder()
+                .max_capacity(1 << 20)
                 .time_to_live(settings.ttl)
                 .build(),
         }
@@ -65,6 +89,7 @@ impl ResponsesState {
         let kept = Arc::new(Kept {
             response: body.into(),
             items: items.into(),
+            expires_at: std::time::Instant::now() + self.ttl,
         });
         if let Some((store, _)) = &self.store {
             let now = crate::clock::now_ms();
@@ -87,6 +112,9 @@ impl ResponsesState {
     /// A kept response: from memory, else from the store (off the request thread).
     pub async fn get(&self, tenant: u128, id: &str) -> Option<Arc<Kept>> {
         let key = (tenant, Box::<str>::from(id));
+        if self.deleted.contains_key(&key) {
+            return None;
+        }
         if let Some(k) = self.kept.get(&key) {
             return Some(k);
         }
@@ -96,9 +124,11 @@ impl ResponsesState {
             .await
             .ok()?
             .ok()??;
+        let left = u64::try_from(found.2 - crate::clock::now_ms()).unwrap_or(0);
         let kept = Arc::new(Kept {
             response: found.0.into(),
             items: found.1.into(),
+            expires_at: std::time::Instant::now() + std::time::Duration::from_millis(left),
         });
         self.kept.insert(key, kept.clone());
         Some(kept)
@@ -108,6 +138,9 @@ impl ResponsesState {
     pub async fn delete(&self, tenant: u128, id: &str) -> bool {
         let existed = self.get(tenant, id).await.is_some();
         self.kept.remove(&(tenant, id.into()));
+        if existed {
+            self.deleted.insert((tenant, id.into()), ());
+        }
         if let (true, Some((store, _))) = (existed, &self.store) {
             store.record(crate::store::Row::ForgetResponse {
                 tenant: tenant_key(tenant),

@@ -268,11 +268,12 @@ pub fn body(
             let out = s.complete().await;
             return Some((Ok(out), s));
         }
-        let limit = match s.idle_timeout {
-            Some(idle) => s.deadline.min(Instant::now() + idle),
-            None => s.deadline,
-        };
         let out = loop {
+            // The idle limit restarts with every upstream item, written out or not.
+            let limit = match s.idle_timeout {
+                Some(idle) => s.deadline.min(Instant::now() + idle),
+                None => s.deadline,
+            };
             let Some(rest) = s.rest.as_mut() else {
                 break s.complete().await;
             };

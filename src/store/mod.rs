@@ -172,18 +172,22 @@ pub struct ResponseRow {
     pub items: bytes::Bytes,
 }
 
-/// A kept response read back: (response, items), if it has not expired.
+/// A kept response read back: (response, items, expires_ms).
+pub type StoredResponse = (Vec<u8>, Vec<u8>, i64);
+
+/// A kept response, if it has not expired.
 pub fn read_response(
     path: &std::path::Path,
     tenant: &str,
     id: &str,
-) -> rusqlite::Result<Option<(Vec<u8>, Vec<u8>)>> {
+) -> rusqlite::Result<Option<StoredResponse>> {
     use rusqlite::OptionalExtension;
     let conn = open_read_only(path)?;
     conn.query_row(
-        "SELECT response, items FROM responses WHERE tenant = ?1 AND id = ?2 AND expires_ms > ?3",
+        "SELECT response, items, expires_ms FROM responses
+         WHERE tenant = ?1 AND id = ?2 AND expires_ms > ?3",
         rusqlite::params![tenant, id, crate::clock::now_ms()],
-        |r| Ok((r.get(0)?, r.get(1)?)),
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
     )
     .optional()
 }
