@@ -196,14 +196,11 @@ async fn handle(
         Err(e) => return rejected(&app, ledger, &e, &early),
     };
     let on = Surfaced { surface, turn };
+    let request_id = ledger.request_id.clone();
     let mut resp = answer(&app, &headers, start, inflight, ledger, req, &on).await;
     if !dropped_tools.is_empty() {
         tracing::info!(
-            request_id = %resp
-                .headers()
-                .get("x-request-id")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or(""),
+            request_id = &*request_id,
             tools = %dropped_tools.join(","),
             "tools no target can run were dropped from the upstream request"
         );
