@@ -174,6 +174,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="short runs, one repeat (a smoke test of the harness)")
     ap.add_argument("--workers", type=int, default=int(os.environ.get("BENCH_WORKERS", "2")))
+    ap.add_argument("--reps", type=int, default=0, help="repetitions per figure (default 3; 1 with --quick)")
     ap.add_argument("--only", default="", help="comma-separated scenarios to run (e.g. S7,S11); all by default")
     args = ap.parse_args()
     only = {x.strip() for x in args.only.split(",") if x.strip()}
@@ -181,7 +182,7 @@ def main():
     def want(scenario):
         return not only or scenario in only
     secs = 2 if args.quick else 5
-    reps = 1 if args.quick else 3
+    reps = args.reps or (1 if args.quick else 3)
     closed_reps = reps if args.quick else reps + 2
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
