@@ -91,6 +91,19 @@ impl ChatAnswer {
     }
 }
 
+impl From<super::output::Assembled> for ChatAnswer {
+    fn from(a: super::output::Assembled) -> ChatAnswer {
+        ChatAnswer {
+            text: a.content.filter(|t| !t.is_empty()),
+            refusal: None,
+            reasoning: a.reasoning.filter(|t| !t.is_empty()),
+            tool_calls: a.tool_calls,
+            finish_reason: Some(a.finish_reason.to_string()),
+            usage: a.usage,
+        }
+    }
+}
+
 /// One stream chunk's first choice.
 #[derive(Debug, Default)]
 pub struct ChunkDelta {

@@ -28,7 +28,7 @@ pub struct Native {
 /// A Messages request after translation.
 #[derive(Debug)]
 pub struct Translated {
-    pub chat_body: Bytes,
+    pub chat: super::ChatRequest,
     pub model: Option<String>,
     pub stream: bool,
     /// Server tools (`web_search_…`, `bash_…`) a translated target cannot run.
@@ -184,11 +184,9 @@ pub fn translate(body: &Bytes) -> Result<(Translated, Native), ApiError> {
     if stream {
         chat.insert("stream".into(), json!(true));
     }
-    let chat_body = serde_json::to_vec(&Value::Object(chat))
-        .map_err(|e| bad(format!("could not translate the request: {e}")))?;
     Ok((
         Translated {
-            chat_body: chat_body.into(),
+            chat: super::ChatRequest::from_translation(chat)?,
             model,
             stream,
             dropped_tools,
@@ -332,7 +330,11 @@ pub fn new_id() -> String {
 
 /// The Anthropic message for a whole chat answer.
 pub fn from_chat(model_id: &str, body: &[u8]) -> Result<Value, serde_json::Error> {
-    let a = ChatAnswer::parse(body)?;
+    Ok(from_answer(model_id, &ChatAnswer::parse(body)?))
+}
+
+/// The Anthropic message for an answer already read.
+pub fn from_answer(model_id: &str, a: &ChatAnswer) -> Value {
     // Reasoning from another provider has no Anthropic signature: a `thinking` block
     // without one would be refused when the client sends it back next turn.
     let mut content = Vec::new();
@@ -343,7 +345,7 @@ pub fn from_chat(model_id: &str, body: &[u8]) -> Result<Value, serde_json::Error
         let input: Value = serde_json::from_str(args).unwrap_or(json!({}));
         content.push(json!({"type": "tool_use", "id": id, "name": name, "input": input}));
     }
-    Ok(json!({
+    json!({
         "id": new_id(),
         "type": "message",
         "role": "assistant",
@@ -352,7 +354,7 @@ pub fn from_chat(model_id: &str, body: &[u8]) -> Result<Value, serde_json::Error
         "stop_reason": stop_reason(a.finish_reason.as_deref()),
         "stop_sequence": null,
         "usage": usage_value(&a.usage.unwrap_or_default()),
-    }))
+    })
 }
 
 /// The error type and status Anthropic uses for a gateway error.
@@ -673,7 +675,7 @@ mod tests {
         let (t, native) = translate(&body).unwrap();
         assert_eq!(&body[native.model_span.unwrap()], b"\"claude\"");
         assert_eq!(t.dropped_tools, vec!["web_search_20250305"]);
-        let c: Value = serde_json::from_slice(&t.chat_body).unwrap();
+        let c: Value = serde_json::from_slice(&t.chat.body).unwrap();
         let m = c["messages"].as_array().unwrap();
         assert_eq!(m[0], json!({"role":"system","content":"sys"}));
         assert_eq!(

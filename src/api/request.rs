@@ -35,6 +35,9 @@ pub struct ChatRequest {
     pub embedding: Option<std::sync::Arc<super::embeddings::EmbeddingRequest>>,
     /// What a target must be able to do for this request.
     pub needs: Capabilities,
+    /// Another surface writes the answer: it reads the whole answer (once, when it is
+    /// judged) rather than getting OpenAI bytes with `model` set.
+    pub reads_answer: bool,
 }
 
 #[derive(Deserialize)]
@@ -247,7 +250,87 @@ impl ChatRequest {
             native: None,
             embedding: None,
             needs,
+            reads_answer: false,
             body,
+        })
+    }
+
+    /// The engine's request for a chat body another surface translated (as a JSON
+    /// object): its fields are read from the object, not parsed again. `model` is kept
+    /// apart and written into the body for each target, like a request routed by header.
+    pub fn from_translation(
+        mut chat: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<ChatRequest, ApiError> {
+        use serde_json::Value;
+        let model = match chat.remove("model") {
+            Some(Value::String(s)) => Some(s),
+            _ => None,
+        };
+        let messages = chat.get("messages").and_then(Value::as_array);
+        let count = messages.map_or(0, Vec::len);
+        if count == 0 {
+            return Err(
+                ApiError::invalid_request("The request has no messages.").with_param("messages")
+            );
+        }
+        let mut needs = Capabilities::NONE;
+        if chat
+            .get("tools")
+            .and_then(Value::as_array)
+            .is_some_and(|t| !t.is_empty())
+        {
+            needs = needs.with(Capabilities::TOOLS);
+        }
+        if chat.contains_key("reasoning_effort") {
+            needs = needs.with(Capabilities::REASONING);
+        }
+        let format = chat
+            .get("response_format")
+            .and_then(|f| f.get("type"))
+            .and_then(Value::as_str);
+        if format == Some("json_schema") {
+            needs = needs.with(Capabilities::JSON_SCHEMA);
+        }
+        let has_image = messages.into_iter().flatten().any(|m| {
+            m.get("content")
+                .and_then(Value::as_array)
+                .is_some_and(|parts| {
+                    parts
+                        .iter()
+                        .any(|p| p.get("type") == Some(&Value::from("image_url")))
+                })
+        });
+        if has_image {
+            needs = needs.with(Capabilities::VISION);
+        }
+        let stream = chat.get("stream") == Some(&Value::Bool(true));
+        let max_tokens = chat
+            .get("max_completion_tokens")
+            .or_else(|| chat.get("max_tokens"))
+            .and_then(Value::as_u64);
+        let temperature = chat.get("temperature").and_then(Value::as_f64);
+        let seed = chat.get("seed").and_then(Value::as_i64);
+        let wants_json = matches!(format, Some("json_object" | "json_schema"));
+        let body = serde_json::to_vec(&Value::Object(chat)).map_err(|e| {
+            ApiError::invalid_request(format!("could not translate the request: {e}"))
+        })?;
+        Ok(ChatRequest {
+            body: body.into(),
+            model,
+            model_span: None,
+            stream_options_span: None,
+            stream,
+            include_usage: false,
+            max_tokens,
+            wants_json,
+            messages: count,
+            temperature,
+            seed,
+            typed: std::sync::OnceLock::new(),
+            native: None,
+            embedding: None,
+            needs,
+            reads_answer: true,
         })
     }
 
@@ -269,6 +352,7 @@ impl ChatRequest {
             native: None,
             embedding: Some(std::sync::Arc::new(e)),
             needs: Capabilities::NONE,
+            reads_answer: false,
         }
     }
 

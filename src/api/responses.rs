@@ -2,7 +2,6 @@
 //! internal chat request, and the engine's answer written back as a `response` object
 //! or as the Responses stream's semantic events. Pure: no I/O, no providers.
 
-use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
@@ -13,7 +12,7 @@ use super::{ApiError, Usage};
 #[derive(Debug)]
 pub struct Translated {
     /// The chat request the engine runs.
-    pub chat_body: Bytes,
+    pub chat: super::ChatRequest,
     pub echo: Echo,
     /// This turn's input as Responses items (stored with the answer).
     pub input_items: Vec<Value>,
@@ -280,10 +279,8 @@ pub fn translate(wire: Wire, history: &[Value]) -> Result<Translated, ApiError> 
             "summary": null,
         }),
     };
-    let chat_body = serde_json::to_vec(&Value::Object(chat))
-        .map_err(|e| ApiError::invalid_request(format!("could not translate the request: {e}")))?;
     Ok(Translated {
-        chat_body: chat_body.into(),
+        chat: super::ChatRequest::from_translation(chat)?,
         echo,
         input_items,
         dropped_tools,
@@ -556,17 +553,21 @@ pub fn output_items(a: &ChatAnswer) -> Vec<Value> {
 
 /// The `response` object for a whole chat answer.
 pub fn from_chat(meta: &Meta, model_id: &str, body: &[u8]) -> Result<Value, serde_json::Error> {
-    let a = ChatAnswer::parse(body)?;
+    Ok(from_answer(meta, model_id, &ChatAnswer::parse(body)?))
+}
+
+/// The `response` object for an answer already read.
+pub fn from_answer(meta: &Meta, model_id: &str, a: &ChatAnswer) -> Value {
     let (status, incomplete) = status_for(a.finish_reason.as_deref());
-    Ok(response_value(
+    response_value(
         meta,
         model_id,
         status,
-        output_items(&a),
+        output_items(a),
         a.usage.as_ref(),
         Value::Null,
         incomplete,
-    ))
+    )
 }
 
 /// A function call being streamed.
@@ -922,7 +923,7 @@ mod tests {
 
     fn chat(body: &str) -> Value {
         let t = translate(parse(body.as_bytes()).unwrap(), &[]).unwrap();
-        serde_json::from_slice(&t.chat_body).unwrap()
+        serde_json::from_slice(&t.chat.body).unwrap()
     }
 
     #[test]
@@ -931,7 +932,7 @@ mod tests {
             chat(r#"{"model":"m","input":"hi","instructions":"be brief","max_output_tokens":9}"#);
         assert_eq!(
             c,
-            json!({"model":"m","messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hi"}],"max_completion_tokens":9})
+            json!({"messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hi"}],"max_completion_tokens":9})
         );
     }
 

@@ -42,17 +42,18 @@ impl Surface {
         &self,
         chat_body: &Bytes,
         native: Option<&Bytes>,
+        read: Option<&super::answer::ChatAnswer>,
         model_id: &str,
     ) -> Result<Bytes, serde_json::Error> {
-        let value = match self {
-            Surface::Chat | Surface::Embeddings => return Ok(chat_body.clone()),
-            Surface::Messages => {
-                if let Some(n) = native {
-                    return Ok(n.clone());
-                }
-                messages::from_chat(model_id, chat_body)?
+        let value = match (self, read) {
+            (Surface::Chat | Surface::Embeddings, _) => return Ok(chat_body.clone()),
+            (Surface::Messages, _) if native.is_some() => {
+                return Ok(native.cloned().unwrap_or_default())
             }
-            Surface::Responses(meta) => responses::from_chat(meta, model_id, chat_body)?,
+            (Surface::Messages, Some(a)) => messages::from_answer(model_id, a),
+            (Surface::Messages, None) => messages::from_chat(model_id, chat_body)?,
+            (Surface::Responses(meta), Some(a)) => responses::from_answer(meta, model_id, a),
+            (Surface::Responses(meta), None) => responses::from_chat(meta, model_id, chat_body)?,
         };
         serde_json::to_vec(&value).map(Bytes::from)
     }

@@ -10,6 +10,7 @@ use serde_json::{json, Map, Value};
 
 use super::sse::SseEvent;
 use super::stream::StreamItem;
+use super::wire::UpstreamAnswer;
 use super::{push_turn, typed, AttemptError, Outgoing};
 use crate::api::chat::{parse_data_url, Content, Message, Part, Role, ToolChoice, TypedChat};
 use crate::api::messages::Native;
@@ -371,6 +372,11 @@ struct MessageResponse {
 
 /// The OpenAI answer for an Anthropic message.
 pub fn from_anthropic(body: &[u8], model_id: &str) -> Result<Bytes, String> {
+    assemble(body, model_id).map(|(b, _)| b)
+}
+
+/// The answer read once: its OpenAI body and the parts it was written from.
+pub fn assemble(body: &[u8], model_id: &str) -> Result<(Bytes, Assembled), String> {
     let m: MessageResponse = serde_json::from_slice(body).map_err(|e| e.to_string())?;
     let mut text = String::new();
     let mut reasoning = String::new();
@@ -390,11 +396,11 @@ pub fn from_anthropic(body: &[u8], model_id: &str) -> Result<Bytes, String> {
         finish_reason: finish_reason(m.stop_reason.as_deref()),
         usage: Some(m.usage.to_openai()),
     };
-    Ok(output::completion(&m.id, model_id, &a))
+    Ok((output::completion(&m.id, model_id, &a), a))
 }
 
-pub fn completion(body: &[u8], model: &Model) -> Result<Bytes, AttemptError> {
-    from_anthropic(body, &model.model_id).map_err(|e| {
+pub fn completion(body: &[u8], model: &Model) -> Result<(Bytes, Assembled), AttemptError> {
+    assemble(body, &model.model_id).map_err(|e| {
         AttemptError::new(
             ErrorClass::Transient,
             format!("malformed Anthropic answer: {e}"),
@@ -595,8 +601,8 @@ impl super::wire::WireFormat for AnthropicFormat {
         request(model, req)
     }
 
-    fn completion(&self, body: Bytes, model: &Model) -> Result<Bytes, AttemptError> {
-        completion(&body, model)
+    fn completion(&self, body: Bytes, model: &Model) -> Result<UpstreamAnswer, AttemptError> {
+        completion(&body, model).map(|(b, a)| UpstreamAnswer::Assembled(b, a))
     }
 
     fn stream(&self, model: &Model, req: &ChatRequest) -> Box<dyn super::wire::StreamTranslator> {

@@ -135,6 +135,7 @@ pub fn completion(model: &Model, e: &EmbeddingRequest, body: Bytes) -> Result<Re
         finish_reason: Some("stop".into()),
         refused: false,
         native: None,
+        answer: None,
     }))
 }
 

@@ -11,6 +11,7 @@ use serde_json::{json, Map, Value};
 
 use super::sse::SseEvent;
 use super::stream::StreamItem;
+use super::wire::UpstreamAnswer;
 use super::{push_turn, typed, AttemptError, Outgoing};
 use crate::api::chat::{parse_data_url, Content, Part, Role, ToolChoice, TypedChat};
 use crate::api::output::{self, Assembled, ChunkWriter};
@@ -340,6 +341,11 @@ fn call_id(response_id: &str, call: &FunctionCallPart, k: usize) -> String {
 /// The OpenAI answer for a Gemini response. A blocked prompt becomes an empty answer
 /// with `finish_reason: content_filter` (a `content_policy` failure to the engine).
 pub fn from_gemini(body: &[u8], model_id: &str) -> Result<Bytes, String> {
+    assemble(body, model_id).map(|(b, _)| b)
+}
+
+/// The answer read once: its OpenAI body and the parts it was written from.
+pub fn assemble(body: &[u8], model_id: &str) -> Result<(Bytes, Assembled), String> {
     let r: GenerateResponse = serde_json::from_slice(body).map_err(|e| e.to_string())?;
     let id = r.response_id.clone().unwrap_or_else(|| "gemini".into());
     let mut a = Assembled {
@@ -351,7 +357,7 @@ pub fn from_gemini(body: &[u8], model_id: &str) -> Result<Bytes, String> {
         if r.prompt_feedback.and_then(|f| f.block_reason).is_some() {
             a.finish_reason = "content_filter";
         }
-        return Ok(output::completion(&id, model_id, &a));
+        return Ok((output::completion(&id, model_id, &a), a));
     };
     let mut text = String::new();
     let mut reasoning = String::new();
@@ -372,11 +378,11 @@ pub fn from_gemini(body: &[u8], model_id: &str) -> Result<Bytes, String> {
     a.content = (!text.is_empty()).then_some(text);
     a.reasoning = (!reasoning.is_empty()).then_some(reasoning);
     a.finish_reason = finish_reason(cand.finish_reason.as_deref(), !a.tool_calls.is_empty());
-    Ok(output::completion(&id, model_id, &a))
+    Ok((output::completion(&id, model_id, &a), a))
 }
 
-pub fn completion(body: &[u8], model: &Model) -> Result<Bytes, AttemptError> {
-    from_gemini(body, &model.model_id).map_err(|e| {
+pub fn completion(body: &[u8], model: &Model) -> Result<(Bytes, Assembled), AttemptError> {
+    assemble(body, &model.model_id).map_err(|e| {
         AttemptError::new(
             ErrorClass::Transient,
             format!("malformed Gemini answer: {e}"),
@@ -510,8 +516,8 @@ impl super::wire::WireFormat for GeminiFormat {
         request(model, req)
     }
 
-    fn completion(&self, body: Bytes, model: &Model) -> Result<Bytes, AttemptError> {
-        completion(&body, model)
+    fn completion(&self, body: Bytes, model: &Model) -> Result<UpstreamAnswer, AttemptError> {
+        completion(&body, model).map(|(b, a)| UpstreamAnswer::Assembled(b, a))
     }
 
     fn stream(&self, model: &Model, req: &ChatRequest) -> Box<dyn super::wire::StreamTranslator> {

@@ -16,6 +16,7 @@ use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http::HeaderValue;
 
+use crate::api::answer::ChatAnswer;
 use crate::api::{splice, ChatRequest, CompletionView, Usage};
 pub use crate::classify::AttemptError;
 use crate::classify::ErrorClass;
@@ -35,6 +36,8 @@ pub struct Completion {
     /// The upstream's own body when it speaks the client's format (an Anthropic answer
     /// to the Messages surface), sent as it came.
     pub native: Option<Bytes>,
+    /// The answer read whole, when it was (translated, or read for another surface).
+    pub answer: Option<std::sync::Arc<ChatAnswer>>,
 }
 
 /// What an upstream call produced.
@@ -103,9 +106,24 @@ pub async fn call(
         ))));
     }
     let body = client::read_body(resp.into_body(), None).await?;
-    let translated = wire.completion(body.clone(), model);
-    translated
-        .and_then(|translated| judge(translated, model, req.wants_json))
+    let judged = wire
+        .completion(body.clone(), model)
+        .and_then(|answer| match answer {
+            // The chat surface gets the upstream's bytes with `model` set: a light view judges them.
+            wire::UpstreamAnswer::Chat(b) if !req.reads_answer => judge(b, model, req.wants_json),
+            // Another surface reads the whole answer anyway: read it once, judge that.
+            wire::UpstreamAnswer::Chat(b) => match ChatAnswer::parse(&b) {
+                Ok(a) => judge_answer(b, a, req.wants_json),
+                Err(e) => Err(AttemptError::new(
+                    ErrorClass::Transient,
+                    format!("malformed upstream body: {e}"),
+                )),
+            },
+            wire::UpstreamAnswer::Assembled(b, a) => {
+                judge_answer(b, ChatAnswer::from(a), req.wants_json)
+            }
+        });
+    judged
         .map(|mut c| {
             if native {
                 c.native = Some(body);
@@ -199,6 +217,42 @@ pub fn judge(body: Bytes, model: &Model, wants_json: bool) -> Result<Completion,
         finish_reason: view.finish_reason,
         refused: view.refused,
         native: None,
+        answer: None,
+    })
+}
+
+/// Judges an answer already read (translated, or read whole for another surface):
+/// the same verdicts as [`judge`], with no parse.
+pub fn judge_answer(
+    body: Bytes,
+    a: ChatAnswer,
+    wants_json: bool,
+) -> Result<Completion, AttemptError> {
+    if a.finish_reason.as_deref() == Some("content_filter") {
+        let mut e = AttemptError::new(ErrorClass::ContentPolicy, "the answer was filtered");
+        e.filtered = Some(vec![body]);
+        return Err(e);
+    }
+    let text = a.text.as_deref().filter(|t| !t.trim().is_empty());
+    if text.is_none() && a.refusal.is_none() && a.tool_calls.is_empty() {
+        return Err(AttemptError::new(
+            ErrorClass::Empty,
+            "the upstream answer has no content and no tool calls",
+        ));
+    }
+    if wants_json && text.is_some_and(|t| !crate::api::response::parses_as_json(t)) {
+        return Err(AttemptError::new(
+            ErrorClass::InvalidOutput,
+            "JSON was asked for and the answer does not parse",
+        ));
+    }
+    Ok(Completion {
+        body,
+        usage: a.usage,
+        finish_reason: a.finish_reason.clone(),
+        refused: a.refusal.is_some(),
+        native: None,
+        answer: Some(std::sync::Arc::new(a)),
     })
 }
 

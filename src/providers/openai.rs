@@ -156,8 +156,12 @@ impl super::wire::WireFormat for OpenAiFormat {
         request(model, req)
     }
 
-    fn completion(&self, body: Bytes, _model: &Model) -> Result<Bytes, AttemptError> {
-        Ok(body)
+    fn completion(
+        &self,
+        body: Bytes,
+        _model: &Model,
+    ) -> Result<super::wire::UpstreamAnswer, AttemptError> {
+        Ok(super::wire::UpstreamAnswer::Chat(body))
     }
 
     fn stream(&self, model: &Model, req: &ChatRequest) -> Box<dyn super::wire::StreamTranslator> {

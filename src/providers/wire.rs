@@ -20,8 +20,9 @@ pub trait WireFormat: Sync {
     /// provider's credential and extra headers are added by the caller).
     fn request(&self, model: &Model, req: &ChatRequest) -> Result<Outgoing, AttemptError>;
 
-    /// A whole 200 answer, in OpenAI `chat.completion` format (judged afterwards).
-    fn completion(&self, body: Bytes, model: &Model) -> Result<Bytes, AttemptError>;
+    /// A whole 200 answer: OpenAI `chat.completion` bytes, and the answer's parts when
+    /// a translation read them (so judging them needs no second parse).
+    fn completion(&self, body: Bytes, model: &Model) -> Result<UpstreamAnswer, AttemptError>;
 
     /// The translator of this format's stream events into OpenAI chunks.
     fn stream(&self, model: &Model, req: &ChatRequest) -> Box<dyn StreamTranslator>;
@@ -36,6 +37,14 @@ pub trait WireFormat: Sync {
     fn speaks_messages(&self) -> bool {
         false
     }
+}
+
+/// A whole answer from the upstream, in OpenAI format.
+pub enum UpstreamAnswer {
+    /// The upstream spoke OpenAI's format: its bytes, not read yet.
+    Chat(Bytes),
+    /// Translated: the OpenAI body written, and the parts it was written from.
+    Assembled(Bytes, crate::api::output::Assembled),
 }
 
 /// Turns one upstream stream, event by event, into OpenAI stream items.

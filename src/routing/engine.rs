@@ -656,6 +656,7 @@ fn filtered_answer(chunks: Vec<Bytes>, stream: bool) -> Answer {
             finish_reason: Some("content_filter".into()),
             refused: true,
             native: None,
+            answer: None,
         })
     }
 }

@@ -117,7 +117,7 @@ async fn prepare(
                 None => Vec::new(),
             };
             let t = responses::translate(wire, &history)?;
-            let req = ChatRequest::parse(t.chat_body)?;
+            let req = t.chat;
             let store = t.echo.store;
             Ok(Prepared {
                 req,
@@ -141,7 +141,7 @@ async fn prepare(
             let (t, mut native) = messages::translate(&body)?;
             native.version = headers.get("anthropic-version").cloned();
             native.beta = headers.get("anthropic-beta").cloned();
-            let mut req = ChatRequest::parse(t.chat_body)?;
+            let mut req = t.chat;
             req.native = Some(Arc::new(native));
             Ok(Prepared {
                 req,
@@ -211,6 +211,27 @@ async fn handle(
     resp
 }
 
+/// A whole answer as the engine (or the cache) has it.
+#[derive(Clone, Copy)]
+struct WholeAnswer<'a> {
+    /// OpenAI `chat.completion` bytes.
+    chat: &'a Bytes,
+    /// The upstream's own body, when it speaks the surface's format.
+    native: Option<&'a Bytes>,
+    /// The answer already read, when judging read it.
+    read: Option<&'a crate::api::answer::ChatAnswer>,
+}
+
+impl<'a> WholeAnswer<'a> {
+    fn of(c: &'a Completion) -> WholeAnswer<'a> {
+        WholeAnswer {
+            chat: &c.body,
+            native: c.native.as_ref(),
+            read: c.answer.as_deref(),
+        }
+    }
+}
+
 /// The surface a request is answered on, and its Responses turn.
 pub struct Surfaced {
     pub surface: Surface,
@@ -223,19 +244,22 @@ impl Surfaced {
     fn body(
         &self,
         app: &AppState,
-        chat_body: &Bytes,
-        native: Option<&Bytes>,
+        answer: WholeAnswer<'_>,
         model: &Model,
     ) -> Result<Bytes, serde_json::Error> {
         if let (Surface::Responses(meta), Some(turn)) = (&self.surface, &self.turn) {
-            let v = responses::from_chat(meta, &model.model_id, chat_body)?;
+            let v = match answer.read {
+                Some(a) => responses::from_answer(meta, &model.model_id, a),
+                None => responses::from_chat(meta, &model.model_id, answer.chat)?,
+            };
             if turn.store {
                 app.responses
                     .keep(turn.tenant, &turn.history, &turn.input, &v);
             }
             return serde_json::to_vec(&v).map(Bytes::from);
         }
-        self.surface.complete(chat_body, native, &model.model_id)
+        self.surface
+            .complete(answer.chat, answer.native, answer.read, &model.model_id)
     }
 
     /// A whole answer as a JSON response; an answer that cannot be written in the
@@ -244,11 +268,10 @@ impl Surfaced {
     fn json_answer(
         &self,
         app: &AppState,
-        chat_body: &Bytes,
-        native: Option<&Bytes>,
+        answer: WholeAnswer<'_>,
         model: &Model,
     ) -> Response<Body> {
-        match self.body(app, chat_body, native, model) {
+        match self.body(app, answer, model) {
             Ok(b) => {
                 let mut r = Response::new(Body::from(b));
                 r.headers_mut().insert(
@@ -580,7 +603,12 @@ fn cached(
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         r
     } else {
-        on.json_answer(app, &entry.body, None, model)
+        let answer = WholeAnswer {
+            chat: &entry.body,
+            native: None,
+            read: None,
+        };
+        on.json_answer(app, answer, model)
     };
     app.metrics.count_cache(chain, outcome.as_str());
     observe(app, chain, start, std::time::Duration::ZERO, StatusCode::OK);
@@ -766,7 +794,7 @@ fn respond_complete(
                 app.metrics.record_usage(model, &u);
                 model.cost_usd(&u)
             });
-            let mut r = on.json_answer(app, &c.body, c.native.as_ref(), model);
+            let mut r = on.json_answer(app, WholeAnswer::of(c), model);
             let h = r.headers_mut();
             h.reserve(RESPONSE_HEADERS);
             h.insert(
@@ -878,7 +906,7 @@ fn respond_stream(
             (r, Ok(model))
         }
         Ok((model, Answer::Complete(c))) => {
-            let r = on.json_answer(app, &c.body, c.native.as_ref(), &model);
+            let r = on.json_answer(app, WholeAnswer::of(&c), &model);
             (r, Ok(model))
         }
         Err(e) => {
@@ -1004,7 +1032,7 @@ pub async fn count_tokens(State(app): State<Arc<AppState>>, request: Request) ->
             return r;
         }
     }
-    let n = messages::count_tokens_estimate(&t.chat_body);
+    let n = messages::count_tokens_estimate(&t.chat.body);
     let mut r = super::json_response(format!("{{\"input_tokens\":{n}}}").into());
     r.headers_mut()
         .insert("x-cascade-estimate", HeaderValue::from_static("true"));
