@@ -139,3 +139,71 @@ fn sse_decode_event(bencher: Bencher) {
         d.next_event().map(|e| e.data.len())
     });
 }
+
+/// A Responses request of about `size` bytes of text.
+fn responses_request(size: usize) -> Bytes {
+    let text = "lorem ipsum dolor sit amet ".repeat(size / 27 + 1);
+    Bytes::from(
+        serde_json::json!({"model": "default", "instructions": "You are terse.", "input": &text[..size], "store": false})
+            .to_string(),
+    )
+}
+
+/// The Responses surface's own work on a request: parse it, translate it, build the
+/// internal request (the chat surface's counterpart is `parse_request`).
+#[divan::bench(args = [1024, 16384])]
+fn responses_request_to_chat(bencher: Bencher, size: usize) {
+    let body = responses_request(size);
+    bencher.bench(|| {
+        let wire = cascade::api::responses::parse(black_box(&body)).unwrap();
+        cascade::api::responses::translate(wire, &[]).map(|t| t.chat.messages)
+    });
+}
+
+/// The Messages surface's own work for an Anthropic target: parse the client's
+/// Messages body once (keeping its bytes), and build the internal request.
+#[divan::bench(args = [1024, 16384])]
+fn messages_request_native(bencher: Bencher, size: usize) {
+    let text = "lorem ipsum dolor sit amet ".repeat(size / 27 + 1);
+    let body = Bytes::from(
+        serde_json::json!({"model": "default", "max_tokens": 100, "system": "You are terse.",
+                           "messages": [{"role": "user", "content": &text[..size]}]})
+        .to_string(),
+    );
+    bencher.bench(|| {
+        cascade::api::messages::translate(black_box(&body))
+            .map(|(t, n)| (t.stream, n.has_max_tokens))
+    });
+}
+
+const CHAT_ANSWER: &[u8] = br#"{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"gpt-4o","choices":[{"index":0,"message":{"role":"assistant","content":"Hello! This is a short answer of a few words, as most are.","refusal":null},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":300,"completion_tokens":16,"total_tokens":316}}"#;
+
+/// The Responses surface's own work on an answer: read it once and write the
+/// `response` object (the chat surface's counterpart is `openai_answer_view`).
+#[divan::bench]
+fn responses_answer_from_chat(bencher: Bencher) {
+    let meta = cascade::api::responses::Meta::new(cascade::api::responses::Echo::default());
+    bencher.bench(|| {
+        let a = cascade::api::answer::ChatAnswer::parse(black_box(CHAT_ANSWER)).unwrap();
+        serde_json::to_vec(&cascade::api::responses::from_answer(&meta, "gpt-4o", &a))
+            .map(|v| v.len())
+    });
+}
+
+/// One Responses stream event from one chat chunk.
+#[divan::bench]
+fn responses_stream_chunk(bencher: Bencher) {
+    let meta = cascade::api::responses::Meta::new(cascade::api::responses::Echo::default());
+    let mut ev = cascade::api::responses::Events::new(meta, "gpt-4o");
+    let mut out = Vec::new();
+    ev.chunk(
+        br#"{"choices":[{"index":0,"delta":{"content":"Hi"}}]}"#,
+        &mut out,
+    );
+    let chunk = br#"{"id":"c","object":"chat.completion.chunk","created":1,"model":"gpt-4o","choices":[{"index":0,"delta":{"content":" there"},"finish_reason":null}]}"#;
+    bencher.bench_local(|| {
+        out.clear();
+        ev.chunk(black_box(chunk), &mut out);
+        out.len()
+    });
+}

@@ -25,11 +25,76 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-/// The `chat.completion` body for an assembled answer.
+/// The `chat.completion` body for an assembled answer, written straight from typed
+/// fields (no intermediate `Value`: this runs on every translated answer).
 pub fn completion(id: &str, model_id: &str, a: &Assembled) -> Bytes {
-    serde_json::to_vec(&completion_value(id, model_id, a))
-        .unwrap_or_default()
-        .into()
+    #[derive(Serialize)]
+    struct Body<'a> {
+        id: &'a str,
+        object: &'static str,
+        created: u64,
+        model: &'a str,
+        choices: [Choice<'a>; 1],
+        #[serde(skip_serializing_if = "Option::is_none")]
+        usage: Option<&'a Usage>,
+    }
+    #[derive(Serialize)]
+    struct Choice<'a> {
+        index: u32,
+        message: Message<'a>,
+        logprobs: (),
+        finish_reason: &'a str,
+    }
+    #[derive(Serialize)]
+    struct Message<'a> {
+        role: &'static str,
+        content: Option<&'a str>,
+        refusal: (),
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reasoning_content: Option<&'a str>,
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        tool_calls: Vec<Call<'a>>,
+    }
+    #[derive(Serialize)]
+    struct Call<'a> {
+        id: &'a str,
+        #[serde(rename = "type")]
+        kind: &'static str,
+        function: Function<'a>,
+    }
+    #[derive(Serialize)]
+    struct Function<'a> {
+        name: &'a str,
+        arguments: &'a str,
+    }
+    let body = Body {
+        id,
+        object: "chat.completion",
+        created: now_secs(),
+        model: model_id,
+        choices: [Choice {
+            index: 0,
+            message: Message {
+                role: "assistant",
+                content: a.content.as_deref(),
+                refusal: (),
+                reasoning_content: a.reasoning.as_deref(),
+                tool_calls: a
+                    .tool_calls
+                    .iter()
+                    .map(|(id, name, arguments)| Call {
+                        id,
+                        kind: "function",
+                        function: Function { name, arguments },
+                    })
+                    .collect(),
+            },
+            logprobs: (),
+            finish_reason: a.finish_reason,
+        }],
+        usage: a.usage.as_ref(),
+    };
+    serde_json::to_vec(&body).unwrap_or_default().into()
 }
 
 /// The same, as a JSON value.
@@ -151,5 +216,41 @@ impl ChunkWriter {
             usage: Some(usage),
         };
         serde_json::to_vec(&chunk).unwrap_or_default().into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn typed_body_matches_the_value_form() {
+        let a = Assembled {
+            content: Some("hi".into()),
+            reasoning: Some("think".into()),
+            tool_calls: vec![("c1".into(), "f".into(), "{\"a\":1}".into())],
+            finish_reason: "tool_calls",
+            usage: Some(Usage {
+                prompt_tokens: 3,
+                completion_tokens: 2,
+                total_tokens: 5,
+                cached_tokens: 1,
+                reasoning_tokens: 0,
+            }),
+        };
+        let mut typed: Value = serde_json::from_slice(&completion("x", "m", &a)).unwrap();
+        let mut value = completion_value("x", "m", &a);
+        typed["created"] = json!(0);
+        value["created"] = json!(0);
+        assert_eq!(typed, value);
+        let bare = Assembled {
+            finish_reason: "stop",
+            ..Default::default()
+        };
+        let mut typed: Value = serde_json::from_slice(&completion("x", "m", &bare)).unwrap();
+        let mut value = completion_value("x", "m", &bare);
+        typed["created"] = json!(0);
+        value["created"] = json!(0);
+        assert_eq!(typed, value);
     }
 }
