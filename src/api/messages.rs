@@ -546,13 +546,10 @@ impl Events {
             return;
         };
         self.start(out);
-        if let Some(t) = d.text.or(d.refusal) {
-            let index = match self.open {
-                Some((i, Block::Text)) => i,
-                _ => self.open(out, Block::Text, json!({"type": "text", "text": ""})),
-            };
-            Self::delta(out, index, json!({"type": "text_delta", "text": t}));
-        }
+        // Fragments of open calls first; then text (whitespace between a call's
+        // fragments would otherwise close its block with half its arguments).
+        let text = d.text.or(d.refusal);
+        let tool_open = !d.tools.is_empty() || matches!(self.open, Some((_, Block::Tool(_))));
         for t in d.tools {
             if t.index >= super::MAX_TOOL_CALLS {
                 continue;
@@ -613,6 +610,13 @@ impl Events {
                 // Its block is closed: Anthropic blocks cannot be reopened.
                 ToolState::Written => {}
             }
+        }
+        if let Some(t) = text.filter(|t| !(tool_open && t.trim().is_empty())) {
+            let index = match self.open {
+                Some((i, Block::Text)) => i,
+                _ => self.open(out, Block::Text, json!({"type": "text", "text": ""})),
+            };
+            Self::delta(out, index, json!({"type": "text_delta", "text": t}));
         }
         if d.finish_reason.is_some() {
             self.finish = d.finish_reason;

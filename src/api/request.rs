@@ -266,13 +266,9 @@ impl ChatRequest {
             Some(Value::String(s)) => Some(s),
             _ => None,
         };
+        // An empty list is the caller's to refuse (`count_tokens` counts one anyway).
         let messages = chat.get("messages").and_then(Value::as_array);
         let count = messages.map_or(0, Vec::len);
-        if count == 0 {
-            return Err(
-                ApiError::invalid_request("The request has no messages.").with_param("messages")
-            );
-        }
         let mut needs = Capabilities::NONE;
         if chat
             .get("tools")

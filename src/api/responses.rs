@@ -779,12 +779,9 @@ impl Events {
             return;
         };
         self.start(out);
-        if let Some(text) = &d.text {
-            self.message_delta(text, false, out);
-        }
-        if let Some(refusal) = &d.refusal {
-            self.message_delta(refusal, true, out);
-        }
+        // Fragments of open calls first; then text (whitespace between a call's
+        // fragments would otherwise close it with half its arguments).
+        let calls_open = !d.tools.is_empty() || self.tools.iter().flatten().any(|c| !c.closed);
         for t in d.tools {
             if t.index >= super::MAX_TOOL_CALLS {
                 continue;
@@ -838,6 +835,16 @@ impl Events {
                     json!({"item_id": id, "output_index": index, "delta": fragment}),
                 );
             }
+        }
+        if let Some(text) = d
+            .text
+            .as_deref()
+            .filter(|t| !(calls_open && t.trim().is_empty()))
+        {
+            self.message_delta(text, false, out);
+        }
+        if let Some(refusal) = &d.refusal {
+            self.message_delta(refusal, true, out);
         }
         if d.finish_reason.is_some() {
             self.finish = d.finish_reason;

@@ -209,8 +209,11 @@ impl ResponseCache {
         // A Messages request is keyed by its own bytes: fields with no chat form
         // (`thinking`, `cache_control`) still tell two requests apart.
         // ...and a Messages body is never read as a chat body of the same bytes.
+        // A translated request (Responses) keeps its own entries too: they hold the
+        // upstream's answer as it was judged, for that surface to write.
         let (body, chain_key) = match &req.native {
             Some(n) => (&n.body, format!("{}\u{0}messages", chain.name)),
+            None if req.reads_answer => (&req.body, format!("{}\u{0}translated", chain.name)),
             None => (&req.body, String::new()),
         };
         let chain_key = if chain_key.is_empty() {

@@ -234,13 +234,19 @@ pub fn judge_answer(
         return Err(e);
     }
     let text = a.text.as_deref().filter(|t| !t.trim().is_empty());
-    if text.is_none() && a.refusal.is_none() && a.tool_calls.is_empty() {
+    let refused = a.refusal.as_deref().is_some_and(|r| !r.trim().is_empty());
+    if text.is_none() && !refused && a.tool_calls.is_empty() {
         return Err(AttemptError::new(
             ErrorClass::Empty,
             "the upstream answer has no content and no tool calls",
         ));
     }
-    if wants_json && text.is_some_and(|t| !crate::api::response::parses_as_json(t)) {
+    // As in `judge`: a tool call or a refusal is not judged as JSON.
+    if wants_json
+        && a.tool_calls.is_empty()
+        && !refused
+        && text.is_some_and(|t| !crate::api::response::parses_as_json(t))
+    {
         return Err(AttemptError::new(
             ErrorClass::InvalidOutput,
             "JSON was asked for and the answer does not parse",
@@ -250,7 +256,7 @@ pub fn judge_answer(
         body,
         usage: a.usage,
         finish_reason: a.finish_reason.clone(),
-        refused: a.refusal.is_some(),
+        refused,
         native: None,
         answer: Some(std::sync::Arc::new(a)),
     })

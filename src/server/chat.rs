@@ -142,6 +142,12 @@ async fn prepare(
             native.version = headers.get("anthropic-version").cloned();
             native.beta = headers.get("anthropic-beta").cloned();
             let mut req = t.chat;
+            if req.messages == 0 {
+                return Err(ApiError::invalid_request(
+                    "messages: the request has no message cascade can send",
+                )
+                .with_param("messages"));
+            }
             req.native = Some(Arc::new(native));
             Ok(Prepared {
                 req,
