@@ -755,6 +755,25 @@ mod tests {
     }
 
     #[test]
+    fn whitespace_between_fragments_keeps_the_call_open() {
+        let mut ev = Events::new("m");
+        let mut out = Vec::new();
+        ev.chunk(br#"{"choices":[{"delta":{"tool_calls":[{"index":0,"id":"a","function":{"name":"a","arguments":"{\"x\""}}]}}]}"#, &mut out);
+        ev.chunk(br#"{"choices":[{"delta":{"content":"\n"}}]}"#, &mut out);
+        ev.chunk(br#"{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"arguments":":1}"}}]}}]}"#, &mut out);
+        ev.done(None, &mut out);
+        let text = String::from_utf8(out).unwrap();
+        let args: String = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+            .filter_map(|e| e["delta"]["partial_json"].as_str().map(str::to_string))
+            .collect();
+        assert_eq!(args, "{\"x\":1}");
+        assert!(!text.contains("text_delta"));
+    }
+
+    #[test]
     fn stream_events() {
         let mut ev = Events::new("m");
         let mut out = Vec::new();

@@ -989,6 +989,32 @@ mod tests {
     }
 
     #[test]
+    fn a_closed_call_is_never_reopened() {
+        let mut ev = Events::new(Meta::new(Echo::default()), "m");
+        let mut out = Vec::new();
+        ev.chunk(br#"{"choices":[{"delta":{"tool_calls":[{"index":0,"id":"c","function":{"name":"f","arguments":"{}"}}]}}]}"#, &mut out);
+        ev.chunk(br#"{"choices":[{"delta":{"content":"done"}}]}"#, &mut out);
+        ev.chunk(
+            br#"{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"arguments":"x"}}]}}]}"#,
+            &mut out,
+        );
+        ev.chunk(br#"{"choices":[{"delta":{"refusal":"no"}}]}"#, &mut out);
+        ev.done(None, &mut out);
+        let done = ev.completed.unwrap();
+        let kinds: Vec<&str> = done["output"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(kinds, ["function_call", "message", "message"]);
+        assert_eq!(done["output"][0]["arguments"], "{}");
+        assert_eq!(done["output"][2]["content"][0]["type"], "refusal");
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("event: response.refusal.delta"));
+    }
+
+    #[test]
     fn stream_events_in_order() {
         let meta = Meta::new(Echo::default());
         let mut ev = Events::new(meta, "m");

@@ -299,3 +299,40 @@ pub(crate) fn redact_key(text: &str, key: Option<&crate::secret::Secret>) -> Str
         _ => text.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(text: Option<&str>, tools: bool) -> ChatAnswer {
+        ChatAnswer {
+            text: text.map(str::to_string),
+            tool_calls: if tools {
+                vec![("c".into(), "f".into(), "{}".into())]
+            } else {
+                Vec::new()
+            },
+            finish_reason: Some("stop".into()),
+            ..ChatAnswer::default()
+        }
+    }
+
+    #[test]
+    fn judging_a_read_answer_matches_the_view() {
+        let b = Bytes::new;
+        // JSON mode judges text, not tool calls.
+        assert!(judge_answer(b(), answer(Some("I'll look."), true), true).is_ok());
+        let e = judge_answer(b(), answer(Some("not json"), false), true).unwrap_err();
+        assert_eq!(e.class, ErrorClass::InvalidOutput);
+        assert!(judge_answer(b(), answer(Some("```json\n{\"a\":1}\n```"), false), true).is_ok());
+        let e = judge_answer(b(), answer(Some("  "), false), false).unwrap_err();
+        assert_eq!(e.class, ErrorClass::Empty);
+        let mut filtered = answer(Some("x"), false);
+        filtered.finish_reason = Some("content_filter".into());
+        let e = judge_answer(b(), filtered, false).unwrap_err();
+        assert_eq!(e.class, ErrorClass::ContentPolicy);
+        let mut refusal = answer(None, false);
+        refusal.refusal = Some("no".into());
+        assert!(judge_answer(b(), refusal, true).unwrap().refused);
+    }
+}
