@@ -38,22 +38,27 @@ impl HttpClients {
     }
 }
 
-fn http_client() -> HttpClient {
+/// The connector every upstream client uses: `TCP_NODELAY`, a 5 s connect timeout,
+/// keep-alive probes, and TLS (webpki roots) or plain HTTP by the URL's scheme.
+pub fn https_connector() -> hyper_rustls::HttpsConnector<HttpConnector> {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     http.set_connect_timeout(Some(Duration::from_secs(5)));
     http.set_keepalive(Some(Duration::from_secs(60)));
     http.enforce_http(false);
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
+    hyper_rustls::HttpsConnectorBuilder::new()
         .with_webpki_roots()
         .https_or_http()
         .enable_http1()
-        .wrap_connector(http);
+        .wrap_connector(http)
+}
+
+fn http_client() -> HttpClient {
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(1024)
         .pool_timer(TokioTimer::new())
-        .build(https)
+        .build(https_connector())
 }
 
 /// Sends one POST. Transport failures come back classified.

@@ -22,19 +22,10 @@ use crate::config::Provider;
 pub type StreamingClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>;
 
 pub fn client() -> StreamingClient {
-    let mut http = HttpConnector::new();
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(std::time::Duration::from_secs(5)));
-    http.enforce_http(false);
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_webpki_roots()
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(std::time::Duration::from_secs(90))
         .pool_timer(TokioTimer::new())
-        .build(https)
+        .build(crate::providers::client::https_connector())
 }
 
 /// Headers that belong to one connection, not to the message (RFC 9110 §7.6.1).
