@@ -126,6 +126,24 @@ pub struct ToolDelta {
     pub function: Option<FunctionDelta>,
 }
 
+impl ToolDelta {
+    /// The arguments fragment this delta carries (often empty).
+    pub fn arguments(&self) -> &str {
+        self.function
+            .as_ref()
+            .and_then(|f| f.arguments.as_deref())
+            .unwrap_or_default()
+    }
+
+    /// The function's name, sent with the call's first delta.
+    pub fn name(&self) -> &str {
+        self.function
+            .as_ref()
+            .and_then(|f| f.name.as_deref())
+            .unwrap_or_default()
+    }
+}
+
 #[derive(Debug, Deserialize)]
 pub struct FunctionDelta {
     #[serde(default, deserialize_with = "or_default")]

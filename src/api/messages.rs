@@ -554,20 +554,12 @@ impl Events {
             if t.index >= super::MAX_TOOL_CALLS {
                 continue;
             }
-            let fragment = t
-                .function
-                .as_ref()
-                .and_then(|f| f.arguments.clone())
-                .unwrap_or_default();
+            let fragment = t.arguments().to_string();
             if self.tools.get(t.index).is_none_or(|s| s.is_none()) {
                 let id =
                     t.id.clone()
                         .unwrap_or_else(|| format!("toolu_{}", uuid::Uuid::now_v7().simple()));
-                let name = t
-                    .function
-                    .as_ref()
-                    .and_then(|f| f.name.clone())
-                    .unwrap_or_default();
+                let name = t.name().to_string();
                 if self.tools.len() <= t.index {
                     self.tools.resize_with(t.index + 1, || None);
                 }

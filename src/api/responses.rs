@@ -786,21 +786,13 @@ impl Events {
             if t.index >= super::MAX_TOOL_CALLS {
                 continue;
             }
-            let fragment = t
-                .function
-                .as_ref()
-                .and_then(|f| f.arguments.clone())
-                .unwrap_or_default();
+            let fragment = t.arguments().to_string();
             if self.tools.get(t.index).is_none_or(|s| s.is_none()) {
                 self.close_message(out);
                 let index = self.next_index();
                 let id = new_id("fc");
                 let call_id = t.id.clone().unwrap_or_else(|| new_id("call"));
-                let name = t
-                    .function
-                    .as_ref()
-                    .and_then(|f| f.name.clone())
-                    .unwrap_or_default();
+                let name = t.name().to_string();
                 let item = function_item(&id, &call_id, &name, "", "in_progress");
                 self.emit(
                     out,
