@@ -846,6 +846,15 @@ impl Events {
         }
     }
 
+    /// The items finished so far, in output order.
+    fn finished_items(&self) -> Vec<Value> {
+        self.output
+            .iter()
+            .filter(|v| !v.is_null())
+            .cloned()
+            .collect()
+    }
+
     /// The stream completed: close what is open and send `response.completed`.
     pub fn done(&mut self, usage: Option<&Usage>, out: &mut Vec<u8>) {
         let usage = usage.copied().or(self.usage);
@@ -854,12 +863,7 @@ impl Events {
         self.close_message(out);
         self.close_tools(out);
         let (status, incomplete) = status_for(self.finish.as_deref());
-        let output: Vec<Value> = self
-            .output
-            .iter()
-            .filter(|v| !v.is_null())
-            .cloned()
-            .collect();
+        let output = self.finished_items();
         let r = response_value(
             &self.meta,
             &self.model_id,
@@ -886,12 +890,7 @@ impl Events {
             "error",
             json!({"code": code, "message": message, "param": null}),
         );
-        let output: Vec<Value> = self
-            .output
-            .iter()
-            .filter(|v| !v.is_null())
-            .cloned()
-            .collect();
+        let output = self.finished_items();
         let r = response_value(
             &self.meta,
             &self.model_id,
