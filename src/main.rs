@@ -181,13 +181,17 @@ fn serve(path: &std::path::Path) -> ExitCode {
         Err(code) => return code,
     };
     let _log = cascade::log::init(config.log);
-    let state = match AppState::new(config.clone()) {
+    let state = match AppState::with_path(config.clone(), Some(path.to_path_buf())) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("cascade: {e}");
             return ExitCode::from(2);
         }
     };
+    if let Err(e) = server::reload::start_watching(state.clone()) {
+        eprintln!("cascade: cannot start the config reloader: {e}");
+        return ExitCode::FAILURE;
+    }
     if let Err(e) = server::start_scheduled_report(state.clone()) {
         eprintln!("cascade: cannot start the scheduled report: {e}");
         return ExitCode::FAILURE;
@@ -217,14 +221,21 @@ fn serve(path: &std::path::Path) -> ExitCode {
         scheduler = ?config.server.scheduler,
         "cascade listening"
     );
+    let shutdown = server::drain::on_signal(
+        state.drain.clone(),
+        config.server.drain_delay,
+        config.server.drain_timeout,
+        shutdown_signal(),
+        shutdown_signal(),
+    );
     let served = match config.server.scheduler {
-        Scheduler::PerCore => server::serve_per_core(state.clone(), listener, shutdown_signal()),
+        Scheduler::PerCore => server::serve_per_core(state.clone(), listener, shutdown),
         Scheduler::WorkStealing => runtime(Some(config.server.worker_threads)).and_then(|rt| {
             let state = state.clone();
             rt.block_on(async move {
                 listener.set_nonblocking(true)?;
                 let listener = tokio::net::TcpListener::from_std(listener)?;
-                server::serve(state, listener, shutdown_signal()).await
+                server::serve(state, listener, shutdown).await
             })
         }),
     };

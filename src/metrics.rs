@@ -9,6 +9,8 @@ use prometheus::{
 };
 
 use crate::api::Usage;
+use arc_swap::ArcSwap;
+
 use crate::config::{Chain, Config, Model};
 
 pub struct Metrics {
@@ -21,6 +23,8 @@ pub struct Metrics {
     pub overhead: Histogram,
     pub inflight: IntGauge,
     pub circuit_state: IntGaugeVec,
+    pub config_reloads: IntCounterVec,
+    config_info: IntGaugeVec,
     pub retries_total: IntCounterVec,
     pub hedges_total: IntCounterVec,
     pub ttft: HistogramVec,
@@ -46,7 +50,7 @@ pub struct Metrics {
     log_dropped_sync: std::sync::Mutex<()>,
     /// Handles for the configured chains and models, bound once so the hot path does
     /// not hash label values. Empty until [`Metrics::for_config`].
-    bound: Bound,
+    bound: ArcSwap<Bound>,
 }
 
 /// The `result` label values of `cascade_cache_requests_total`.
@@ -162,6 +166,22 @@ impl Metrics {
         .expect("valid metric");
         registry
             .register(Box::new(circuit_state.clone()))
+            .expect("unique metric");
+        let config_reloads = counter(
+            "cascade_config_reloads_total",
+            "Config reloads, by result (ok, error).",
+            &["result"],
+        );
+        let config_info = IntGaugeVec::new(
+            Opts::new(
+                "cascade_config_info",
+                "The config in use: 1 for the first 12 hex digits of its file's SHA-256.",
+            ),
+            &["hash"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(config_info.clone()))
             .expect("unique metric");
         let retries_total = counter(
             "cascade_retries_total",
@@ -310,6 +330,8 @@ impl Metrics {
             .expect("unique metric");
         Metrics {
             registry,
+            config_reloads,
+            config_info,
             shadow_requests_total,
             shadow_skipped_total,
             shadow_similarity,
@@ -342,30 +364,43 @@ impl Metrics {
             upstream_duration,
             overhead,
             inflight,
-            bound: Bound::default(),
+            bound: ArcSwap::from_pointee(Bound::default()),
         }
+    }
+
+    /// `cascade_config_info{hash}`: one series, the config in use.
+    pub fn config_info(&self, hash: &str) {
+        self.config_info.reset();
+        self.config_info.with_label_values(&[hash]).set(1);
     }
 
     /// Metrics with handles bound for every chain and model of `config`.
     pub fn for_config(config: &Config) -> Metrics {
-        let mut m = Metrics::new();
+        let m = Metrics::new();
+        m.rebind(config);
+        m
+    }
+
+    /// Binds handles for the chains and models of `config` (at start and on reload).
+    /// A request still running on the config before holds chains these handles do
+    /// not match: its metrics go through the label lookup instead.
+    pub fn rebind(&self, config: &Config) {
         let chains = config.chains.values().chain(config.model_chains.values());
         let mut bound = Bound {
             chains: Vec::new(),
             models: config
                 .models
                 .values()
-                .map(|model| m.bind_model(model))
+                .map(|model| self.bind_model(model))
                 .collect(),
         };
         for chain in chains {
             if bound.chains.len() <= chain.index {
                 bound.chains.resize_with(chain.index + 1, || None);
             }
-            bound.chains[chain.index] = Some(m.bind_chain(chain));
+            bound.chains[chain.index] = Some(self.bind_chain(chain));
         }
-        m.bound = bound;
-        m
+        self.bound.store(Arc::new(bound));
     }
 
     fn bind_chain(&self, chain: &Chain) -> ChainHandles {
@@ -406,20 +441,20 @@ impl Metrics {
 
     /// The bound handles for `chain`, if it belongs to the config these metrics were
     /// made for.
-    fn chain(&self, chain: &Chain) -> Option<&ChainHandles> {
-        self.chain_at(&chain.name, chain.index)
+    fn chain<'a>(bound: &'a Bound, chain: &Chain) -> Option<&'a ChainHandles> {
+        Self::chain_at(bound, &chain.name, chain.index)
     }
 
-    fn chain_at(&self, name: &Arc<str>, index: usize) -> Option<&ChainHandles> {
-        self.bound
+    fn chain_at<'a>(bound: &'a Bound, name: &Arc<str>, index: usize) -> Option<&'a ChainHandles> {
+        bound
             .chains
             .get(index)?
             .as_ref()
             .filter(|h| Arc::ptr_eq(&h.name, name))
     }
 
-    fn model(&self, model: &Model) -> Option<&ModelHandles> {
-        self.bound
+    fn model<'a>(bound: &'a Bound, model: &Model) -> Option<&'a ModelHandles> {
+        bound
             .models
             .get(model.index)
             .filter(|h| Arc::ptr_eq(&h.name, &model.name))
@@ -428,7 +463,7 @@ impl Metrics {
     /// One answered chat request: its duration and status.
     pub fn observe_request(&self, chain: &Chain, status: http::StatusCode, elapsed: Duration) {
         let secs = elapsed.as_secs_f64();
-        match self.chain(chain) {
+        match Self::chain(&self.bound.load(), chain) {
             Some(h) if status == http::StatusCode::OK => {
                 h.duration.observe(secs);
                 h.answered_ok.inc();
@@ -447,7 +482,7 @@ impl Metrics {
     /// One cache lookup result (one of [`CACHE_RESULTS`]) for `chain`.
     pub fn count_cache(&self, chain: &Chain, result: &'static str) {
         let slot = CACHE_RESULTS.iter().position(|r| *r == result);
-        match (self.chain(chain), slot) {
+        match (Self::chain(&self.bound.load(), chain), slot) {
             (Some(h), Some(i)) => h.cache[i].inc(),
             _ => self
                 .cache_requests
@@ -465,9 +500,9 @@ impl Metrics {
         model: &Model,
         outcome: &str,
     ) {
-        let bound = self
-            .chain_at(chain, index)
-            .and_then(|h| h.attempts_ok.get(position));
+        let handles = self.bound.load();
+        let bound =
+            Self::chain_at(&handles, chain, index).and_then(|h| h.attempts_ok.get(position));
         match bound {
             Some(c) if outcome == "ok" => c.inc(),
             _ => self
@@ -479,7 +514,7 @@ impl Metrics {
 
     /// The time of one upstream call, and its time to first token for a stream.
     pub fn observe_upstream(&self, model: &Model, latency: Duration, ttft: Option<Duration>) {
-        match self.model(model) {
+        match Self::model(&self.bound.load(), model) {
             Some(h) => {
                 h.upstream.observe(latency.as_secs_f64());
                 if let Some(t) = ttft {
@@ -502,7 +537,7 @@ impl Metrics {
     /// Tokens and cost of one answer of `model`.
     pub fn record_usage(&self, model: &Model, u: &Usage) {
         let cost = model.cost_usd(u);
-        match self.model(model) {
+        match Self::model(&self.bound.load(), model) {
             Some(h) => {
                 h.prompt_tokens.inc_by(u.prompt_tokens);
                 h.completion_tokens.inc_by(u.completion_tokens);
@@ -532,7 +567,7 @@ impl Metrics {
 
     /// What one answered request cost, and what its chain's first model would have.
     pub fn record_request_cost(&self, chain: &Chain, cost: f64, primary: f64) {
-        match self.chain(chain) {
+        match Self::chain(&self.bound.load(), chain) {
             Some(h) => {
                 h.request_cost.inc_by(cost.max(0.0));
                 h.primary_cost.inc_by(primary.max(0.0));

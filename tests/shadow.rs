@@ -40,7 +40,7 @@ fn count(conn: &Connection, sql: &str) -> i64 {
 
 /// Waits until `sql` counts at least `n` (shadow work ends after the answer).
 async fn until(h: &common::Harness, sql: &str, n: i64) -> Connection {
-    let path = h.state.config.store.as_ref().unwrap().path.clone();
+    let path = h.state.config().store.as_ref().unwrap().path.clone();
     for _ in 0..400 {
         h.state.store.clone().unwrap().flush().await;
         let conn = Connection::open(&path).unwrap();

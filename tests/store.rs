@@ -40,8 +40,8 @@ fn config(db: &Path) -> String {
 }
 
 fn db(h: &common::Harness) -> Connection {
-    let path = &h.state.config.store.as_ref().unwrap().path;
-    Connection::open(path).unwrap()
+    let path = h.state.config().store.as_ref().unwrap().path.clone();
+    Connection::open(&path).unwrap()
 }
 
 /// Waits until the store holds `n` request rows (streams end asynchronously).
@@ -585,7 +585,7 @@ async fn the_report_sums_what_fallbacks_cost() {
         min_calls: 3,
     };
     let by_chain = report::run(
-        &h.state.config.store.as_ref().unwrap().path,
+        &h.state.config().store.as_ref().unwrap().path,
         &q(GroupBy::Chain),
     )
     .unwrap();
@@ -609,7 +609,7 @@ async fn the_report_sums_what_fallbacks_cost() {
     assert_eq!(by_chain["totals"]["requests"], 9);
 
     let by_model = report::run(
-        &h.state.config.store.as_ref().unwrap().path,
+        &h.state.config().store.as_ref().unwrap().path,
         &q(GroupBy::Model),
     )
     .unwrap();

@@ -3,6 +3,7 @@
 //! The runtime config is built once at startup; the request path only reads `Arc`s from it.
 
 mod env;
+pub mod fingerprint;
 pub mod raw;
 pub mod units;
 
@@ -22,8 +23,10 @@ use crate::classify::{Action, ErrorClass};
 use crate::resilience::breaker::{Breaker, BreakerSettings};
 use crate::resilience::budget::BudgetSettings;
 use crate::resilience::health::{Health, HealthSettings};
+use crate::resilience::registry::{Generation, TargetKey, TargetRegistry, TargetState};
 pub use crate::resilience::retry::RetrySettings;
 use crate::secret::Secret;
+pub use fingerprint::Fingerprints;
 
 /// A configuration problem, located by its dotted YAML path (`chains.default[1]`).
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +55,7 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_BODY: u64 = 10 * 1024 * 1024;
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 10;
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The validated configuration used at run time.
 #[derive(Debug)]
@@ -79,6 +83,17 @@ pub struct Config {
     pub responses: ResponsesSettings,
     /// `server.passthrough`: where other `/v1/*` paths go.
     pub passthrough: Option<Arc<Provider>>,
+    /// The first 12 hex digits of the file's SHA-256 (`cascade_config_info{hash}`).
+    pub hash: String,
+    /// What a reload compares.
+    pub fingerprints: Fingerprints,
+}
+
+/// The first 12 hex digits of the SHA-256 of a config file's text.
+pub fn text_hash(text: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(text.as_bytes());
+    digest.iter().take(6).map(|b| format!("{b:02x}")).collect()
 }
 
 /// How long and how many Responses objects are kept (`responses:`).
@@ -150,6 +165,10 @@ pub struct ServerSettings {
     /// Worker threads; the number of cores unless set.
     pub worker_threads: usize,
     pub scheduler: Scheduler,
+    /// After SIGTERM, how long the listener still accepts (while `/readyz` says 503).
+    pub drain_delay: Duration,
+    /// After the listener closes, how long requests and streams in flight may take.
+    pub drain_timeout: Duration,
 }
 
 /// Game-day fault injection on a model.
@@ -222,7 +241,7 @@ pub struct Model {
     pub capabilities: Capabilities,
     /// Runtime state shared by every chain that uses this model.
     pub breaker: Arc<Breaker>,
-    pub health: Health,
+    pub health: Arc<Health>,
     // The model's own settings, merged into each chain target's policy.
     attempt_timeout: Option<Duration>,
     first_token_timeout: Option<Duration>,
@@ -231,6 +250,23 @@ pub struct Model {
 }
 
 impl Model {
+    /// What identifies this target across reloads.
+    pub fn target_key(&self) -> TargetKey {
+        TargetKey {
+            name: self.name.to_string(),
+            provider: self.provider.name.to_string(),
+            base_url: self.provider.base_url.to_string(),
+            model_id: self.model_id.clone(),
+        }
+    }
+
+    pub fn state(&self) -> TargetState {
+        TargetState {
+            breaker: self.breaker.clone(),
+            health: self.health.clone(),
+        }
+    }
+
     /// The price of an answer: cached prompt tokens at the cached price (the input
     /// price unless set), the rest of the prompt at the input price, output at the output price.
     pub fn cost_usd(&self, u: &crate::api::Usage) -> f64 {
@@ -350,11 +386,17 @@ pub struct MockSettings {
 impl Config {
     /// Loads and validates a YAML file, reading `${VAR}`s from the process environment.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Self::load_in(path, &mut TargetRegistry::default().generation())
+    }
+
+    /// [`Config::load`], taking each target's live state from `targets`: the state of
+    /// the running config for a reload.
+    pub fn load_in(path: &Path, targets: &mut Generation<'_>) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Load {
             file: path.display().to_string(),
             message: e.to_string(),
         })?;
-        Self::from_yaml_with_env(&text, &|name| std::env::var(name).ok()).map_err(|e| match e {
+        Self::from_yaml_in(&text, &|name| std::env::var(name).ok(), targets).map_err(|e| match e {
             ConfigError::Load { message, .. } => ConfigError::Load {
                 file: path.display().to_string(),
                 message,
@@ -367,6 +409,15 @@ impl Config {
     pub fn from_yaml_with_env(
         text: &str,
         env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        Self::from_yaml_in(text, env, &mut TargetRegistry::default().generation())
+    }
+
+    /// [`Config::from_yaml_with_env`], taking each target's live state from `targets`.
+    pub fn from_yaml_in(
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+        targets: &mut Generation<'_>,
     ) -> Result<Config, ConfigError> {
         let mut tree: serde_json::Value = config::Config::builder()
             .add_source(config::File::from_str(text, config::FileFormat::Yaml))
@@ -381,6 +432,7 @@ impl Config {
         if let Some(map) = tree.as_object_mut() {
             map.retain(|_, v| !v.is_null());
         }
+        let prints = Fingerprints::of(&tree);
         let raw: RawConfig = serde_path_to_error::deserialize(tree).map_err(|e| {
             let mut path = e.path().to_string();
             let message = e.into_inner().to_string();
@@ -397,7 +449,10 @@ impl Config {
             }
             ConfigError::at(&path, message)
         })?;
-        validate(raw)
+        let mut config = validate(raw, targets)?;
+        config.hash = text_hash(text);
+        config.fingerprints = prints;
+        Ok(config)
     }
 
     /// The chain names and pool model names a request may use, for error messages and `/v1/models`.
@@ -409,7 +464,7 @@ impl Config {
     }
 }
 
-fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+fn validate(raw: RawConfig, targets: &mut Generation<'_>) -> Result<Config, ConfigError> {
     let server = validate_server(&raw.server)?;
     let global_breaker = breaker_settings("breaker", &raw.breaker, BreakerSettings::default())?;
     let health = health_settings(&raw.health)?;
@@ -539,6 +594,16 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         let model_id_json = serde_json::to_string(&m.model_id)
             .map_err(|e| ConfigError::at(&format!("{path}.model_id"), e.to_string()))?
             .into_boxed_str();
+        let state = targets.target(
+            TargetKey {
+                name: name.clone(),
+                provider: provider.name.to_string(),
+                base_url: provider.base_url.to_string(),
+                model_id: m.model_id.clone(),
+            },
+            breaker,
+            health,
+        );
         models.insert(
             name.clone(),
             Arc::new(Model {
@@ -562,8 +627,8 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 embedding_space: m.embedding_space.clone(),
                 embed_url,
                 capabilities,
-                breaker: Arc::new(Breaker::new(breaker)),
-                health: Health::new(health),
+                breaker: state.breaker,
+                health: state.health,
                 attempt_timeout: m.attempt_timeout,
                 first_token_timeout: m.first_token_timeout,
                 idle_timeout: m.idle_timeout,
@@ -779,6 +844,8 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             max_memory: raw.responses.max_memory.unwrap_or(256 << 20),
         },
         cache: cache_settings(&raw.cache)?,
+        hash: String::new(),
+        fingerprints: Fingerprints::default(),
     })
 }
 
@@ -1358,6 +1425,8 @@ fn validate_server(s: &raw::RawServer) -> Result<ServerSettings, ConfigError> {
             std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
         }),
         scheduler: s.scheduler.unwrap_or_default(),
+        drain_delay: s.drain_delay.unwrap_or(Duration::ZERO),
+        drain_timeout: s.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT),
     })
 }
 

@@ -201,6 +201,10 @@ pub struct RawServer {
     pub scheduler: Option<Scheduler>,
     /// The provider other `/v1/*` paths are forwarded to unchanged.
     pub passthrough: Option<String>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub drain_delay: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub drain_timeout: Option<Duration>,
 }
 
 /// How requests are spread over the worker threads (see `crate::workers`).

@@ -116,7 +116,7 @@ pub fn counts_against_target(class: ErrorClass) -> bool {
     )
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Inner {
     state: BreakerState,
     open_until: Instant,
@@ -149,6 +149,24 @@ impl Breaker {
             }),
             settings,
         }
+    }
+
+    /// A breaker with new settings and this one's state, for a reload that changed
+    /// only thresholds: an open breaker stays open until the same `retry_at`. Its
+    /// failure-rate window starts again if its length changed.
+    pub fn with_settings(&self, settings: BreakerSettings) -> Breaker {
+        let mut inner = self.lock().clone();
+        if settings.window != self.settings.window {
+            inner.window = Window::new(settings.window, 12);
+        }
+        Breaker {
+            settings,
+            inner: Mutex::new(inner),
+        }
+    }
+
+    pub fn settings(&self) -> &BreakerSettings {
+        &self.settings
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {

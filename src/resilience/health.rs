@@ -30,7 +30,7 @@ impl Default for HealthSettings {
 /// Latency samples kept for percentiles: the most recent ones within the window.
 const SAMPLES: usize = 512;
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Inner {
     /// a: successes, b: failures.
     counts: Window,
@@ -74,6 +74,22 @@ impl Health {
             }),
             settings,
         }
+    }
+
+    /// A window with new settings that keeps this one's calls, for a reload that
+    /// changed only thresholds; a window of another length starts empty.
+    pub fn with_settings(&self, settings: HealthSettings) -> Health {
+        if settings.window != self.settings.window {
+            return Health::new(settings);
+        }
+        Health {
+            inner: Mutex::new(self.lock().clone()),
+            settings,
+        }
+    }
+
+    pub fn settings(&self) -> &HealthSettings {
+        &self.settings
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {

@@ -7,6 +7,7 @@ pub mod breaker;
 pub mod budget;
 pub mod circuit;
 pub mod health;
+pub mod registry;
 pub mod retry;
 pub mod timeout;
 pub mod window;

@@ -43,8 +43,8 @@ pub async fn health(State(app): State<Arc<AppState>>) -> Response<Body> {
     let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
     let now = Instant::now();
     let now_ms = clock::now_ms();
-    let targets: Vec<TargetHealth> = app
-        .config
+    let config = app.config();
+    let targets: Vec<TargetHealth> = config
         .models
         .values()
         .map(|m| {
@@ -103,7 +103,7 @@ pub async fn report(
     State(app): State<Arc<AppState>>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Response<Body> {
-    let Some(settings) = &app.config.store else {
+    let Some(settings) = &app.config().store else {
         return error_response(
             &ApiError::new(
                 StatusCode::CONFLICT,
@@ -115,7 +115,7 @@ pub async fn report(
     };
     let get = |k: &str| params.get(k).map(String::as_str);
     let query = match report_query(
-        &app.config,
+        &app.config(),
         get("since"),
         get("until"),
         get("by"),
@@ -201,8 +201,8 @@ pub fn restore_health(config: &Config, path: &Path) {
 /// `cascade-report-<until>.md` and `.json` into `dir`, and posts the JSON to the
 /// webhook if one is set. Nothing here can block or fail a request.
 pub fn start_scheduled_report(app: Arc<AppState>) -> std::io::Result<()> {
-    let (Some(schedule), Some(store)) = (app.config.report.clone(), app.config.store.clone())
-    else {
+    let config = app.config();
+    let (Some(schedule), Some(store)) = (config.report.clone(), config.store.clone()) else {
         return Ok(());
     };
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -221,8 +221,8 @@ pub fn start_scheduled_report(app: Arc<AppState>) -> std::io::Result<()> {
                         since_ms: until_ms - span,
                         until_ms,
                         by: schedule.by,
-                        degraded_below: app.config.health.degraded_below,
-                        min_calls: app.config.health.min_calls,
+                        degraded_below: app.config().health.degraded_below,
+                        min_calls: app.config().health.min_calls,
                     };
                     let path = store.path.clone();
                     let built = tokio::task::spawn_blocking(move || read_report(&path, &q)).await;

@@ -188,7 +188,7 @@ async fn handle(
     let ledger = Ledger::new(&app, &headers, start, inbound.label());
     let early = inbound.error_surface();
 
-    let prepared = match read_body(body, &headers, app.config.server.max_body).await {
+    let prepared = match read_body(body, &headers, ledger.config.server.max_body).await {
         Ok(bytes) => prepare(&app, inbound, bytes, &headers).await,
         Err(e) => Err(e),
     };
@@ -203,7 +203,13 @@ async fn handle(
     };
     let on = Surfaced { surface, turn };
     let request_id = ledger.request_id.clone();
-    let mut resp = answer(&app, &headers, start, inflight, ledger, req, &on).await;
+    let work = answer(&app, &headers, start, inflight, ledger, req, &on);
+    // The end of a drain answers what is still waiting (its ledger records 503).
+    let mut resp = tokio::select! {
+        biased;
+        r = work => r,
+        () = app.drain.stopped() => surface_error(&on.surface, &super::drain::shutting_down()),
+    };
     if !dropped_tools.is_empty() {
         tracing::info!(
             request_id = &*request_id,
@@ -322,7 +328,7 @@ async fn answer(
 ) -> Response<Body> {
     ledger.stream = req.stream;
     let task = headers.get(X_TASK).and_then(|v| v.to_str().ok());
-    let chain = match resolve(&app.config, task, req.model.as_deref()) {
+    let chain = match resolve(&ledger.config, task, req.model.as_deref()) {
         Ok(c) => c.clone(),
         Err(e) => return rejected(app, ledger, &e, &on.surface),
     };
@@ -350,7 +356,7 @@ async fn answer(
         if let Some(entry) = app.cache.get(key).await.filter(|e| e.is_fresh()) {
             if let Some(resp) = cached(app, &chain, &entry, &req, CacheOutcome::Hit, start, on) {
                 ledger.cache = CacheOutcome::Hit.as_str();
-                ledger.finish(from_cache(app, &entry, 0));
+                ledger.finish(from_cache(&chain, &entry, 0));
                 return resp;
             }
         }
@@ -373,7 +379,7 @@ async fn answer(
         {
             ledger.cache = CacheOutcome::Stale.as_str();
             let attempts = outcome.attempts.len();
-            ledger.finish(from_cache(app, &resp.1, attempts));
+            ledger.finish(from_cache(&chain, &resp.1, attempts));
             return resp.0;
         }
         let store = match (decision.write, decision.key) {
@@ -431,7 +437,7 @@ async fn answer(
     .await
     {
         ledger.cache = CacheOutcome::Stale.as_str();
-        ledger.finish(from_cache(app, &resp.1, finished.attempts.len()));
+        ledger.finish(from_cache(&chain, &resp.1, finished.attempts.len()));
         return resp.0;
     }
     let joined = !ran.load(std::sync::atomic::Ordering::Relaxed);
@@ -491,11 +497,20 @@ fn shadow_header(names: &[Arc<str>]) -> Option<HeaderValue> {
     HeaderValue::from_str(&joined.join(",")).ok()
 }
 
+/// The pool model of `chain` named `name` (a cached answer's).
+fn chain_model<'a>(chain: &'a Chain, name: &str) -> Option<&'a Model> {
+    chain
+        .targets
+        .iter()
+        .map(|t| &*t.model)
+        .find(|m| &*m.name == name)
+}
+
 /// The record of an answer served from the cache: no cost, no call of its own.
-fn from_cache<'a>(app: &'a AppState, entry: &cache::Entry, attempts: usize) -> Answered<'a> {
+fn from_cache<'a>(chain: &'a Chain, entry: &cache::Entry, attempts: usize) -> Answered<'a> {
     Answered {
         status: 200,
-        model: app.config.models.get(&*entry.model).map(|m| &**m),
+        model: chain_model(chain, &entry.model),
         attempts,
         fallbacks: 0,
         ttft: None,
@@ -579,7 +594,7 @@ fn cached(
     if !entry.serves(req) {
         return None;
     }
-    let model = app.config.models.get(&*entry.model)?;
+    let model = chain_model(chain, &entry.model)?;
     let mut resp = if req.stream {
         let chat = matches!(on.surface, Surface::Chat);
         let mut events = cache::replay(&entry.body, req.include_usage || !chat)?;
@@ -886,6 +901,7 @@ fn respond_stream(
                 attempts: outcome.attempts.len(),
                 fallbacks: outcome.fallbacks,
                 ttft: start.elapsed(),
+                stopped: Box::pin(app.drain.stopped()),
             };
             let native = committed.rest.as_ref().is_some_and(|r| r.is_native());
             let encoder = on.surface.encoder(&model.model_id, native);
@@ -1005,13 +1021,14 @@ fn outcome_headers(
 pub async fn count_tokens(State(app): State<Arc<AppState>>, request: Request) -> Response<Body> {
     let (parts, body) = request.into_parts();
     let headers = parts.headers;
+    let config = app.config();
     let counted = async {
-        let bytes = read_body(body, &headers, app.config.server.max_body).await?;
+        let bytes = read_body(body, &headers, config.server.max_body).await?;
         let (t, mut native) = messages::translate(&bytes)?;
         native.version = headers.get("anthropic-version").cloned();
         native.beta = headers.get("anthropic-beta").cloned();
         let task = headers.get(X_TASK).and_then(|v| v.to_str().ok());
-        let chain = resolve(&app.config, task, t.model.as_deref())?.clone();
+        let chain = resolve(&config, task, t.model.as_deref())?.clone();
         Ok::<_, ApiError>((t, native, chain))
     }
     .await;
@@ -1026,7 +1043,7 @@ pub async fn count_tokens(State(app): State<Arc<AppState>>, request: Request) ->
     if let Some(model) = counter {
         let client = app.engine.shared().http.local();
         let counted = tokio::time::timeout(
-            app.config.server.attempt_timeout,
+            config.server.attempt_timeout,
             crate::providers::anthropic::count_tokens(client, model, &native),
         )
         .await;

@@ -4,8 +4,10 @@
 mod admin;
 pub use admin::{read_report, report_query, start_scheduled_report};
 mod chat;
+pub mod drain;
 mod passthrough;
 mod record;
+pub mod reload;
 mod request_id;
 mod responses;
 mod sse;
@@ -29,13 +31,25 @@ use crate::cache::ResponseCache;
 use crate::config::{Config, Scheduler};
 use crate::metrics::Metrics;
 use crate::providers;
+use crate::resilience::registry::TargetRegistry;
 use crate::routing::engine::Engine;
 use crate::shadow::Shadow;
 use crate::store::{OpenError, Store};
+use arc_swap::ArcSwap;
 
 /// Everything a handler needs, built once at startup.
 pub struct AppState {
-    pub config: Arc<Config>,
+    /// The config in use and what is derived from it, swapped whole by a reload. A
+    /// request loads it once and keeps that snapshot to its end.
+    live: ArcSwap<Live>,
+    /// Each target's breaker and health window, kept across reloads.
+    targets: TargetRegistry,
+    /// The file a reload reads (`None` for a config built from text, in tests).
+    config_path: Option<std::path::PathBuf>,
+    /// One reload at a time.
+    reloading: tokio::sync::Mutex<()>,
+    /// Shutdown: readiness, and the end of the drain.
+    pub drain: Arc<drain::Drain>,
     pub engine: Engine,
     pub cache: Arc<ResponseCache>,
     pub metrics: Arc<Metrics>,
@@ -48,8 +62,23 @@ pub struct AppState {
     passthrough: passthrough::StreamingClient,
     /// When the gateway started, for the scheduled report.
     pub started_ms: i64,
+}
+
+/// One config generation: the validated config and the bodies built from it.
+pub struct Live {
+    pub config: Arc<Config>,
     models_body: Bytes,
     anthropic_models_body: Bytes,
+}
+
+impl Live {
+    fn new(config: Arc<Config>) -> Live {
+        Live {
+            models_body: models_body(&config),
+            anthropic_models_body: anthropic_models_body(&config),
+            config,
+        }
+    }
 }
 
 impl AppState {
@@ -57,7 +86,22 @@ impl AppState {
     /// window from the calls it recorded within `health.window`, so a restart forgets
     /// nothing it knew about its targets.
     pub fn new(config: Arc<Config>) -> Result<Arc<AppState>, OpenError> {
+        Self::with_path(config, None)
+    }
+
+    /// [`AppState::new`] for a config read from `path`, which a reload reads again.
+    pub fn with_path(
+        config: Arc<Config>,
+        path: Option<std::path::PathBuf>,
+    ) -> Result<Arc<AppState>, OpenError> {
+        let targets = TargetRegistry::default();
+        let mut generation = targets.generation();
+        for m in config.models.values() {
+            generation.keep(m.target_key(), m.state());
+        }
+        generation.commit();
         let metrics = Arc::new(Metrics::for_config(&config));
+        metrics.config_info(&config.hash);
         let store = match &config.store {
             Some(settings) => {
                 let store = Store::open(settings.clone(), metrics.store.clone())?;
@@ -90,11 +134,23 @@ impl AppState {
             started_ms: crate::clock::now_ms(),
             engine,
             cache: Arc::new(ResponseCache::new(&config.cache, metrics.clone())),
-            models_body: models_body(&config),
-            anthropic_models_body: anthropic_models_body(&config),
-            config,
+            live: ArcSwap::from_pointee(Live::new(config)),
+            targets,
+            config_path: path,
+            reloading: tokio::sync::Mutex::new(()),
+            drain: Arc::new(drain::Drain::default()),
             metrics,
         }))
+    }
+
+    /// The config generation in use now.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.load_full()
+    }
+
+    /// The config in use now.
+    pub fn config(&self) -> Arc<Config> {
+        self.live.load().config.clone()
     }
 }
 
@@ -123,6 +179,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/admin/health", get(admin::health))
         .route("/admin/report", get(admin::report))
+        .route("/admin/reload", post(reload::admin_reload))
         .fallback(passthrough::forward)
         .with_state(state)
 }
@@ -192,7 +249,7 @@ pub fn serve_per_core(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
-    let workers = state.config.server.worker_threads;
+    let workers = state.config().server.worker_threads;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let shutdown = std::sync::Mutex::new(Some((shutdown, stop)));
     crate::workers::run(workers, move |i| {
@@ -289,10 +346,11 @@ fn anthropic_models_body(config: &Config) -> Bytes {
 
 /// `GET /v1/models`, in Anthropic's shape when the request carries `anthropic-version`.
 async fn list_models(State(app): State<Arc<AppState>>, headers: http::HeaderMap) -> Response<Body> {
+    let live = app.live.load();
     if headers.contains_key("anthropic-version") {
-        return json_response(app.anthropic_models_body.clone());
+        return json_response(live.anthropic_models_body.clone());
     }
-    json_response(app.models_body.clone())
+    json_response(live.models_body.clone())
 }
 
 async fn healthz() -> Response<Body> {
@@ -300,8 +358,14 @@ async fn healthz() -> Response<Body> {
 }
 
 async fn readyz(State(app): State<Arc<AppState>>) -> Response<Body> {
+    // Not ready while shutting down, so a load balancer stops sending new requests.
+    if app.drain.is_draining() {
+        let mut r = json_response(Bytes::from_static(br#"{"status":"draining"}"#));
+        *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        return r;
+    }
     // Ready once the config is loaded and at least one chain is routable.
-    if app.config.models.is_empty() {
+    if app.config().models.is_empty() {
         let mut r = json_response(Bytes::from_static(br#"{"status":"not_ready"}"#));
         *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
         return r;
@@ -314,7 +378,7 @@ async fn metrics(State(app): State<Arc<AppState>>) -> Response<Body> {
         .cache_bytes
         .set(i64::try_from(app.cache.weighted_size().await).unwrap_or(i64::MAX));
     // Breaker states move with time (open -> half-open), so read them at scrape time.
-    for (name, m) in &app.config.models {
+    for (name, m) in &app.config().models {
         app.metrics
             .circuit_state
             .with_label_values(&[name])

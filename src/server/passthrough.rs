@@ -96,7 +96,7 @@ pub fn upstream_uri(p: &Provider, uri: &Uri) -> Result<Uri, String> {
 /// The router's fallback: pass-through for `/v1/*` when configured, else a 404 that
 /// says how to turn it on.
 pub async fn forward(State(app): State<Arc<AppState>>, request: Request) -> http::Response<Body> {
-    let Some(provider) = app.config.passthrough.clone() else {
+    let Some(provider) = app.config().passthrough.clone() else {
         let hint = if request.uri().path().starts_with("/v1/") {
             " Set `server.passthrough: PROVIDER` to forward other /v1 paths to a provider."
         } else {
@@ -163,7 +163,7 @@ pub async fn forward(State(app): State<Arc<AppState>>, request: Request) -> http
     // The answer's head must come within the request timeout (at least ten minutes:
     // the upload streams within it too); its body then streams.
     let sent = tokio::time::timeout(
-        app.config.server.request_timeout.max(HEAD_TIMEOUT_FLOOR),
+        app.config().server.request_timeout.max(HEAD_TIMEOUT_FLOOR),
         app.passthrough.request(upstream),
     )
     .await;

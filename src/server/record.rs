@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use super::AppState;
 use crate::api::{ApiError, Usage};
-use crate::config::{Chain, Model};
+use crate::config::{Chain, Config, Model};
 use crate::routing::engine::AttemptRecord;
 use crate::routing::target::RequestCtx;
 use crate::store::{round_usd, RequestRow, Row, Tokens};
@@ -56,6 +56,9 @@ impl Answered<'_> {
 
 pub struct Ledger {
     app: Arc<AppState>,
+    /// The config this request runs on, from its start to its end (a reload swaps
+    /// the gateway's, not this one).
+    pub config: Arc<Config>,
     pub request_id: Arc<str>,
     arrived_ms: i64,
     start: Instant,
@@ -76,6 +79,7 @@ impl Ledger {
         surface: &'static str,
     ) -> Ledger {
         Ledger {
+            config: app.config(),
             app: app.clone(),
             request_id: request_id(headers),
             arrived_ms: crate::clock::now_ms(),
@@ -117,7 +121,7 @@ impl Ledger {
         // Microsecond precision: no float noise in the log or the store.
         let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1000.0;
         let (cost, primary_cost) = (round_usd(cost), round_usd(primary_cost));
-        if app.config.log.requests {
+        if self.config.log.requests {
             tracing::info!(
                 target: crate::log::REQUEST,
                 request_id = &*self.request_id,
@@ -179,16 +183,23 @@ impl Drop for Ledger {
         // The client left before its answer was complete (or the handler panicked, and
         // the client got a 500 from the panic layer).
         let attempts = self.ctx.as_ref().map_or(0, |c| c.calls_started());
-        let panicked = std::thread::panicking();
+        let (status, error_type) = if std::thread::panicking() {
+            (500, "internal")
+        } else if self.app.drain.is_stopped() {
+            // Cut by the end of the drain, and answered 503.
+            (503, "shutting_down")
+        } else {
+            (CLIENT_CLOSED, "cancelled")
+        };
         self.write(&Answered {
-            status: if panicked { 500 } else { CLIENT_CLOSED },
+            status,
             model: None,
             attempts,
             fallbacks: 0,
             ttft: None,
             usage: None,
             charged: false,
-            error_type: Some(if panicked { "internal" } else { "cancelled" }),
+            error_type: Some(error_type),
         });
     }
 }

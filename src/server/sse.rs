@@ -54,6 +54,8 @@ pub struct StreamEnd {
     pub fallbacks: usize,
     /// From the request's arrival to the commit point.
     pub ttft: Duration,
+    /// Resolves when the gateway's drain ends: the stream ends with an error event.
+    pub stopped: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
 }
 
 struct State {
@@ -155,6 +157,18 @@ impl State {
             deadline_cut: true,
         };
         self.report(ending, Some("timeout"));
+        event.into()
+    }
+
+    /// The gateway's drain ended before the stream did: the client gets the
+    /// surface's error event; the call is recorded as cancelled (not the target's fault).
+    fn shutting_down(&mut self) -> Bytes {
+        self.ended = true;
+        let _ = self.rest.as_mut().and_then(|r| r.take_native());
+        let mut event = Vec::new();
+        self.encoder
+            .fail(&super::drain::shutting_down(), &mut event);
+        self.report(StreamEnding::ClientGone, Some("shutting_down"));
         event.into()
     }
 
@@ -277,7 +291,14 @@ pub fn body(
             let Some(rest) = s.rest.as_mut() else {
                 break s.complete().await;
             };
-            let item = timeout_at(limit, rest.next()).await;
+            let item = tokio::select! {
+                biased;
+                item = timeout_at(limit, rest.next()) => Some(item),
+                () = &mut s.end.stopped => None,
+            };
+            let Some(item) = item else {
+                break s.shutting_down();
+            };
             break match item {
                 Ok(Some(Ok(StreamItem::Chunk {
                     data,

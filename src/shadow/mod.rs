@@ -23,6 +23,8 @@ use tower::ServiceExt;
 
 use crate::api::{ChatRequest, Usage};
 use crate::classify::ErrorClass;
+use arc_swap::ArcSwap;
+
 use crate::config::{Chain, Config, Model, Target};
 use crate::metrics::Metrics;
 use crate::providers::StreamItem;
@@ -115,8 +117,9 @@ pub struct Shadow {
     shared: StackShared,
     store: Option<Store>,
     metrics: Arc<Metrics>,
-    /// By `Chain::index`; `None` for chains without shadow traffic.
-    chains: Vec<Option<Arc<ChainState>>>,
+    /// By `Chain::index` of the config bound last; `None` for chains without shadow
+    /// traffic.
+    chains: ArcSwap<Vec<Option<(Arc<str>, Arc<ChainState>)>>>,
     /// Shadow calls in flight across chains, and a wake-up when it reaches zero.
     inflight: Arc<(AtomicUsize, Notify)>,
     /// When shutdown began: the drain limit counts from the signal.
@@ -130,37 +133,65 @@ impl Shadow {
         store: Option<Store>,
         metrics: Arc<Metrics>,
     ) -> Shadow {
-        let mut chains: Vec<Option<Arc<ChainState>>> = Vec::new();
+        let shadow = Shadow {
+            shared,
+            store,
+            metrics,
+            chains: ArcSwap::from_pointee(Vec::new()),
+            inflight: Arc::new((AtomicUsize::new(0), Notify::new())),
+            shutdown_at: Mutex::new(None),
+        };
+        shadow.rebind(config);
+        shadow
+    }
+
+    /// Binds the per-chain state (sampling, in-flight count, hourly spend) to a new
+    /// config: a chain kept by a reload keeps its state, by name.
+    pub fn rebind(&self, config: &Config) {
+        let old = self.chains.load();
+        let mut chains: Vec<Option<(Arc<str>, Arc<ChainState>)>> = Vec::new();
         for chain in config.chains.values() {
             if chains.len() <= chain.index {
                 chains.resize_with(chain.index + 1, || None);
             }
-            if chain.shadow.is_some() {
+            if chain.shadow.is_none() {
+                continue;
+            }
+            let kept = old
+                .iter()
+                .flatten()
+                .find(|(name, _)| **name == *chain.name)
+                .map(|(_, s)| s.clone());
+            let state = kept.unwrap_or_else(|| {
                 let rng = match config.shadow_seed {
                     Some(seed) => {
                         rand::rngs::SmallRng::seed_from_u64(seed.wrapping_add(chain.index as u64))
                     }
                     None => rand::rngs::SmallRng::from_entropy(),
                 };
-                chains[chain.index] = Some(Arc::new(ChainState {
+                Arc::new(ChainState {
                     rng: Mutex::new(rng),
                     inflight: AtomicUsize::new(0),
                     spend: Mutex::new(Spend::default()),
-                }));
-            }
+                })
+            });
+            chains[chain.index] = Some((chain.name.clone(), state));
         }
-        Shadow {
-            shared,
-            store,
-            metrics,
-            chains,
-            inflight: Arc::new((AtomicUsize::new(0), Notify::new())),
-            shutdown_at: Mutex::new(None),
-        }
+        self.chains.store(Arc::new(chains));
     }
 
-    fn state(&self, chain: &Chain) -> Option<&Arc<ChainState>> {
-        self.chains.get(chain.index)?.as_ref()
+    /// The state of `chain`, if it belongs to the config bound last (a request still
+    /// running on a replaced config finds its chain by name).
+    fn state(&self, chain: &Chain) -> Option<Arc<ChainState>> {
+        let chains = self.chains.load();
+        match chains.get(chain.index).and_then(Option::as_ref) {
+            Some((name, s)) if Arc::ptr_eq(name, &chain.name) => Some(s.clone()),
+            _ => chains
+                .iter()
+                .flatten()
+                .find(|(name, _)| **name == *chain.name)
+                .map(|(_, s)| s.clone()),
+        }
     }
 
     /// Draws whether this request of `chain` is sampled.
