@@ -221,13 +221,17 @@ fn serve(path: &std::path::Path) -> ExitCode {
         scheduler = ?config.server.scheduler,
         "cascade listening"
     );
-    let shutdown = server::drain::on_signal(
+    let shutdown = match server::drain::on_signal(
         state.drain.clone(),
         config.server.drain_delay,
         config.server.drain_timeout,
-        shutdown_signal(),
-        shutdown_signal(),
-    );
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("cascade: cannot listen for signals: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let served = match config.server.scheduler {
         Scheduler::PerCore => server::serve_per_core(state.clone(), listener, shutdown),
         Scheduler::WorkStealing => runtime(Some(config.server.worker_threads)).and_then(|rt| {

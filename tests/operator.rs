@@ -4,9 +4,8 @@
 
 mod common;
 
-use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,87 +13,7 @@ use cascade::mock::MockServer;
 use common::TempDir;
 use serde_json::{json, Value};
 
-const BIN: &str = env!("CARGO_BIN_EXE_cascade");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A gateway process; killed if the test ends without stopping it.
-struct Gateway {
-    child: Option<Child>,
-    port: u16,
-    config: PathBuf,
-}
-
-impl Gateway {
-    fn start(dir: &Path, yaml: &str) -> Gateway {
-        let port = free_port();
-        let config = dir.join("cascade.yaml");
-        std::fs::write(&config, yaml.replace("{port}", &port.to_string())).unwrap();
-        let child = Command::new(BIN)
-            .args(["serve", "--config"])
-            .arg(&config)
-            .current_dir(dir)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the gateway starts");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "the gateway never listened");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Gateway {
-            child: Some(child),
-            port,
-            config,
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-
-    /// SIGTERM, then the exit code and everything it printed.
-    fn stop(mut self) -> (i32, String, String) {
-        let mut child = self.child.take().unwrap();
-        let killed = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(killed.success());
-        let (mut out, mut err) = (String::new(), String::new());
-        child
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut out)
-            .unwrap();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
-        let status = child.wait().unwrap();
-        (status.code().unwrap_or(-1), out, err)
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
+use common::process::{free_port, Gateway, BIN};
 
 fn yaml(mock: &MockServer, dir: &Path, extra: &str) -> String {
     format!(

@@ -68,37 +68,101 @@ pub fn shutting_down() -> ApiError {
     .with_code("shutting_down")
 }
 
-/// Waits for `signal`, then runs steps 1 and 2; resolves when the listener should
-/// close. Arms step 3 (a timer thread, so it runs whichever runtime ends first) and
-/// the second-signal exit.
-pub async fn on_signal(
+/// SIGTERM and SIGINT, listened to from the first poll on, so a second signal is
+/// never missed while the first is handled.
+struct Signals {
+    #[cfg(unix)]
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn new() -> Signals {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Signals {
+                term: signal(SignalKind::terminate()).ok(),
+                int: signal(SignalKind::interrupt()).ok(),
+            }
+        }
+        #[cfg(not(unix))]
+        Signals {}
+    }
+
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        {
+            async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+                match s {
+                    Some(s) => {
+                        if s.recv().await.is_none() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            }
+            tokio::select! {
+                () = recv(&mut self.term) => {}
+                () = recv(&mut self.int) => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Starts the thread that handles SIGTERM and SIGINT for the life of the process
+/// (the serving runtimes may end before the drain does). The returned future
+/// resolves when the listener should close: after the first signal and
+/// `delay`. Then, after `timeout`, whatever still runs is ended
+/// ([`Drain::stop_now`]); a second signal exits at once with code 1.
+pub fn on_signal(
     drain: Arc<Drain>,
     delay: Duration,
     timeout: Duration,
-    signal: impl Future<Output = ()>,
-    second: impl Future<Output = ()> + Send + 'static,
-) {
-    signal.await;
-    drain.begin();
-    tracing::info!(
-        drain_delay_ms = delay.as_millis() as u64,
-        drain_timeout_ms = timeout.as_millis() as u64,
-        "shutting down: /readyz answers 503; draining"
-    );
-    tokio::spawn(async move {
-        second.await;
-        eprintln!("cascade: second signal, exiting now");
-        std::process::exit(1);
-    });
-    tokio::time::sleep(delay).await;
-    let stopper = drain.clone();
-    let _ = std::thread::Builder::new()
-        .name("cascade-drain".into())
+) -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (close, mut closed) = watch::channel(false);
+    // Listening from now on: a signal sent before the servers poll is not lost.
+    let mut signals = rt.block_on(async { Signals::new() });
+    std::thread::Builder::new()
+        .name("cascade-signals".into())
         .spawn(move || {
-            std::thread::sleep(timeout);
-            if !stopper.is_stopped() {
-                tracing::warn!("drain timeout passed: ending the requests still in flight");
-                stopper.stop_now();
-            }
-        });
+            rt.block_on(async move {
+                signals.next().await;
+                drain.begin();
+                tracing::info!(
+                    drain_delay_ms = delay.as_millis() as u64,
+                    drain_timeout_ms = timeout.as_millis() as u64,
+                    "shutting down: /readyz answers 503; draining"
+                );
+                let drained = async {
+                    tokio::time::sleep(delay).await;
+                    close.send_replace(true);
+                    tokio::time::sleep(timeout).await;
+                    if !drain.is_stopped() {
+                        tracing::warn!("drain timeout passed: ending the requests still in flight");
+                        drain.stop_now();
+                    }
+                    std::future::pending::<()>().await;
+                };
+                tokio::select! {
+                    () = drained => {}
+                    () = signals.next() => {
+                        eprintln!("cascade: second signal, exiting now");
+                        std::process::exit(1);
+                    }
+                }
+            })
+        })?;
+    Ok(async move {
+        let _ = closed.wait_for(|c| *c).await;
+    })
 }

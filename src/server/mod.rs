@@ -250,11 +250,22 @@ pub fn serve_per_core(
 ) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
     let workers = state.config().server.worker_threads;
+    // One handle per worker, and none kept here: the socket closes (new connections
+    // are refused) once every worker has stopped accepting.
+    let listeners: Vec<Option<std::net::TcpListener>> = (0..workers)
+        .map(|_| listener.try_clone().map(Some))
+        .collect::<std::io::Result<_>>()?;
+    drop(listener);
+    let listeners = std::sync::Mutex::new(listeners);
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let shutdown = std::sync::Mutex::new(Some((shutdown, stop)));
     crate::workers::run(workers, move |i| {
         let state = state.clone();
-        let listener = listener.try_clone();
+        let listener = listeners
+            .lock()
+            .ok()
+            .and_then(|mut l| l.get_mut(i).and_then(Option::take))
+            .ok_or_else(|| std::io::Error::other("no listener for this worker"));
         let mut stopped = stopped.clone();
         let signal = if i == 0 {
             shutdown.lock().ok().and_then(|mut s| s.take())

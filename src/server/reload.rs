@@ -186,12 +186,7 @@ async fn run(
                     continue;
                 }
                 // Debounce: wait for a quiet spell, then reload if the text changed.
-                loop {
-                    match tokio::time::timeout(DEBOUNCE, changed.recv()).await {
-                        Ok(Some(())) => continue,
-                        _ => break,
-                    }
-                }
+                while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, changed.recv()).await {}
                 let text = tokio::fs::read_to_string(&path).await;
                 if let Ok(text) = text {
                     if crate::config::text_hash(&text) != app.config().hash {

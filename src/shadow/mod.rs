@@ -89,6 +89,9 @@ impl Served {
 }
 
 /// Live shadow state of one chain.
+/// A chain's name and its shadow state.
+type Bound = (Arc<str>, Arc<ChainState>);
+
 struct ChainState {
     rng: Mutex<rand::rngs::SmallRng>,
     inflight: AtomicUsize,
@@ -119,7 +122,7 @@ pub struct Shadow {
     metrics: Arc<Metrics>,
     /// By `Chain::index` of the config bound last; `None` for chains without shadow
     /// traffic.
-    chains: ArcSwap<Vec<Option<(Arc<str>, Arc<ChainState>)>>>,
+    chains: ArcSwap<Vec<Option<Bound>>>,
     /// Shadow calls in flight across chains, and a wake-up when it reaches zero.
     inflight: Arc<(AtomicUsize, Notify)>,
     /// When shutdown began: the drain limit counts from the signal.
@@ -149,7 +152,7 @@ impl Shadow {
     /// config: a chain kept by a reload keeps its state, by name.
     pub fn rebind(&self, config: &Config) {
         let old = self.chains.load();
-        let mut chains: Vec<Option<(Arc<str>, Arc<ChainState>)>> = Vec::new();
+        let mut chains: Vec<Option<Bound>> = Vec::new();
         for chain in config.chains.values() {
             if chains.len() <= chain.index {
                 chains.resize_with(chain.index + 1, || None);
