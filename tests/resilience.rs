@@ -673,12 +673,151 @@ async fn fallbacks_count_chain_positions_on_failure_too() {
     assert_eq!(r.status, 502);
     assert_eq!(
         r.header("x-cascade-attempts"),
-        Some("2"),
-        "the open primary was skipped"
+        Some("3"),
+        "the open primary was skipped, then called as the last resort"
     );
+    let trace = r.header("x-cascade-trace").unwrap();
+    assert!(trace.ends_with(":last_resort"), "{trace}");
     assert_eq!(
         r.header("x-cascade-fallbacks"),
         Some("2"),
         "moved past positions 0 and 1"
     );
+}
+
+/// Three targets on default settings but for the deadline (retries, budget, breakers
+/// and attempt limit as shipped).
+const DEFAULTS: &str = r#"
+server: { request_timeout: 120s }
+providers:
+  mock: { kind: openai, base_url: "{mock}" }
+models:
+  primary:   { provider: mock, model_id: p }
+  secondary: { provider: mock, model_id: s }
+  tertiary:  { provider: mock, model_id: t }
+chains:
+  main: [primary, secondary, tertiary]
+"#;
+
+/// Sends `n` requests (every other one streamed); each must be answered in full,
+/// within `deadline` and the default attempt limit.
+async fn every_request_answered(h: &common::Harness, n: usize, deadline: Duration) {
+    for i in 0..n {
+        let start = Instant::now();
+        let r = if i % 2 == 1 {
+            h.chat_stream("main", &[]).await
+        } else {
+            h.chat("main", &[]).await
+        };
+        assert_eq!(r.status, 200, "request {i}: {}", r.text);
+        assert!(!r.text.contains("\"error\""), "request {i}: {}", r.text);
+        if i % 2 == 1 {
+            assert!(
+                r.text.ends_with("data: [DONE]\n\n"),
+                "request {i}: {}",
+                r.text
+            );
+        }
+        let attempts: u32 = r.header("x-cascade-attempts").unwrap().parse().unwrap();
+        assert!(attempts <= 10, "request {i}: {attempts} calls");
+        assert!(
+            start.elapsed() <= deadline,
+            "request {i} outlived its deadline"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn three_targets_with_thirty_percent_mixed_faults_answer_every_request() {
+    // Seeded draws: failures cluster as real ones do. Each of these runs failed a request
+    // before the second pass and the last resort.
+    for base in [20, 30, 40] {
+        let h = start(DEFAULTS).await;
+        for (m, seed) in [("p", base + 1), ("s", base + 2), ("t", base + 3)] {
+            h.mock.set(m, &format!("error_rate=0.3,mix,seed={seed}"));
+        }
+        every_request_answered(&h, 200, Duration::from_secs(120)).await;
+        // The default retry budget (20% of first calls) covers this regime.
+        let m = h.get("/metrics").await.text;
+        assert_eq!(
+            metric(&m, "cascade_retry_budget_exhausted_total"),
+            0.0,
+            "seeds {base}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn three_targets_with_thirty_percent_stalls_and_timeouts_answer_every_request() {
+    // A stall costs the default attempt timeout (30 s): the deadline leaves room for
+    // the default 10 attempts.
+    let h = start(&DEFAULTS.replace("request_timeout: 120s", "request_timeout: 300s")).await;
+    for (m, seed) in [("p", 4), ("s", 5), ("t", 6)] {
+        h.mock
+            .set(m, &format!("error_rate=0.3,mix_slow,seed={seed}"));
+    }
+    every_request_answered(&h, 200, Duration::from_secs(300)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_an_outage_a_request_adds_at_most_one_probe_and_ends_in_time() {
+    let h = start(DEFAULTS).await;
+    for m in ["p", "s", "t"] {
+        h.mock.set(m, "status=500");
+    }
+    // The first request spends each target's retries; the breakers open.
+    let r = h.chat("main", &[]).await;
+    assert_eq!(r.status, 502);
+    let first = h.mock.total_calls();
+    assert_eq!(first, 9, "three calls to each target, no second pass");
+    for i in 0..10 {
+        let before = h.mock.total_calls();
+        let start = Instant::now();
+        let r = h.chat("main", &[]).await;
+        assert_eq!(r.status, 502, "request {i}");
+        let calls = h.mock.total_calls() - before;
+        // As before: the soonest breaker's target, tried through it with its retries
+        // (at most 3 calls); now also at most one last resort.
+        let trace = r.header("x-cascade-trace").unwrap();
+        let probes = trace.matches(":last_resort").count();
+        assert!(probes <= 1, "request {i}: {trace}");
+        assert!(calls as usize - probes <= 3, "request {i}: {trace}");
+        assert!(start.elapsed() <= Duration::from_secs(120));
+        tokio::time::advance(Duration::from_secs(1)).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_last_resort_calls_an_open_target_and_says_so_in_the_trace() {
+    let h = start(DEFAULTS).await;
+    // Open the primary's breaker, then let it recover; the others fail for good.
+    h.mock.set("p", "status=500");
+    h.mock.set("s", "status=401");
+    h.mock.set("t", "status=401");
+    let r = h.chat("main", &[]).await;
+    assert_eq!(r.status, 502);
+    h.mock.set("p", "");
+    let before = (h.mock.calls("p"), h.mock.calls("s"), h.mock.calls("t"));
+    let r = h.chat("main", &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.header("x-cascade-model"), Some("primary"));
+    let trace = r.header("x-cascade-trace").unwrap();
+    assert!(trace.ends_with(":last_resort"), "{trace}");
+    assert!(trace.starts_with("secondary:401:"), "{trace}");
+    // `auth` is never tried again: one call each to secondary and tertiary.
+    assert_eq!(h.mock.calls("s") - before.1, 1);
+    assert_eq!(h.mock.calls("t") - before.2, 1);
+    assert_eq!(h.mock.calls("p") - before.0, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_retries_an_empty_answer_is_not_tried_again() {
+    let yaml = DEFAULTS.replace("server:", "retry: { max_retries: 0 }\nserver:");
+    let h = start(&yaml).await;
+    for m in ["p", "s", "t"] {
+        h.mock.set(m, "empty");
+    }
+    let r = h.chat("main", &[]).await;
+    assert_eq!(r.status, 502);
+    assert_eq!(h.mock.total_calls(), 3, "one call each, as before");
 }

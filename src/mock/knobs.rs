@@ -28,6 +28,12 @@ pub struct Knobs {
     /// Failing calls rotate through mixed faults (500, 429 with Retry-After, stall,
     /// reset, empty answer, stream cut before the first token) instead of `status`.
     pub mix: bool,
+    /// Like `mix`, with only slow faults: a stall, or an answer 45 s late (past the
+    /// default attempt timeout).
+    pub mix_slow: bool,
+    /// With `error_rate` (and `mix`): which calls fail, and with what, is drawn from
+    /// this seed (failures cluster as real ones do) instead of being spread evenly.
+    pub seed: Option<u64>,
     /// Answer 200 with no content and no tool calls.
     pub empty: bool,
     /// Answer 200 with a body that is not valid JSON.
@@ -71,6 +77,8 @@ impl Default for Knobs {
             error_rate: 0.0,
             fail_first: 0,
             mix: false,
+            mix_slow: false,
+            seed: None,
             empty: false,
             malformed: false,
             cut_after: None,
@@ -111,7 +119,11 @@ const MIX: [Fault; 6] = [
 impl Knobs {
     /// The fault for failing call `index`, when `mix` is on.
     pub fn mixed_fault(&self, index: u64) -> Fault {
-        MIX[(index % MIX.len() as u64) as usize]
+        let pick = match self.seed {
+            Some(seed) => draw(seed ^ 0x5eed, index),
+            None => index,
+        };
+        MIX[(pick % MIX.len() as u64) as usize]
     }
 
     pub fn parse(spec: &str) -> Result<Knobs, String> {
@@ -150,6 +162,8 @@ impl Knobs {
                 }
                 "fail_first" => k.fail_first = num(value)? as u64,
                 "mix" => k.mix = true,
+                "mix_slow" => k.mix_slow = true,
+                "seed" => k.seed = Some(num(value)? as u64),
                 "empty" => k.empty = true,
                 "malformed" => k.malformed = true,
                 "cut_after" => k.cut_after = Some(num(value)?),
@@ -173,6 +187,8 @@ impl Knobs {
     pub fn fails(&self, index: u64) -> bool {
         if self.fail_first > 0 {
             index < self.fail_first
+        } else if let (Some(seed), true) = (self.seed, self.error_rate > 0.0) {
+            ((draw(seed, index) >> 11) as f64 / ((1u64 << 53) as f64)) < self.error_rate
         } else if self.error_rate > 0.0 {
             let i = index as f64;
             ((i + 1.0) * self.error_rate).floor() > (i * self.error_rate).floor()
@@ -180,6 +196,16 @@ impl Knobs {
             self.status.is_some()
         }
     }
+}
+
+/// A well-mixed 64-bit value for call `index` under `seed` (splitmix64).
+fn draw(seed: u64, index: u64) -> u64 {
+    let mut z = seed
+        .wrapping_add(index.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        .wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 #[cfg(test)]

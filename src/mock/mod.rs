@@ -773,7 +773,7 @@ async fn handle(
         Some(spec) => Knobs::parse(&spec).map_err(|e| -> BoxError { e.into() })?,
         None => state.knobs_for(&head.model),
     };
-    let knobs = if knobs.mix && knobs.fails(index) {
+    let knobs = if (knobs.mix || knobs.mix_slow) && knobs.fails(index) {
         mixed(knobs, index)
     } else {
         knobs
@@ -799,6 +799,14 @@ fn mixed(mut k: Knobs, index: u64) -> Knobs {
     k.error_rate = 0.0;
     k.fail_first = 0;
     k.status = None;
+    if k.mix_slow {
+        let pick = k.seed.map_or(index, |s| index.wrapping_add(s));
+        match pick % 2 {
+            0 => k.stall = true,
+            _ => k.latency = Duration::from_secs(45),
+        }
+        return k;
+    }
     match k.mixed_fault(index) {
         knobs::Fault::Status500 => k.status = Some(500),
         knobs::Fault::RateLimited => {

@@ -25,6 +25,12 @@ pub trait Attempt: Clone + Send + 'static {
     fn refund_attempt(&self);
     /// Call through an open breaker (`when_all_open: try_soonest`).
     fn force_breaker(&self) -> bool;
+    /// A timed-out call moves on to the next target rather than waiting on this one
+    /// again: the chain has targets not tried yet, and the engine's second pass spends
+    /// the retries left if none of them answers.
+    fn defer_timeouts(&self) -> bool {
+        false
+    }
 }
 
 /// Whether a successful response is the call's final outcome. A stream that has only

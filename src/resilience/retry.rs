@@ -136,6 +136,7 @@ where
                 if policy.actions[err.class.index()] != Action::Retry
                     || retry >= policy.settings.max_retries
                     || err.deadline_cut
+                    || (err.class == ErrorClass::Timeout && req.defer_timeouts())
                 {
                     return Err(err);
                 }

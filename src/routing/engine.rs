@@ -13,7 +13,7 @@ use http::StatusCode;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use super::target::{run_stack, stack, Call, Launch, RequestCtx, StackShared};
+use super::target::{run_stack, single_call, stack, Call, Launch, RequestCtx, StackShared};
 use crate::api::{ApiError, ChatRequest, Usage};
 use crate::classify::{Action, AttemptError, ErrorClass};
 use crate::config::{Chain, Config, HedgeDelay, Model, Strategy, WhenAllOpen};
@@ -24,6 +24,7 @@ use crate::resilience::backoff::Jitter;
 use crate::resilience::breaker::BreakerState;
 use crate::resilience::budget::Budget;
 use crate::resilience::retry::RetryShared;
+use crate::resilience::Attempt;
 use crate::store::{CallKind, CallRow, Tokens};
 
 /// One upstream call, as reported in headers, error bodies and the store.
@@ -53,6 +54,8 @@ pub struct AttemptRecord {
     pub cancelled: bool,
     /// Cut by the request's own deadline rather than the target's fault.
     pub deadline_cut: bool,
+    /// A last resort: called through its open breaker before the request gave up.
+    pub last_resort: bool,
 }
 
 impl AttemptRecord {
@@ -162,6 +165,9 @@ struct Plan {
     forced: Option<usize>,
     /// Targets left out without a call, and why (`capability`, `context_window`).
     skipped: Vec<Skipped>,
+    /// Targets left out for an open breaker, soonest to reopen first: the last
+    /// resort of a request that would otherwise fail.
+    open: Vec<usize>,
 }
 
 /// A target the plan left out without calling it.
@@ -179,6 +185,8 @@ struct Failure {
     fail_fast: Option<Box<ApiError>>,
     /// The last failure, when it was a content-filtered answer: returned as it is.
     filtered: Option<(Arc<Model>, Vec<Bytes>)>,
+    /// Ended by a class configured to `fail`: nothing more is tried.
+    stopped: bool,
 }
 
 type Walk = Result<(usize, Arc<Model>, Answer), Failure>;
@@ -226,12 +234,21 @@ impl Engine {
         let deadline = ctx.deadline;
         let ctx = ctx.clone();
         let (walk, plan_order, skipped) = match plan(chain, &req) {
-            Ok(plan) => {
-                let walk = match chain.strategy {
+            Ok(mut plan) => {
+                let mut walk = match chain.strategy {
                     Strategy::Sequential => self.sequential(chain, &plan, 0, &req, &ctx).await,
                     Strategy::Race { k } => self.race(chain, &plan, k, &req, &ctx).await,
                     Strategy::Hedge { delay } => self.hedge(chain, &plan, delay, &req, &ctx).await,
                 };
+                if let Err(f) = &walk {
+                    if f.fail_fast.is_none() && f.filtered.is_none() && !f.stopped {
+                        if let Some(answered) =
+                            self.second_chance(chain, &mut plan, &req, &ctx).await
+                        {
+                            walk = Ok(answered);
+                        }
+                    }
+                }
                 (walk, plan.order, plan.skipped)
             }
             Err(failed) => {
@@ -278,6 +295,128 @@ impl Engine {
         }
     }
 
+    /// A walk that ran out of targets, before it gives up:
+    /// 1. a second pass spends each target's unused same-target retries on failures
+    ///    that retrying can fix (`transient`, `timeout`, `rate_limited` with a hint that
+    ///    fits, and `empty`), one call at a time, within the retry budget;
+    /// 2. a target skipped for its open breaker (the one that reopens soonest) is
+    ///    called through it as a half-open probe.
+    ///
+    /// Both take from the request's attempts and stop at its deadline. In an outage
+    /// the first pass has already spent the retries and the breakers are open, so this
+    /// adds at most the one probe.
+    async fn second_chance(
+        &self,
+        chain: &Chain,
+        plan: &mut Plan,
+        req: &Arc<ChatRequest>,
+        ctx: &Arc<RequestCtx>,
+    ) -> Option<(usize, Arc<Model>, Answer)> {
+        for i in 0..plan.order.len() {
+            let pos = plan.order[i];
+            let policy = &chain.targets[pos].policy;
+            let calls = ctx.attempts();
+            let at: Vec<&AttemptRecord> = calls.iter().filter(|a| a.position == pos).collect();
+            let Some(last) = at.iter().max_by_key(|a| a.call) else {
+                continue;
+            };
+            let (Some(class), false) = (last.class, last.cancelled || last.deadline_cut) else {
+                continue;
+            };
+            let fixable = match class {
+                ErrorClass::Transient | ErrorClass::Timeout => {
+                    policy.action(class) == Action::Retry
+                }
+                ErrorClass::RateLimited => {
+                    policy.action(class) == Action::Retry
+                        && last
+                            .retry_after
+                            .is_none_or(|h| h <= policy.retry.max_retry_wait)
+                }
+                ErrorClass::Empty => policy.action(class) == Action::Next,
+                _ => false,
+            };
+            let used = u32::try_from(at.len().saturating_sub(1)).unwrap_or(u32::MAX);
+            if !fixable || used >= policy.retry.max_retries {
+                continue;
+            }
+            if chain.targets[pos].model.breaker.state() == BreakerState::Open {
+                continue;
+            }
+            let ended = last.started_at + last.latency;
+            let wait = last.retry_after.unwrap_or_else(|| {
+                self.shared
+                    .jitter
+                    .backoff(policy.retry.base, policy.retry.cap, used)
+            });
+            let at_time = (ended + wait).max(Instant::now());
+            if at_time >= ctx.deadline || ctx.attempts_left() == 0 {
+                continue;
+            }
+            if !self.shared.retry.budget.try_withdraw() {
+                self.shared.retry.exhausted.inc();
+                continue;
+            }
+            self.shared
+                .retry
+                .retries
+                .with_label_values(&[&chain.targets[pos].model.name, class.as_str()])
+                .inc();
+            tokio::time::sleep_until(at_time).await;
+            if let Ok(answer) = self
+                .call_once(chain, pos, false, req, ctx, Launch::Next)
+                .await
+            {
+                return Some((i, chain.targets[pos].model.clone(), answer));
+            }
+        }
+        let &pos = plan.open.first()?;
+        if Instant::now() >= ctx.deadline || ctx.attempts_left() == 0 {
+            return None;
+        }
+        plan.order.push(pos);
+        let i = plan.order.len() - 1;
+        match self
+            .call_once(chain, pos, true, req, ctx, Launch::LastResort)
+            .await
+        {
+            Ok(answer) => Some((i, chain.targets[pos].model.clone(), answer)),
+            Err(_) => None,
+        }
+    }
+
+    /// One call to the target at `pos`, without same-target retries; `force` calls
+    /// through an open breaker (as a half-open probe).
+    async fn call_once(
+        &self,
+        chain: &Chain,
+        pos: usize,
+        force: bool,
+        req: &Arc<ChatRequest>,
+        ctx: &Arc<RequestCtx>,
+        launch: Launch,
+    ) -> Result<Answer, AttemptError> {
+        let call = Call {
+            req: req.clone(),
+            ctx: ctx.clone(),
+            force,
+            launch,
+            more_targets: false,
+        };
+        if !call.take_attempt() {
+            return Err(AttemptError::new(
+                ErrorClass::Transient,
+                "the request's attempt budget is spent",
+            ));
+        }
+        let svc = single_call(&self.shared, chain, pos, req.stream);
+        let result = run_stack(svc, call.clone()).await;
+        if result.as_ref().is_err_and(|e| e.not_sent) {
+            call.refund_attempt();
+        }
+        result
+    }
+
     fn call(
         &self,
         chain: &Chain,
@@ -295,6 +434,11 @@ impl Engine {
                 ctx: ctx.clone(),
                 force: plan.forced == Some(pos),
                 launch,
+                more_targets: plan
+                    .order
+                    .iter()
+                    .position(|&p| p == pos)
+                    .is_some_and(|i| i + 1 < plan.order.len()),
             },
         )
     }
@@ -349,6 +493,7 @@ impl Engine {
                 last: i,
                 fail_fast: e.client_error,
                 filtered: None,
+                stopped: true,
             });
         }
         let next = match action {
@@ -373,6 +518,7 @@ impl Engine {
                     .filtered
                     .filter(|_| e.class == ErrorClass::ContentPolicy)
                     .map(|f| (chain.targets[pos].model.clone(), f)),
+                stopped: false,
             }),
         }
     }
@@ -404,6 +550,7 @@ impl Engine {
             last,
             fail_fast: None,
             filtered: None,
+            stopped: false,
         })
     }
 
@@ -442,6 +589,7 @@ impl Engine {
                         last: i,
                         fail_fast: None,
                         filtered: None,
+                        stopped: true,
                     }));
             }
         }
@@ -513,6 +661,7 @@ impl Engine {
                                 last: i,
                                 fail_fast: None,
                                 filtered: None,
+                                stopped: true,
                             }));
                         }
                     }
@@ -536,6 +685,7 @@ impl Engine {
             last,
             fail_fast: None,
             filtered: None,
+            stopped: false,
         })
     }
 }
@@ -581,11 +731,13 @@ fn plan(chain: &Chain, req: &ChatRequest) -> Result<Plan, Box<(ApiError, Vec<Ski
         }
     }
     order.extend(degraded);
+    open.sort_by_key(|&p| chain.targets[p].model.breaker.retry_at());
     if !order.is_empty() {
         return Ok(Plan {
             order,
             forced: None,
             skipped,
+            open,
         });
     }
     if skipped.len() == chain.targets.len() {
@@ -619,6 +771,7 @@ fn plan(chain: &Chain, req: &ChatRequest) -> Result<Plan, Box<(ApiError, Vec<Ski
             order: vec![soonest],
             forced: Some(soonest),
             skipped,
+            open: open.into_iter().filter(|&p| p != soonest).collect(),
         }),
         WhenAllOpen::Fail => {
             let wait = chain.targets[soonest]

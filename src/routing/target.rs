@@ -115,7 +115,7 @@ impl RequestCtx {
         let kind = match launch {
             _ if again => CallKind::Retry,
             Launch::First => CallKind::Primary,
-            Launch::Next => CallKind::Fallback,
+            Launch::Next | Launch::LastResort => CallKind::Fallback,
             Launch::Race => CallKind::Race,
             Launch::Hedge => CallKind::Hedge,
             Launch::Shadow => CallKind::Shadow,
@@ -198,6 +198,9 @@ pub enum Launch {
     Hedge,
     /// A shadow call, beside the served answer.
     Shadow,
+    /// A target skipped for its open breaker, called as a half-open probe before the
+    /// request gives up.
+    LastResort,
 }
 
 /// The request type that flows through a target stack.
@@ -207,6 +210,8 @@ pub struct Call {
     pub ctx: Arc<RequestCtx>,
     pub force: bool,
     pub launch: Launch,
+    /// Targets after this one are still untried (see `Attempt::defer_timeouts`).
+    pub more_targets: bool,
 }
 
 impl Attempt for Call {
@@ -227,6 +232,10 @@ impl Attempt for Call {
 
     fn force_breaker(&self) -> bool {
         self.force
+    }
+
+    fn defer_timeouts(&self) -> bool {
+        self.more_targets
     }
 }
 
@@ -253,6 +262,23 @@ pub fn stack(
     };
     let call_once = once(shared, chain, target, Some(position), streaming);
     RetryLayer::new(policy, shared.retry.clone(), target.model.name.clone()).layer(call_once)
+}
+
+/// One try at the target at `position` of `chain`, with no same-target retry (the
+/// engine's second pass decides those itself).
+pub fn single_call(
+    shared: &StackShared,
+    chain: &Chain,
+    position: usize,
+    streaming: bool,
+) -> impl Service<Call, Response = Answer, Error = AttemptError, Future: Send> + Send {
+    once(
+        shared,
+        chain,
+        &chain.targets[position],
+        Some(position),
+        streaming,
+    )
 }
 
 /// The stack of a shadow call to `target` for chain `chain`: the target's breaker,
@@ -476,6 +502,7 @@ where
             ctx: call.ctx.clone(),
             start: Instant::now(),
             done: false,
+            last_resort: call.launch == Launch::LastResort,
         };
         RecordFuture {
             inner: self.inner.call(call),
@@ -527,6 +554,7 @@ struct Recorder {
     ctx: Arc<RequestCtx>,
     start: Instant,
     done: bool,
+    last_resort: bool,
 }
 
 impl Recorder {
@@ -579,6 +607,7 @@ impl Recorder {
             usage: None,
             cancelled: false,
             deadline_cut: false,
+            last_resort: self.last_resort,
         }
     }
 

@@ -744,7 +744,8 @@ fn count_header(n: usize) -> HeaderValue {
 }
 
 /// `x-cascade-trace`: `MODEL:skipped:REASON` per target left out without a call, then
-/// `MODEL:OUTCOME:MS` per attempt, in order.
+/// `MODEL:OUTCOME:MS` per attempt, in order (`MODEL:OUTCOME:MS:last_resort` for a
+/// target called through its open breaker before giving up).
 fn trace(attempts: &[AttemptRecord], skipped: &[Skipped]) -> Option<HeaderValue> {
     if attempts.is_empty() && skipped.is_empty() {
         return None;
@@ -767,6 +768,9 @@ fn trace(attempts: &[AttemptRecord], skipped: &[Skipped]) -> Option<HeaderValue>
         a.write_outcome(&mut out);
         out.push(':');
         out.push_str(itoa::Buffer::new().format(a.latency.as_millis()));
+        if a.last_resort {
+            out.push_str(":last_resort");
+        }
     }
     HeaderValue::from_str(&out).ok()
 }

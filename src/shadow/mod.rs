@@ -544,6 +544,7 @@ impl Job {
             ctx: ctx.clone(),
             force: false,
             launch: Launch::Shadow,
+            more_targets: false,
         };
         let start = Instant::now();
         match svc.oneshot(call).await {
