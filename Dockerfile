@@ -17,6 +17,9 @@ COPY --from=build --chown=65532:65532 /out/state /var/lib/cascade
 VOLUME /var/lib/cascade
 USER nonroot:nonroot
 EXPOSE 8080
+# `cascade healthcheck` asks /healthz (the image has no curl or shell).
+HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
+  CMD ["/usr/local/bin/cascade", "healthcheck"]
 ENV CASCADE_LISTEN=0.0.0.0:8080
 ENV CASCADE_STORE=/var/lib/cascade/cascade.db
 ENTRYPOINT ["/usr/local/bin/cascade"]

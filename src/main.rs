@@ -50,6 +50,13 @@ enum Command {
         #[arg(long, default_value = "table")]
         format: String,
     },
+    /// Exit 0 when the gateway's `/healthz` answers 200 (for a container HEALTHCHECK;
+    /// the image has no shell tools).
+    Healthcheck {
+        /// Default: `http://127.0.0.1:PORT/healthz`, PORT from `CASCADE_LISTEN` (8080).
+        #[arg(long)]
+        url: Option<String>,
+    },
     /// Run the mock provider on its own.
     Mock {
         #[arg(long, default_value = "127.0.0.1:4010")]
@@ -81,6 +88,24 @@ fn main() -> ExitCode {
             knobs,
             workers,
         } => mock(&listen, &knobs, workers),
+        Command::Healthcheck { url } => healthcheck(url),
+    }
+}
+
+fn healthcheck(url: Option<String>) -> ExitCode {
+    let url = url.unwrap_or_else(|| {
+        let port = std::env::var("CASCADE_LISTEN")
+            .ok()
+            .and_then(|l| l.rsplit(':').next().map(str::to_string))
+            .unwrap_or_else(|| "8080".into());
+        format!("http://127.0.0.1:{port}/healthz")
+    });
+    match cascade::server::healthcheck(&url, std::time::Duration::from_secs(3)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cascade: unhealthy: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

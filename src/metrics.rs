@@ -172,6 +172,10 @@ impl Metrics {
             "Config reloads, by result (ok, error).",
             &["result"],
         );
+        // Both series exist from the start, so a dashboard shows 0 before any reload.
+        for result in ["ok", "error"] {
+            config_reloads.with_label_values(&[result]);
+        }
         let config_info = IntGaugeVec::new(
             Opts::new(
                 "cascade_config_info",

@@ -364,6 +364,48 @@ async fn list_models(State(app): State<Arc<AppState>>, headers: http::HeaderMap)
     json_response(live.models_body.clone())
 }
 
+/// `cascade healthcheck`: one plain `GET url` over HTTP/1.1; `Ok` for a 200 within
+/// `timeout`. Blocking, with no runtime: it runs as its own short process.
+pub fn healthcheck(url: &str, timeout: std::time::Duration) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let u = url::Url::parse(url).map_err(|e| format!("bad URL {url:?}: {e}"))?;
+    if u.scheme() != "http" {
+        return Err("only http:// URLs are supported".into());
+    }
+    let host = u.host_str().ok_or("the URL has no host")?;
+    let port = u.port_or_known_default().unwrap_or(80);
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+        .map_err(|e| e.to_string())?
+        .next()
+        .ok_or("the host did not resolve")?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    let path = match u.query() {
+        Some(q) => format!("{}?{q}", u.path()),
+        None => u.path().to_string(),
+    };
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut head = [0u8; 64];
+    let n = s.read(&mut head).map_err(|e| e.to_string())?;
+    let line = String::from_utf8_lossy(&head[..n]);
+    let status = line.split_whitespace().nth(1).unwrap_or("");
+    if status == "200" {
+        Ok(())
+    } else {
+        Err(format!(
+            "{url} answered {:?}",
+            line.lines().next().unwrap_or("")
+        ))
+    }
+}
+
 async fn healthz() -> Response<Body> {
     json_response(Bytes::from_static(br#"{"status":"ok"}"#))
 }
