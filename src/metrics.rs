@@ -24,6 +24,8 @@ pub struct Metrics {
     pub inflight: IntGauge,
     pub circuit_state: IntGaugeVec,
     pub config_reloads: IntCounterVec,
+    /// Failed operations on the shared-state Redis (`state.redis_url`).
+    pub state_errors: IntCounter,
     config_info: IntGaugeVec,
     pub retries_total: IntCounterVec,
     pub hedges_total: IntCounterVec,
@@ -172,6 +174,14 @@ impl Metrics {
             "Config reloads, by result (ok, error).",
             &["result"],
         );
+        let state_errors = IntCounter::new(
+            "cascade_state_errors_total",
+            "Failed operations on the shared-state Redis (breakers and health across replicas).",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(state_errors.clone()))
+            .expect("unique metric");
         // Both series exist from the start, so a dashboard shows 0 before any reload.
         for result in ["ok", "error"] {
             config_reloads.with_label_values(&[result]);
@@ -336,6 +346,7 @@ impl Metrics {
             registry,
             config_reloads,
             config_info,
+            state_errors,
             shadow_requests_total,
             shadow_skipped_total,
             shadow_similarity,

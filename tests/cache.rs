@@ -332,61 +332,7 @@ async fn the_byte_bound_holds_under_a_fill() {
     assert!(m.contains("cascade_cache_bytes "));
 }
 
-/// A redis-server on a free port, killed on drop.
-struct Redis {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl Redis {
-    fn start() -> Option<Redis> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .ok()?
-            .local_addr()
-            .ok()?
-            .port();
-        let child = std::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .ok()?;
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Some(Redis { child, port });
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn redis_or_skip() -> Option<Redis> {
-    let r = Redis::start();
-    if r.is_none() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must provide redis-server (.ci/run installs it)"
-        );
-        eprintln!("SKIPPED: redis-server is not installed");
-    }
-    r
-}
+use common::redis::redis_or_skip;
 
 #[tokio::test]
 async fn redis_shares_hits_between_gateways_and_its_loss_is_survivable() {
@@ -423,8 +369,7 @@ async fn redis_shares_hits_between_gateways_and_its_loss_is_survivable() {
     assert_eq!(second.mock.calls("p"), 0);
 
     // Kill Redis: the gateways keep answering, as misses, and count the errors.
-    let _ = redis.child.kill();
-    let _ = redis.child.wait();
+    redis.stop();
     for i in 0..3 {
         let r = ask(&second, "main", &format!("after-{i}"), &[]).await;
         assert_eq!(r.status, 200);

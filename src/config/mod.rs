@@ -83,6 +83,8 @@ pub struct Config {
     pub responses: ResponsesSettings,
     /// `server.passthrough`: where other `/v1/*` paths go.
     pub passthrough: Option<Arc<Provider>>,
+    /// `state.redis_url`: breakers and health shared across replicas.
+    pub state_redis_url: Option<String>,
     /// The first 12 hex digits of the file's SHA-256 (`cascade_config_info{hash}`).
     pub hash: String,
     /// What a reload compares.
@@ -844,6 +846,15 @@ fn validate(raw: RawConfig, targets: &mut Generation<'_>) -> Result<Config, Conf
             max_memory: raw.responses.max_memory.unwrap_or(256 << 20),
         },
         cache: cache_settings(&raw.cache)?,
+        state_redis_url: match &raw.state.redis_url {
+            None => None,
+            Some(url) => {
+                redis::Client::open(url.as_str()).map_err(|e| {
+                    ConfigError::at("state.redis_url", format!("invalid Redis URL: {e}"))
+                })?;
+                Some(url.clone())
+            }
+        },
         hash: String::new(),
         fingerprints: Fingerprints::default(),
     })

@@ -47,6 +47,15 @@ pub struct RawConfig {
     /// Responses kept for `previous_response_id` and `GET /v1/responses/{id}`.
     #[serde(default)]
     pub responses: RawResponses,
+    /// Breakers and health shared across replicas.
+    #[serde(default)]
+    pub state: RawState,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawState {
+    pub redis_url: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

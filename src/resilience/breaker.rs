@@ -127,6 +127,17 @@ struct Inner {
     probe_successes: u32,
     /// a: successes, b: failures.
     window: Window,
+    /// Counts this process's own opens and closes, for sharing them with other replicas.
+    transitions: u64,
+}
+
+/// A breaker's state as replicas share it: open until a wall-clock time, or closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SharedBreaker {
+    pub open: bool,
+    /// Unix milliseconds (meaningful when `open`).
+    pub until_ms: i64,
+    pub reopenings: u32,
 }
 
 #[derive(Debug)]
@@ -146,8 +157,46 @@ impl Breaker {
                 probes_in_flight: 0,
                 probe_successes: 0,
                 window: Window::new(settings.window, 12),
+                transitions: 0,
             }),
             settings,
+        }
+    }
+
+    /// The state to share, and how many opens and closes this process made so far (a
+    /// change in that count means there is something new to share).
+    pub fn shared(&self) -> (u64, SharedBreaker) {
+        let g = self.lock();
+        let open = g.state != BreakerState::Closed;
+        let left = g.open_until.saturating_duration_since(Instant::now());
+        let until_ms = crate::clock::now_ms() + i64::try_from(left.as_millis()).unwrap_or(0);
+        (
+            g.transitions,
+            SharedBreaker {
+                open,
+                until_ms,
+                reopenings: g.reopenings,
+            },
+        )
+    }
+
+    /// Takes another replica's open or close. Not counted as this process's own
+    /// transition, so it is not shared back.
+    pub fn apply_shared(&self, s: SharedBreaker) {
+        let mut g = self.lock();
+        let now = Instant::now();
+        if s.open {
+            let left = u64::try_from(s.until_ms - crate::clock::now_ms()).unwrap_or(0);
+            g.state = BreakerState::Open;
+            g.open_until = now + Duration::from_millis(left);
+            g.reopenings = g.reopenings.max(s.reopenings);
+            g.probes_in_flight = 0;
+            g.probe_successes = 0;
+        } else if g.state != BreakerState::Closed {
+            g.state = BreakerState::Closed;
+            g.reopenings = 0;
+            g.consecutive = 0;
+            g.window.clear();
         }
     }
 
@@ -249,6 +298,7 @@ impl Breaker {
                         g.state = BreakerState::Closed;
                         g.reopenings = 0;
                         g.window.clear();
+                        g.transitions += 1;
                     }
                 }
             }
@@ -274,11 +324,16 @@ impl Breaker {
                     g.reopenings += 1;
                     g.probe_successes = 0;
                     g.open_until = g.open_until.max(now + cooldown);
+                    g.transitions += 1;
                 }
                 if g.state == BreakerState::Open {
                     if let Some(ra) = retry_after {
                         // Capped: a hostile or broken hint must not park a target for years.
-                        g.open_until = g.open_until.max(now + ra.min(self.settings.max_cooldown));
+                        let until = g.open_until.max(now + ra.min(self.settings.max_cooldown));
+                        if until != g.open_until {
+                            g.open_until = until;
+                            g.transitions += 1;
+                        }
                     }
                 }
             }

@@ -36,7 +36,15 @@ struct Inner {
     counts: Window,
     /// (when, latency, time to first token for streams)
     samples: VecDeque<(Instant, Duration, Option<Duration>)>,
+    /// Live calls (successes, failures) not yet shared with other replicas.
+    unshared: (u64, u64),
+    /// The whole fleet's (successes, failures) over the window, and when they were
+    /// read: used instead of the local counts while fresh.
+    fleet: Option<(u64, u64, Instant)>,
 }
+
+/// How long the fleet's counts stand in for the local ones without a new reading.
+const FLEET_FRESH: Duration = Duration::from_secs(3);
 
 #[derive(Debug)]
 pub struct Health {
@@ -71,6 +79,8 @@ impl Health {
             inner: Mutex::new(Inner {
                 counts: Window::new(settings.window, 30),
                 samples: VecDeque::with_capacity(SAMPLES),
+                unshared: (0, 0),
+                fleet: None,
             }),
             settings,
         }
@@ -100,12 +110,17 @@ impl Health {
     }
 
     pub fn record_success(&self, latency: Duration, ttft: Option<Duration>) {
-        self.record_success_at(Instant::now(), latency, ttft);
+        let mut g = self.lock();
+        g.unshared.0 += 1;
+        Self::push_success(&mut g, Instant::now(), latency, ttft);
     }
 
     /// A success at `at`: now, or a call from the store's history at start.
     pub fn record_success_at(&self, at: Instant, latency: Duration, ttft: Option<Duration>) {
-        let mut g = self.lock();
+        Self::push_success(&mut self.lock(), at, latency, ttft);
+    }
+
+    fn push_success(g: &mut Inner, at: Instant, latency: Duration, ttft: Option<Duration>) {
         g.counts.add(at, 1, 0);
         if g.samples.len() == SAMPLES {
             g.samples.pop_front();
@@ -114,7 +129,37 @@ impl Health {
     }
 
     pub fn record_failure(&self) {
-        self.record_failure_at(Instant::now());
+        let mut g = self.lock();
+        g.unshared.1 += 1;
+        g.counts.add(Instant::now(), 0, 1);
+    }
+
+    /// Takes the live calls not yet shared with the fleet.
+    pub fn take_unshared(&self) -> (u64, u64) {
+        std::mem::take(&mut self.lock().unshared)
+    }
+
+    /// Gives back calls that could not be shared (Redis was down): sent next time.
+    pub fn return_unshared(&self, (ok, failed): (u64, u64)) {
+        let mut g = self.lock();
+        g.unshared.0 += ok;
+        g.unshared.1 += failed;
+    }
+
+    /// The fleet's counts over the window, just read from the shared store.
+    pub fn set_fleet(&self, ok: u64, failed: u64) {
+        self.lock().fleet = Some((ok, failed, Instant::now()));
+    }
+
+    /// The counts that decide degradation: the fleet's while fresh, else this
+    /// process's own.
+    fn totals(g: &Inner, now: Instant) -> (u64, u64) {
+        match g.fleet {
+            Some((ok, failed, at)) if now.saturating_duration_since(at) < FLEET_FRESH => {
+                (ok, failed)
+            }
+            _ => g.counts.totals(now),
+        }
     }
 
     pub fn record_failure_at(&self, at: Instant) {
@@ -124,7 +169,7 @@ impl Health {
     pub fn snapshot(&self) -> HealthSnapshot {
         let g = self.lock();
         let now = Instant::now();
-        let (ok, failed) = g.counts.totals(now);
+        let (ok, failed) = Self::totals(&g, now);
         let calls = ok + failed;
         let horizon = now.checked_sub(self.settings.window);
         let recent = g
@@ -152,7 +197,7 @@ impl Health {
 
     /// Below `degraded_below` success over at least `min_calls` calls.
     pub fn is_degraded(&self) -> bool {
-        let (ok, failed) = self.lock().counts.totals(Instant::now());
+        let (ok, failed) = Self::totals(&self.lock(), Instant::now());
         self.degraded(ok, failed)
     }
 

@@ -6,6 +6,7 @@ pub mod backoff;
 pub mod breaker;
 pub mod budget;
 pub mod circuit;
+pub mod fleet;
 pub mod health;
 pub mod registry;
 pub mod retry;

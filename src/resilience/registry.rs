@@ -20,6 +20,17 @@ pub struct TargetKey {
     pub model_id: String,
 }
 
+impl TargetKey {
+    /// A short stable id for the target, the same on every replica (shared state keys).
+    pub fn id(&self) -> String {
+        let text = format!(
+            "{}\0{}\0{}\0{}",
+            self.name, self.provider, self.base_url, self.model_id
+        );
+        format!("{:016x}", xxhash_rust::xxh3::xxh3_64(text.as_bytes()))
+    }
+}
+
 /// One target's state, shared by every chain (and every config generation) that uses it.
 #[derive(Debug, Clone)]
 pub struct TargetState {

@@ -121,7 +121,7 @@ impl AppState {
             store.clone(),
             metrics.clone(),
         );
-        Ok(Arc::new(AppState {
+        let app = Arc::new(AppState {
             responses: Arc::new(responses::ResponsesState::new(
                 &config.responses,
                 store
@@ -140,7 +140,27 @@ impl AppState {
             reloading: tokio::sync::Mutex::new(()),
             drain: Arc::new(drain::Drain::default()),
             metrics,
-        }))
+        });
+        if let Some(url) = app.config().state_redis_url.clone() {
+            let targets =
+                crate::resilience::fleet::targets_of(Arc::downgrade(&app), |a: &AppState| {
+                    a.config()
+                        .models
+                        .values()
+                        .map(|m| crate::resilience::fleet::SharedTarget {
+                            id: m.target_key().id(),
+                            breaker: m.breaker.clone(),
+                            health: m.health.clone(),
+                        })
+                        .collect()
+                });
+            if let Err(e) =
+                crate::resilience::fleet::start(&url, targets, app.metrics.state_errors.clone())
+            {
+                tracing::warn!(error = %e, "shared state: cannot start; each replica keeps its own breakers and health");
+            }
+        }
+        Ok(app)
     }
 
     /// The config generation in use now.

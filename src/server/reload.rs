@@ -111,6 +111,7 @@ fn keep_restart_only(running: &Config, next: &mut Config) {
     next.mock = running.mock.clone();
     next.report = running.report.clone();
     next.shadow_seed = running.shadow_seed;
+    next.state_redis_url = running.state_redis_url.clone();
     next.fingerprints.restart_only = running.fingerprints.restart_only.clone();
 }
 

@@ -214,3 +214,4 @@ impl Drop for TempDir {
     }
 }
 pub mod process;
+pub mod redis;
