@@ -11,6 +11,7 @@ pub mod log_sink;
 pub mod metrics;
 pub mod mock;
 pub mod providers;
+pub mod redis_conn;
 pub mod resilience;
 pub mod routing;
 pub mod secret;

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
@@ -95,20 +95,7 @@ impl RedisTier {
             }
             c.connecting = true;
         }
-        let config = ConnectionManagerConfig::new()
-            .set_number_of_retries(1)
-            .set_connection_timeout(OP_TIMEOUT)
-            .set_response_timeout(OP_TIMEOUT);
-        let made = tokio::time::timeout(
-            OP_TIMEOUT * 2,
-            ConnectionManager::new_with_config(self.client.clone(), config),
-        )
-        .await;
-        let result = match made {
-            Ok(Ok(m)) => Ok(m),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("connection timed out".to_string()),
-        };
+        let result = crate::redis_conn::connect(&self.client, OP_TIMEOUT).await;
         let mut c = self.lock();
         c.connecting = false;
         match result {

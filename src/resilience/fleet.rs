@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
@@ -144,17 +144,8 @@ impl Sync {
         if self.retry_at.is_some_and(|t| Instant::now() < t) {
             return None;
         }
-        let config = ConnectionManagerConfig::new()
-            .set_number_of_retries(1)
-            .set_connection_timeout(OP_TIMEOUT)
-            .set_response_timeout(OP_TIMEOUT);
-        let made = tokio::time::timeout(
-            OP_TIMEOUT * 2,
-            ConnectionManager::new_with_config(self.client.clone(), config),
-        )
-        .await;
-        match made {
-            Ok(Ok(c)) => {
+        match crate::redis_conn::connect(&self.client, OP_TIMEOUT).await {
+            Ok(c) => {
                 if self.retry_at.take().is_some() {
                     tracing::info!(
                         "shared state: Redis is back; sharing breakers and health again"
@@ -163,12 +154,8 @@ impl Sync {
                 self.conn = Some(c.clone());
                 Some(c)
             }
-            Ok(Err(e)) => {
-                self.failed(&e.to_string());
-                None
-            }
-            Err(_) => {
-                self.failed("connection timed out");
+            Err(e) => {
+                self.failed(&e);
                 None
             }
         }
