@@ -770,6 +770,7 @@ async fn in_an_outage_a_request_adds_at_most_one_probe_and_ends_in_time() {
     assert_eq!(r.status, 502);
     let first = h.mock.total_calls();
     assert_eq!(first, 9, "three calls to each target, no second pass");
+    let mut last_resorts = 0;
     for i in 0..10 {
         let before = h.mock.total_calls();
         let start = Instant::now();
@@ -781,10 +782,14 @@ async fn in_an_outage_a_request_adds_at_most_one_probe_and_ends_in_time() {
         let trace = r.header("x-cascade-trace").unwrap();
         let probes = trace.matches(":last_resort").count();
         assert!(probes <= 1, "request {i}: {trace}");
+        last_resorts += probes;
         assert!(calls as usize - probes <= 3, "request {i}: {trace}");
         assert!(start.elapsed() <= Duration::from_secs(120));
         tokio::time::advance(Duration::from_secs(1)).await;
     }
+    // Within one cooldown (30 s), each open target is a last resort once at most,
+    // however many requests fail.
+    assert!(last_resorts <= 3, "{last_resorts} last resorts in 10 s");
 }
 
 #[tokio::test(start_paused = true)]

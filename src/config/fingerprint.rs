@@ -14,6 +14,8 @@ pub const RESTART_ONLY: &[&str] = &[
     "server.listen",
     "server.worker_threads",
     "server.scheduler",
+    "server.drain_delay",
+    "server.drain_timeout",
     "store",
     "state",
     "log",

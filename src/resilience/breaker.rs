@@ -129,6 +129,8 @@ struct Inner {
     window: Window,
     /// Counts this process's own opens and closes, for sharing them with other replicas.
     transitions: u64,
+    /// When a last-resort probe was last claimed.
+    last_resort_at: Option<Instant>,
 }
 
 /// A breaker's state as replicas share it: open until a wall-clock time, or closed.
@@ -158,6 +160,7 @@ impl Breaker {
                 probe_successes: 0,
                 window: Window::new(settings.window, 12),
                 transitions: 0,
+                last_resort_at: None,
             }),
             settings,
         }
@@ -186,9 +189,18 @@ impl Breaker {
         let mut g = self.lock();
         let now = Instant::now();
         if s.open {
-            let left = u64::try_from(s.until_ms - crate::clock::now_ms()).unwrap_or(0);
+            // Another replica's clock may run ahead: never longer than our own limit.
+            let left = u64::try_from(s.until_ms - crate::clock::now_ms())
+                .map(Duration::from_millis)
+                .unwrap_or_default()
+                .min(self.settings.max_cooldown);
+            let until = now + left;
+            g.open_until = if g.state == BreakerState::Open {
+                g.open_until.max(until)
+            } else {
+                until
+            };
             g.state = BreakerState::Open;
-            g.open_until = now + Duration::from_millis(left);
             g.reopenings = g.reopenings.max(s.reopenings);
             g.probes_in_flight = 0;
             g.probe_successes = 0;
@@ -208,6 +220,9 @@ impl Breaker {
         if settings.window != self.settings.window {
             inner.window = Window::new(settings.window, 12);
         }
+        // Probes in flight report to the old breaker: their slots start free here.
+        inner.probes_in_flight = 0;
+        inner.probe_successes = 0;
         Breaker {
             settings,
             inner: Mutex::new(inner),
@@ -263,6 +278,22 @@ impl Breaker {
             // Out of probe slots: wait for the probes in flight to report.
             _ => Admission::Rejected { until: now },
         }
+    }
+
+    /// Claims a last-resort probe of an open breaker: at most one per `cooldown`, so
+    /// however many requests fail, an open target sees at most one such call per
+    /// cooldown from this process (a failed one also reopens it for longer).
+    pub fn claim_last_resort(&self) -> bool {
+        let mut g = self.lock();
+        let now = Instant::now();
+        if g.state == BreakerState::Closed
+            || g.last_resort_at
+                .is_some_and(|t| now.saturating_duration_since(t) < self.settings.cooldown)
+        {
+            return false;
+        }
+        g.last_resort_at = Some(now);
+        true
     }
 
     /// Forces a call through whatever the state (for `when_all_open: try_soonest`).
@@ -367,6 +398,34 @@ mod tests {
             max_cooldown: Duration::from_secs(100),
             ..Default::default()
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn new_settings_keep_the_state_but_free_the_probe_slots() {
+        let b = Breaker::new(BreakerSettings {
+            consecutive_failures: 1,
+            half_open_probes: 1,
+            ..settings()
+        });
+        fail(&b);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert_eq!(
+            b.admit(),
+            Admission::Probe,
+            "one probe in flight on the old breaker"
+        );
+        let next = b.with_settings(BreakerSettings {
+            consecutive_failures: 2,
+            half_open_probes: 1,
+            ..settings()
+        });
+        // Its probe reports to the old breaker: the new one must not wait for it.
+        assert_eq!(next.admit(), Admission::Probe);
+        assert!(
+            next.claim_last_resort(),
+            "open: a last resort may be claimed"
+        );
+        assert!(!next.claim_last_resort(), "once per cooldown");
     }
 
     #[tokio::test(start_paused = true)]

@@ -10,8 +10,9 @@
 //!   decide degradation on every replica alike.
 //!
 //! Every Redis operation is limited to 150 ms. While Redis is unreachable each replica
-//! uses its own state (the fleet's counts go stale after 3 s), keeps the calls it
-//! could not share, and catches up when Redis returns. Retry and hedge budgets stay
+//! uses its own state (the fleet's counts go stale after 3 s) and catches up when
+//! Redis returns; the counts of a write that failed are not sent again (it may have
+//! been applied, and late counts would land in the wrong bucket). Retry and hedge budgets stay
 //! local: they bound each replica's own load.
 
 use std::collections::HashMap;
@@ -90,8 +91,9 @@ struct Sync {
     conn: Option<ConnectionManager>,
     retry_at: Option<Instant>,
     last_warning: Option<Instant>,
-    /// By target id: the breaker transition count last written.
-    published: HashMap<String, u64>,
+    /// By target id: which breaker (its address: a reload may replace it) and its
+    /// transition count last written.
+    published: HashMap<String, (usize, u64)>,
     /// By target id: the time of the last write applied (ours or another's).
     applied: HashMap<String, i64>,
     errors: prometheus::IntCounter,
@@ -124,6 +126,14 @@ impl Sync {
                 return;
             };
             let Some(mut conn) = self.connection().await else {
+                // Calls made while Redis is away stay local: shared later they would
+                // land in the wrong bucket.
+                if last_health.elapsed() >= HEALTH_EVERY {
+                    last_health = Instant::now();
+                    for t in &targets {
+                        let _ = t.health.take_unshared();
+                    }
+                }
                 continue;
             };
             let mut result = self.breakers(&mut conn, &targets).await;
@@ -182,14 +192,19 @@ impl Sync {
     ) -> Result<(), String> {
         for t in targets {
             let (transitions, state) = t.breaker.shared();
-            let seen = self.published.get(&t.id).copied();
+            let which = Arc::as_ptr(&t.breaker) as usize;
+            let seen = self
+                .published
+                .get(&t.id)
+                .filter(|(w, _)| *w == which)
+                .map(|(_, n)| *n);
             if seen == Some(transitions) {
                 continue;
             }
-            // A target first seen (at start or after a reload) writes nothing for its
-            // starting state; later transitions are written.
+            // A breaker first seen (at start, or new after a reload) writes nothing
+            // for its starting state; later transitions are written.
             if seen.is_none() && transitions == 0 {
-                self.published.insert(t.id.clone(), 0);
+                self.published.insert(t.id.clone(), (which, 0));
                 continue;
             }
             let at_ms = crate::clock::now_ms();
@@ -206,7 +221,7 @@ impl Sync {
                 .arg(86_400)
                 .query_async::<()>(conn))
             .await?;
-            self.published.insert(t.id.clone(), transitions);
+            self.published.insert(t.id.clone(), (which, transitions));
             self.applied.insert(t.id.clone(), at_ms);
         }
         if targets.is_empty() {
@@ -222,10 +237,13 @@ impl Sync {
             if w.replica == self.replica || self.applied.get(&t.id).is_some_and(|&a| a >= w.at_ms) {
                 continue;
             }
-            t.breaker.apply_shared(w.state);
             self.applied.insert(t.id.clone(), w.at_ms);
-            // Applying is not a transition of ours: nothing to write back.
-            self.published.insert(t.id.clone(), t.breaker.shared().0);
+            // An open that has already run out says nothing new.
+            if w.state.open && w.state.until_ms <= crate::clock::now_ms() {
+                continue;
+            }
+            // Not a transition of ours (the count does not move): nothing to write back.
+            t.breaker.apply_shared(w.state);
         }
         Ok(())
     }
@@ -254,12 +272,10 @@ impl Sync {
                 .expire(&key, keep)
                 .ignore();
         }
-        if let Err(e) = op(write.query_async::<()>(conn)).await {
-            for (t, d) in targets.iter().zip(taken) {
-                t.health.return_unshared(d);
-            }
-            return Err(e);
-        }
+        // A failed or timed-out write is not retried: it may have been applied (a
+        // retry would count twice), and calls shared late would land in the wrong
+        // bucket. Each replica's own window still has them.
+        op(write.query_async::<()>(conn)).await?;
         let mut read = redis::pipe();
         let mut spans = Vec::with_capacity(targets.len());
         for t in targets {

@@ -139,13 +139,6 @@ impl Health {
         std::mem::take(&mut self.lock().unshared)
     }
 
-    /// Gives back calls that could not be shared (Redis was down): sent next time.
-    pub fn return_unshared(&self, (ok, failed): (u64, u64)) {
-        let mut g = self.lock();
-        g.unshared.0 += ok;
-        g.unshared.1 += failed;
-    }
-
     /// The fleet's counts over the window, just read from the shared store.
     pub fn set_fleet(&self, ok: u64, failed: u64) {
         self.lock().fleet = Some((ok, failed, Instant::now()));

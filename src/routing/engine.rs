@@ -324,18 +324,14 @@ impl Engine {
                 continue;
             };
             let fixable = match class {
-                ErrorClass::Transient | ErrorClass::Timeout => {
+                ErrorClass::Transient | ErrorClass::Timeout | ErrorClass::RateLimited => {
                     policy.action(class) == Action::Retry
-                }
-                ErrorClass::RateLimited => {
-                    policy.action(class) == Action::Retry
-                        && last
-                            .retry_after
-                            .is_none_or(|h| h <= policy.retry.max_retry_wait)
                 }
                 ErrorClass::Empty => policy.action(class) == Action::Next,
                 _ => false,
-            };
+            } && last
+                .retry_after
+                .is_none_or(|h| h <= policy.retry.max_retry_wait);
             let used = u32::try_from(at.len().saturating_sub(1)).unwrap_or(u32::MAX);
             if !fixable || used >= policy.retry.max_retries {
                 continue;
@@ -370,10 +366,15 @@ impl Engine {
                 return Some((i, chain.targets[pos].model.clone(), answer));
             }
         }
-        let &pos = plan.open.first()?;
         if Instant::now() >= ctx.deadline || ctx.attempts_left() == 0 {
             return None;
         }
+        // One probe per opening of a breaker, fleet traffic or not.
+        let pos = plan
+            .open
+            .iter()
+            .copied()
+            .find(|&p| chain.targets[p].model.breaker.claim_last_resort())?;
         plan.order.push(pos);
         let i = plan.order.len() - 1;
         match self

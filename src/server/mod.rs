@@ -204,6 +204,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// After the drain timeout, how long error events and 503s have to reach their
+/// clients before the remaining connections are dropped.
+const HARD_STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Serves the router on `listener` until `shutdown` resolves.
 ///
 /// The middleware wraps the whole router once instead of going through
@@ -240,8 +244,20 @@ pub async fn serve(
         signalled.shadow.note_shutdown();
     };
     let served = axum::serve(listener, ServiceExt::<Request>::into_make_service(app))
-        .with_graceful_shutdown(shutdown)
-        .await;
+        .with_graceful_shutdown(shutdown);
+    // The end of the drain is a hard stop: what still holds a connection a moment
+    // after it (a pass-through body, a client that stopped reading its stream) is cut.
+    let stopped = state.drain.stopped();
+    let served = tokio::select! {
+        r = served => r,
+        () = async {
+            stopped.await;
+            tokio::time::sleep(HARD_STOP_GRACE).await;
+        } => {
+            tracing::warn!("drain: connections still open after drain_timeout were closed");
+            Ok(())
+        }
+    };
     // Shadow calls still running get a little longer; then they are dropped (and
     // recorded as cancelled) with the runtime.
     state.shadow.drain(crate::shadow::DRAIN_LIMIT).await;

@@ -64,14 +64,15 @@ pub async fn reload(app: &AppState, trigger: &'static str) -> Result<Reloaded, C
     let changes = running.fingerprints.changes_to(&next.fingerprints);
     keep_restart_only(&running, &mut next);
     let next = Arc::new(next);
+    app.metrics.rebind(&next);
+    app.shadow.rebind(&next);
+    app.live.store(Arc::new(Live::new(next.clone())));
+    // After the swap, so a scrape on the old config cannot bring them back.
     for name in running.models.keys() {
         if !next.models.contains_key(name) {
             let _ = app.metrics.circuit_state.remove_label_values(&[name]);
         }
     }
-    app.metrics.rebind(&next);
-    app.shadow.rebind(&next);
-    app.live.store(Arc::new(Live::new(next.clone())));
     targets.commit();
     app.metrics.config_reloads.with_label_values(&["ok"]).inc();
     app.metrics.config_info(&next.hash);
@@ -102,6 +103,8 @@ fn keep_restart_only(running: &Config, next: &mut Config) {
     next.server.listen = running.server.listen;
     next.server.worker_threads = running.server.worker_threads;
     next.server.scheduler = running.server.scheduler;
+    next.server.drain_delay = running.server.drain_delay;
+    next.server.drain_timeout = running.server.drain_timeout;
     next.store = running.store.clone();
     next.log = running.log;
     next.cache = running.cache.clone();
@@ -143,6 +146,13 @@ pub fn start_watching(app: Arc<AppState>) -> std::io::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    // Registered now: a SIGHUP right after start must reload, not end the process.
+    #[cfg(unix)]
+    let hup = rt.block_on(async {
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
+    });
+    #[cfg(not(unix))]
+    let hup = None;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let watcher = watch(&path, tx);
     if let Err(e) = &watcher {
@@ -153,7 +163,7 @@ pub fn start_watching(app: Arc<AppState>) -> std::io::Result<()> {
         .spawn(move || {
             // The watcher lives as long as this thread.
             let _watcher = watcher;
-            rt.block_on(run(app, path, rx));
+            rt.block_on(run(app, path, rx, hup));
         })?;
     Ok(())
 }
@@ -162,9 +172,9 @@ async fn run(
     app: Arc<AppState>,
     path: PathBuf,
     mut changed: tokio::sync::mpsc::UnboundedReceiver<()>,
+    #[cfg(unix)] mut hup: Option<tokio::signal::unix::Signal>,
+    #[cfg(not(unix))] _hup: Option<()>,
 ) {
-    #[cfg(unix)]
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let mut watching = true;
     loop {
         #[cfg(unix)]
