@@ -374,3 +374,27 @@ fn an_embedding_chain_keeps_one_vector_space() {
     let e = error_of(&EMBEDDINGS.replace("model_id: gpt-4o }", "model_id: gpt-4o, kind: vision }"));
     assert!(e.contains("models.chat.kind"), "{e}");
 }
+
+#[test]
+fn names_keep_their_case() {
+    // Pool, provider and chain names are the operator's: `GPT-4o` is not `gpt-4o`.
+    let c = Config::from_yaml_with_env(
+        r#"
+providers:
+  OpenAI: { kind: openai, base_url: "http://127.0.0.1:9/v1" }
+models:
+  GPT-4o: { provider: OpenAI, model_id: gpt-4o }
+  gpt-4o: { provider: OpenAI, model_id: gpt-4o-2024 }
+chains:
+  Default: [GPT-4o, gpt-4o]
+store: { enabled: false }
+"#,
+        &env,
+    )
+    .unwrap();
+    assert_eq!(c.models.len(), 2);
+    assert_eq!(&*c.models["GPT-4o"].provider.name, "OpenAI");
+    let chain = &c.chains["Default"];
+    assert_eq!(&*chain.targets[0].model.name, "GPT-4o");
+    assert_eq!(chain.targets[1].model.model_id, "gpt-4o-2024");
+}
