@@ -530,6 +530,8 @@ http {{
                   f" report seconds {', '.join(f'{k} {v:.2f}' for k, v in timings.items())}", flush=True)
     finally:
         procs.stop_all()
+        # The scenario databases (S9 fills 10 million rows) are gigabytes: never left behind.
+        shutil.rmtree(tmp, ignore_errors=True)
 
     (outdir / "report.json").write_text(json.dumps(report, indent=2))
     if not only:
