@@ -223,15 +223,7 @@ async fn an_open_breaker_survives_a_reload_that_leaves_its_target_alone() {
     for _ in 0..2 {
         assert_eq!(served(&c, &g).await.as_deref(), Some("secondary"));
     }
-    let health = |v: &Value, name: &str| {
-        v["targets"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|t| t["model"] == name)
-            .cloned()
-            .unwrap()
-    };
+    let health = common::health_of;
     let before = admin_health(&c, &g).await;
     let primary = health(&before, "primary");
     assert_eq!(primary["state"], "open", "{primary}");

@@ -36,14 +36,7 @@ async fn replicas(config: &str) -> (Harness, Harness) {
 }
 
 async fn target(h: &Harness, name: &str) -> Value {
-    let v = h.get("/admin/health").await.json();
-    v["targets"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["model"] == name)
-        .cloned()
-        .unwrap()
+    common::health_of(&h.get("/admin/health").await.json(), name)
 }
 
 /// Polls `/admin/health` of `h` until `name` satisfies `ok`, for at most `limit`;

@@ -214,4 +214,15 @@ impl Drop for TempDir {
     }
 }
 pub mod process;
+
+/// The entry for pool model `name` in a `GET /admin/health` answer.
+pub fn health_of(health: &Value, name: &str) -> Value {
+    health["targets"]
+        .as_array()
+        .expect("a targets list")
+        .iter()
+        .find(|t| t["model"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no target {name} in {health}"))
+}
 pub mod redis;
