@@ -34,9 +34,10 @@ enum Command {
     Check,
     /// The fallback-cost report from the store (works while a gateway runs on it).
     Report {
-        /// The store file (default: the config's `store.path`).
+        /// The store: a SQLite file or a `postgres://` URL (default: the config's
+        /// `store.path` or `store.url`).
         #[arg(long)]
-        db: Option<PathBuf>,
+        db: Option<String>,
         /// Start of the window: a duration back from now (7d, 12h) or an RFC 3339 time.
         #[arg(long, default_value = "7d")]
         since: String,
@@ -121,8 +122,10 @@ fn check(path: &std::path::Path) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    if let Some(store) = &config.store {
-        if let Err(e) = cascade::store::check_path(&store.path) {
+    // A PostgreSQL URL was parsed when the config loaded; it is not connected to here
+    // (`check` runs in CI and on machines that cannot reach the database).
+    if let Some(cascade::store::Backend::Sqlite(path)) = config.store.as_ref().map(|s| &s.backend) {
+        if let Err(e) = cascade::store::check_path(path) {
             eprintln!("cascade: {e}");
             return ExitCode::from(2);
         }
@@ -136,7 +139,7 @@ fn check(path: &std::path::Path) -> ExitCode {
 
 fn report(
     path: &std::path::Path,
-    db: Option<PathBuf>,
+    db: Option<String>,
     since: &str,
     until: &str,
     by: &str,
@@ -146,17 +149,29 @@ fn report(
         Ok(c) => c,
         Err(code) => return code,
     };
+    use cascade::store::{Backend, PgUrl};
     let db = match (db, &config.store) {
-        (Some(db), _) => db,
-        (None, Some(store)) => store.path.clone(),
+        (Some(db), _) if db.starts_with("postgres://") || db.starts_with("postgresql://") => {
+            match PgUrl::parse(&db) {
+                Ok(url) => Backend::Postgres(url),
+                Err(e) => {
+                    eprintln!("cascade: --db: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        (Some(db), _) => Backend::Sqlite(db.into()),
+        (None, Some(store)) => store.backend.clone(),
         (None, None) => {
             eprintln!("cascade: the store is off in {} (store.enabled: false): there is nothing to report", path.display());
             return ExitCode::from(2);
         }
     };
-    if !db.is_file() {
-        eprintln!("cascade: no store at {}", db.display());
-        return ExitCode::from(2);
+    if let Backend::Sqlite(file) = &db {
+        if !file.is_file() {
+            eprintln!("cascade: no store at {}", file.display());
+            return ExitCode::from(2);
+        }
     }
     if !matches!(format, "table" | "json" | "csv") {
         eprintln!("cascade: unknown --format {format:?} (expected table, json or csv)");
@@ -178,7 +193,7 @@ fn report(
     let report = match cascade::server::read_report(&db, &query) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("cascade: cannot read {}: {e}", db.display());
+            eprintln!("cascade: cannot read {db}: {e}");
             return ExitCode::FAILURE;
         }
     };

@@ -5,11 +5,11 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
 use cascade::store::report::{self, GroupBy, ReportQuery};
-use common::{start, TempDir};
+use common::start;
+use common::stores::{Db, Kind, TestStore};
 use rusqlite::Connection;
 use serde_json::{json, Value};
 
@@ -35,25 +35,17 @@ chains:
   quiet: [plain]
 "#;
 
-fn config(db: &Path) -> String {
-    CONFIG.replace("{db}", &db.display().to_string())
-}
-
-fn db(h: &common::Harness) -> Connection {
-    let path = h.state.config().store.as_ref().unwrap().path.clone();
-    Connection::open(&path).unwrap()
+fn config(store: &TestStore) -> String {
+    CONFIG.replace("path: \"{db}\"", &store.yaml())
 }
 
 /// Waits until the store holds `n` request rows (streams end asynchronously).
-async fn settle(h: &common::Harness, n: i64) -> Connection {
-    let store = h.state.store.clone().unwrap();
+async fn settle(h: &common::Harness, store: &TestStore, n: i64) -> Db {
+    let writer = h.state.store.clone().unwrap();
+    let conn = store.db().await;
     for _ in 0..200 {
-        store.flush().await;
-        let conn = db(h);
-        let got: i64 = conn
-            .query_row("SELECT COUNT(*) FROM requests", [], |r| r.get(0))
-            .unwrap();
-        if got >= n {
+        writer.flush().await;
+        if conn.count("SELECT COUNT(*) FROM requests").await >= n {
             return conn;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
@@ -61,45 +53,22 @@ async fn settle(h: &common::Harness, n: i64) -> Connection {
     panic!("the store never reached {n} request rows");
 }
 
-fn rows(conn: &Connection, sql: &str) -> Vec<Value> {
-    let mut stmt = conn.prepare(sql).unwrap();
-    let names: Vec<String> = stmt.column_names().map(str::to_string).collect();
-    stmt.query_map([], |r| {
-        let mut m = serde_json::Map::new();
-        for (i, n) in names.iter().enumerate() {
-            let v = match r.get_ref(i)? {
-                rusqlite::types::ValueRef::Null => Value::Null,
-                rusqlite::types::ValueRef::Integer(x) => json!(x),
-                rusqlite::types::ValueRef::Real(x) => json!(x),
-                rusqlite::types::ValueRef::Text(t) => json!(String::from_utf8_lossy(t)),
-                rusqlite::types::ValueRef::Blob(_) => Value::Null,
-            };
-            m.insert(n.clone(), v);
-        }
-        Ok(Value::Object(m))
-    })
-    .unwrap()
-    .map(Result::unwrap)
-    .collect()
-}
-
 /// The `requests` row of the answer `r`.
-fn request_row(conn: &Connection, r: &common::Reply) -> Value {
+async fn request_row(conn: &Db, r: &common::Reply) -> Value {
     let id = r.header("x-request-id").expect("x-request-id");
-    let mut found = rows(
-        conn,
-        &format!("SELECT * FROM requests WHERE request_id = '{id}'"),
-    );
+    let mut found = conn
+        .rows(&format!("SELECT * FROM requests WHERE request_id = '{id}'"))
+        .await;
     assert_eq!(found.len(), 1, "one row for request {id}");
     found.remove(0)
 }
 
-fn calls_of(conn: &Connection, r: &common::Reply) -> Vec<Value> {
+async fn calls_of(conn: &Db, r: &common::Reply) -> Vec<Value> {
     let id = r.header("x-request-id").expect("x-request-id");
-    rows(
-        conn,
-        &format!("SELECT * FROM model_calls WHERE request_id = '{id}' ORDER BY id"),
-    )
+    conn.rows(&format!(
+        "SELECT * FROM model_calls WHERE request_id = '{id}' ORDER BY id"
+    ))
+    .await
 }
 
 /// `(model_name, kind, success, error_type)` of each call, in the order they ended.
@@ -131,10 +100,11 @@ fn call(
     )
 }
 
-#[tokio::test]
-async fn every_request_and_call_has_its_row() {
-    let dir = TempDir::new("store-rows");
-    let h = start(&config(&dir.path().join("cascade.db"))).await;
+async fn every_request_and_call_has_its_row(kind: Kind) {
+    let Some(store) = TestStore::new(kind, "store-rows") else {
+        return;
+    };
+    let h = start(&config(&store)).await;
     let mut sent = 0;
 
     // 1. The primary answers.
@@ -211,21 +181,17 @@ async fn every_request_and_call_has_its_row() {
     assert_eq!(unknown.status, 404);
     sent += 2;
 
-    let conn = settle(&h, sent).await;
-    let n: i64 = conn
-        .query_row("SELECT COUNT(*) FROM requests", [], |r| r.get(0))
-        .unwrap();
+    let conn = settle(&h, &store, sent).await;
+    let n = conn.count("SELECT COUNT(*) FROM requests").await;
     assert_eq!(n, sent, "exactly one row per request");
-    let calls: i64 = conn
-        .query_row("SELECT COUNT(*) FROM model_calls", [], |r| r.get(0))
-        .unwrap();
+    let calls = conn.count("SELECT COUNT(*) FROM model_calls").await;
     assert_eq!(
         calls as u64,
         h.mock.total_calls(),
         "one row per upstream call"
     );
 
-    let r = request_row(&conn, &ok);
+    let r = request_row(&conn, &ok).await;
     assert_eq!(
         (
             &r["status"],
@@ -256,16 +222,16 @@ async fn every_request_and_call_has_its_row() {
         "RFC 3339 with milliseconds"
     );
     assert_eq!(
-        summary(&calls_of(&conn, &ok)),
+        summary(&calls_of(&conn, &ok).await),
         [call("primary", "primary", true, None)]
     );
 
-    let r = request_row(&conn, &fell_back);
+    let r = request_row(&conn, &fell_back).await;
     assert_eq!(
         (&r["model_name"], &r["attempts"], &r["fallbacks"]),
         (&json!("secondary"), &json!(2), &json!(1))
     );
-    let c = calls_of(&conn, &fell_back);
+    let c = calls_of(&conn, &fell_back).await;
     assert_eq!(
         summary(&c),
         [
@@ -278,17 +244,17 @@ async fn every_request_and_call_has_its_row() {
         (&json!(500), &json!(0.0))
     );
 
-    let r = request_row(&conn, &bad);
+    let r = request_row(&conn, &bad).await;
     assert_eq!(
         (&r["status"], &r["model_name"], &r["error_type"]),
         (&json!(400), &Value::Null, &json!("bad_request"))
     );
     assert_eq!(
-        summary(&calls_of(&conn, &bad)),
+        summary(&calls_of(&conn, &bad).await),
         [call("primary", "primary", false, Some("bad_request"))]
     );
 
-    let r = request_row(&conn, &all_failed);
+    let r = request_row(&conn, &all_failed).await;
     assert_eq!(
         (
             &r["status"],
@@ -306,7 +272,7 @@ async fn every_request_and_call_has_its_row() {
         )
     );
     assert_eq!(
-        summary(&calls_of(&conn, &all_failed)),
+        summary(&calls_of(&conn, &all_failed).await),
         [
             call("primary", "primary", false, Some("transient")),
             call("secondary", "fallback", false, Some("transient")),
@@ -314,21 +280,21 @@ async fn every_request_and_call_has_its_row() {
         ]
     );
 
-    let r = request_row(&conn, &late);
+    let r = request_row(&conn, &late).await;
     assert_eq!(
         (&r["status"], &r["error_type"]),
         (&json!(504), &json!("timeout"))
     );
-    let c = calls_of(&conn, &late);
+    let c = calls_of(&conn, &late).await;
     assert_eq!(
         summary(&c),
         [call("primary", "primary", false, Some("timeout"))]
     );
     assert_eq!(c[0]["deadline_cut"], 1);
 
-    let r = request_row(&conn, &miss);
+    let r = request_row(&conn, &miss).await;
     assert_eq!(r["cache"], "miss");
-    let r = request_row(&conn, &hit);
+    let r = request_row(&conn, &hit).await;
     assert_eq!(
         (
             &r["cache"],
@@ -345,15 +311,18 @@ async fn every_request_and_call_has_its_row() {
             &json!("primary")
         )
     );
-    assert!(calls_of(&conn, &hit).is_empty(), "a hit makes no call");
+    assert!(
+        calls_of(&conn, &hit).await.is_empty(),
+        "a hit makes no call"
+    );
 
-    let r = request_row(&conn, &streamed);
+    let r = request_row(&conn, &streamed).await;
     assert_eq!(
         (&r["stream"], &r["status"], &r["error_type"]),
         (&json!(1), &json!(200), &Value::Null)
     );
     assert!(r["ttft_ms"].as_f64().unwrap() <= r["latency_ms"].as_f64().unwrap());
-    let c = calls_of(&conn, &streamed);
+    let c = calls_of(&conn, &streamed).await;
     assert_eq!(summary(&c), [call("primary", "primary", true, None)]);
     assert!(c[0]["ttft_ms"].is_number());
     assert!(
@@ -361,36 +330,38 @@ async fn every_request_and_call_has_its_row() {
         "stream tokens counted"
     );
 
-    let r = request_row(&conn, &cut);
+    let r = request_row(&conn, &cut).await;
     assert_eq!(
         (&r["status"], &r["error_type"], &r["model_name"]),
         (&json!(200), &json!("transient"), &json!("primary"))
     );
     assert_eq!(
-        summary(&calls_of(&conn, &cut)),
+        summary(&calls_of(&conn, &cut).await),
         [call("primary", "primary", false, Some("transient"))]
     );
 
-    let gone = rows(
-        &conn,
-        &format!("SELECT * FROM requests WHERE request_id = '{gone_id}'"),
-    );
+    let gone = conn
+        .rows(&format!(
+            "SELECT * FROM requests WHERE request_id = '{gone_id}'"
+        ))
+        .await;
     assert_eq!(gone.len(), 1);
     assert_eq!(
         (&gone[0]["error_type"], &gone[0]["stream"]),
         (&json!("cancelled"), &json!(1))
     );
-    let gone_calls = rows(
-        &conn,
-        &format!("SELECT * FROM model_calls WHERE request_id = '{gone_id}'"),
-    );
+    let gone_calls = conn
+        .rows(&format!(
+            "SELECT * FROM model_calls WHERE request_id = '{gone_id}'"
+        ))
+        .await;
     assert_eq!(
         summary(&gone_calls),
         [call("primary", "primary", false, Some("cancelled"))]
     );
 
     for (reply, class) in [(&not_json, "bad_request"), (&unknown, "not_found")] {
-        let r = request_row(&conn, reply);
+        let r = request_row(&conn, reply).await;
         assert_eq!(
             (&r["chain"], &r["error_type"], &r["attempts"]),
             (&Value::Null, &json!(class), &json!(0))
@@ -408,10 +379,11 @@ async fn every_request_and_call_has_its_row() {
     assert!(metrics.contains("cascade_store_dropped_total 0"));
 }
 
-#[tokio::test]
-async fn retries_races_and_hedges_have_their_kinds() {
-    let dir = TempDir::new("store-kinds");
-    let yaml = config(&dir.path().join("cascade.db")).replace(
+async fn retries_races_and_hedges_have_their_kinds(kind: Kind) {
+    let Some(store) = TestStore::new(kind, "store-kinds") else {
+        return;
+    };
+    let yaml = config(&store).replace(
         "  quiet: [plain]\n",
         "  quiet: [plain]
   retried: { models: [primary, secondary], retry: { max_retries: 1, base: 1ms, cap: 1ms } }
@@ -428,23 +400,23 @@ async fn retries_races_and_hedges_have_their_kinds() {
     assert_eq!(raced.header("x-cascade-model"), Some("secondary"));
     let hedged = h.chat("hedged", &[]).await;
     assert_eq!(hedged.header("x-cascade-model"), Some("secondary"));
-    let conn = settle(&h, 3).await;
+    let conn = settle(&h, &store, 3).await;
     assert_eq!(
-        summary(&calls_of(&conn, &retried)),
+        summary(&calls_of(&conn, &retried).await),
         [
             call("primary", "primary", false, Some("transient")),
             call("primary", "retry", true, None)
         ]
     );
     assert_eq!(
-        summary(&calls_of(&conn, &raced)),
+        summary(&calls_of(&conn, &raced).await),
         [
             call("secondary", "race", true, None),
             call("primary", "primary", false, Some("cancelled"))
         ]
     );
     assert_eq!(
-        summary(&calls_of(&conn, &hedged)),
+        summary(&calls_of(&conn, &hedged).await),
         [
             call("secondary", "hedge", true, None),
             call("primary", "primary", false, Some("cancelled"))
@@ -452,10 +424,11 @@ async fn retries_races_and_hedges_have_their_kinds() {
     );
 }
 
-#[tokio::test]
-async fn streams_count_tokens_without_showing_the_usage_chunk() {
-    let dir = TempDir::new("store-usage");
-    let h = start(&config(&dir.path().join("cascade.db"))).await;
+async fn streams_count_tokens_without_showing_the_usage_chunk(kind: Kind) {
+    let Some(store) = TestStore::new(kind, "store-usage") else {
+        return;
+    };
+    let h = start(&config(&store)).await;
     h.mock.set("p", "cached=3");
     let plain = h.chat_stream("main", &[]).await;
     let sent = h.mock.bodies("p").pop().unwrap();
@@ -503,13 +476,13 @@ async fn streams_count_tokens_without_showing_the_usage_chunk() {
         .get("stream_options")
         .is_none());
 
-    let conn = settle(&h, 4).await;
+    let conn = settle(&h, &store, 4).await;
     for (reply, model, price_in, price_cached, price_out) in [
         (&plain, "primary", 0.01, 0.005, 0.02),
         (&asked, "primary", 0.01, 0.005, 0.02),
         (&claude, "sonnet", 0.003, 0.0003, 0.015),
     ] {
-        let r = request_row(&conn, reply);
+        let r = request_row(&conn, reply).await;
         assert_eq!(r["model_name"], model);
         let input = r["input_tokens"].as_f64().unwrap();
         let cached = r["cached_input_tokens"].as_f64().unwrap();
@@ -521,14 +494,14 @@ async fn streams_count_tokens_without_showing_the_usage_chunk() {
             (r["cost_usd"].as_f64().unwrap() - want).abs() < 1e-9,
             "{r} want {want}"
         );
-        let calls = calls_of(&conn, reply);
+        let calls = calls_of(&conn, reply).await;
         let answered = calls.iter().find(|c| c["success"] == 1).unwrap();
         assert_eq!(answered["input_tokens"], r["input_tokens"]);
         assert_eq!(answered["cost_usd"], r["cost_usd"]);
     }
-    let r = request_row(&conn, &plain);
+    let r = request_row(&conn, &plain).await;
     assert_eq!(r["cached_input_tokens"], 3);
-    let r = request_row(&conn, &claude);
+    let r = request_row(&conn, &claude).await;
     assert_eq!(r["cached_input_tokens"], 2, "Anthropic's cache reads");
     // The primary's price for the same tokens: the fallback's cost differential.
     let input = r["input_tokens"].as_f64().unwrap();
@@ -538,17 +511,18 @@ async fn streams_count_tokens_without_showing_the_usage_chunk() {
         (r["primary_cost_usd"].as_f64().unwrap() - primary).abs() < 1e-9,
         "{r}"
     );
-    let r = request_row(&conn, &quiet);
+    let r = request_row(&conn, &quiet).await;
     assert_eq!(
         (&r["input_tokens"], &r["cost_usd"]),
         (&Value::Null, &json!(0.0))
     );
 }
 
-#[tokio::test]
-async fn the_report_sums_what_fallbacks_cost() {
-    let dir = TempDir::new("store-report");
-    let h = start(&config(&dir.path().join("cascade.db"))).await;
+async fn the_report_sums_what_fallbacks_cost(kind: Kind) {
+    let Some(store) = TestStore::new(kind, "store-report") else {
+        return;
+    };
+    let h = start(&config(&store)).await;
     for _ in 0..3 {
         assert_eq!(h.chat("main", &[]).await.status, 200);
     }
@@ -566,14 +540,14 @@ async fn the_report_sums_what_fallbacks_cost() {
             Some("sonnet")
         );
     }
-    let conn = settle(&h, 9).await;
-    let (cost, primary): (f64, f64) = conn
-        .query_row(
-            "SELECT SUM(cost_usd), SUM(primary_cost_usd) FROM requests WHERE chain = 'main'",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .unwrap();
+    let conn = settle(&h, &store, 9).await;
+    let sums = conn
+        .rows("SELECT SUM(cost_usd) AS cost, SUM(primary_cost_usd) AS primary_cost FROM requests WHERE chain = 'main'")
+        .await;
+    let (cost, primary) = (
+        sums[0]["cost"].as_f64().unwrap(),
+        sums[0]["primary_cost"].as_f64().unwrap(),
+    );
     assert!(primary > cost, "the fallback is cheaper than the primary");
 
     let now = cascade::clock::now_ms();
@@ -585,7 +559,7 @@ async fn the_report_sums_what_fallbacks_cost() {
         min_calls: 3,
     };
     let by_chain = report::run(
-        &h.state.config().store.as_ref().unwrap().path,
+        &h.state.config().store.as_ref().unwrap().backend,
         &q(GroupBy::Chain),
     )
     .unwrap();
@@ -609,7 +583,7 @@ async fn the_report_sums_what_fallbacks_cost() {
     assert_eq!(by_chain["totals"]["requests"], 9);
 
     let by_model = report::run(
-        &h.state.config().store.as_ref().unwrap().path,
+        &h.state.config().store.as_ref().unwrap().backend,
         &q(GroupBy::Model),
     )
     .unwrap();
@@ -636,10 +610,11 @@ async fn the_report_sums_what_fallbacks_cost() {
     assert_eq!(bad.status, 400);
 }
 
-#[tokio::test]
-async fn a_restart_remembers_a_degraded_model() {
-    let dir = TempDir::new("store-restart");
-    let yaml = config(&dir.path().join("cascade.db")).replace(
+async fn a_restart_remembers_a_degraded_model(kind: Kind) {
+    let Some(store) = TestStore::new(kind, "store-restart") else {
+        return;
+    };
+    let yaml = config(&store).replace(
         "store: {",
         "health: { window: 5m, min_calls: 5, degraded_below: 0.8 }\nstore: {",
     );
@@ -658,17 +633,13 @@ async fn a_restart_remembers_a_degraded_model() {
             (&p["model"], &p["degraded"]),
             (&json!("primary"), &json!(true))
         );
-        let conn = settle(&h, 6).await;
-        let n: i64 = conn
-            .query_row(
-                "SELECT COUNT(*) FROM model_calls WHERE model_name = 'primary'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
+        let conn = settle(&h, &store, 6).await;
+        let n = conn
+            .count("SELECT COUNT(*) FROM model_calls WHERE model_name = 'primary'")
+            .await;
         // After five failures it is degraded and moved last: the sixth request went
         // straight to the secondary.
-        assert_eq!(n, 5, "{:?}", rows(&conn, "SELECT * FROM model_calls"));
+        assert_eq!(n, 5, "{:?}", conn.rows("SELECT * FROM model_calls").await);
     }
     // A new gateway on the same store, and a primary that would answer.
     let h = start(&yaml).await;
@@ -690,23 +661,21 @@ async fn a_restart_remembers_a_degraded_model() {
 
 #[tokio::test]
 async fn a_deleted_store_is_created_again_and_a_locked_one_drops_and_counts() {
-    let dir = TempDir::new("store-faults");
-    let path = dir.path().join("cascade.db");
-    let h = start(&config(&path)).await;
+    let store = TestStore::new(Kind::Sqlite, "store-faults").unwrap();
+    let path = store.path();
+    let h = start(&config(&store)).await;
     for _ in 0..3 {
         assert_eq!(h.chat("main", &[]).await.status, 200);
     }
-    settle(&h, 3).await;
+    settle(&h, &store, 3).await;
     for suffix in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
     }
     for _ in 0..5 {
         assert_eq!(h.chat("main", &[]).await.status, 200);
     }
-    let conn = settle(&h, 5).await;
-    let n: i64 = conn
-        .query_row("SELECT COUNT(*) FROM requests", [], |r| r.get(0))
-        .unwrap();
+    let conn = settle(&h, &store, 5).await;
+    let n = conn.count("SELECT COUNT(*) FROM requests").await;
     assert_eq!(n, 5, "the new file holds what came after the delete");
 
     // Another connection holds the write lock: answers go on, rows are dropped and counted.
@@ -721,13 +690,9 @@ async fn a_deleted_store_is_created_again_and_a_locked_one_drops_and_counts() {
     for _ in 0..2 {
         assert_eq!(h.chat("main", &[]).await.status, 200);
     }
-    let conn = settle(&h, 7).await;
-    let requests: i64 = conn
-        .query_row("SELECT COUNT(*) FROM requests", [], |r| r.get(0))
-        .unwrap();
-    let calls: i64 = conn
-        .query_row("SELECT COUNT(*) FROM model_calls", [], |r| r.get(0))
-        .unwrap();
+    let conn = settle(&h, &store, 7).await;
+    let requests = conn.count("SELECT COUNT(*) FROM requests").await;
+    let calls = conn.count("SELECT COUNT(*) FROM model_calls").await;
     let dropped = h.state.metrics.store.dropped.get();
     assert_eq!(requests, 7, "the rows after the lock was released");
     assert_eq!(dropped, 20, "10 requests and 10 calls lost, and counted");
@@ -738,21 +703,57 @@ async fn a_deleted_store_is_created_again_and_a_locked_one_drops_and_counts() {
     );
 }
 
-#[test]
-fn a_full_queue_drops_and_counts() {
-    let dir = TempDir::new("store-queue");
-    let path = dir.path().join("q.db");
-    let metrics = cascade::metrics::Metrics::new();
-    let settings = cascade::store::StoreSettings {
-        path: path.clone(),
-        retention: Duration::from_secs(86_400),
-        queue: 8,
+fn settings(store: &TestStore, retention: Duration, queue: usize) -> cascade::store::StoreSettings {
+    cascade::store::StoreSettings {
+        backend: store.backend(),
+        retention,
+        queue,
         flush_interval: Duration::from_millis(10),
+    }
+}
+
+/// Holds the store's write lock until dropped (SQLite: an exclusive transaction;
+/// PostgreSQL: the `requests` table locked in an open transaction).
+struct Locker {
+    _sqlite: Option<Connection>,
+    _pg: Option<tokio_postgres::Client>,
+}
+
+async fn lock(store: &TestStore) -> Locker {
+    match store.kind {
+        Kind::Sqlite => {
+            let c = Connection::open(store.path()).unwrap();
+            c.execute_batch("BEGIN EXCLUSIVE").unwrap();
+            Locker {
+                _sqlite: Some(c),
+                _pg: None,
+            }
+        }
+        Kind::Postgres => {
+            let c = store.pg.as_ref().unwrap().client().await;
+            c.batch_execute("BEGIN; LOCK TABLE requests IN ACCESS EXCLUSIVE MODE")
+                .await
+                .unwrap();
+            Locker {
+                _sqlite: None,
+                _pg: Some(c),
+            }
+        }
+    }
+}
+
+async fn a_full_queue_drops_and_counts(kind: Kind) {
+    let Some(store) = TestStore::new(kind, "store-queue") else {
+        return;
     };
-    let store = cascade::store::Store::open(settings, metrics.store.clone()).unwrap();
+    let metrics = cascade::metrics::Metrics::new();
+    let writer = cascade::store::Store::open(
+        settings(&store, Duration::from_secs(86_400), 8),
+        metrics.store.clone(),
+    )
+    .unwrap();
     // Hold the lock so the writer stalls on its first batch.
-    let locker = Connection::open(&path).unwrap();
-    locker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let locker = lock(&store).await;
     let row = cascade::store::RequestRow {
         request_id: "r".into(),
         arrived_ms: cascade::clock::now_ms(),
@@ -774,19 +775,21 @@ fn a_full_queue_drops_and_counts() {
     };
     let started = std::time::Instant::now();
     for _ in 0..1000 {
-        store.record(cascade::store::Row::Request(row.clone()));
+        writer.record(cascade::store::Row::Request(row.clone()));
     }
     assert!(
         started.elapsed() < Duration::from_millis(200),
         "recording never waits"
     );
-    locker.execute_batch("COMMIT").unwrap();
+    // Let the writer take its first batch and stall on the lock.
+    tokio::time::sleep(Duration::from_millis(100)).await;
     drop(locker);
-    store.flush_blocking();
-    let conn = Connection::open(&path).unwrap();
-    let written: i64 = conn
-        .query_row("SELECT COUNT(*) FROM requests", [], |r| r.get(0))
-        .unwrap();
+    writer.flush().await;
+    let written = store
+        .db()
+        .await
+        .count("SELECT COUNT(*) FROM requests")
+        .await;
     let dropped = metrics.store.dropped.get() as i64;
     assert!(dropped > 900, "{dropped}");
     assert_eq!(written + dropped, 1000, "every row written or counted");
@@ -813,27 +816,21 @@ models:
     );
 }
 
-#[test]
-fn retention_deletes_old_rows_at_start() {
-    let dir = TempDir::new("store-retention");
-    let path = dir.path().join("r.db");
-    let settings = |retention| cascade::store::StoreSettings {
-        path: path.clone(),
-        retention,
-        queue: 1024,
-        flush_interval: Duration::from_millis(10),
+async fn retention_deletes_old_rows_at_start(kind: Kind) {
+    let Some(store) = TestStore::new(kind, "store-retention") else {
+        return;
     };
     let now = cascade::clock::now_ms();
     let day = 86_400_000;
     {
         let metrics = cascade::metrics::Metrics::new();
-        let store = cascade::store::Store::open(
-            settings(Duration::from_secs(3650 * 86_400)),
+        let writer = cascade::store::Store::open(
+            settings(&store, Duration::from_secs(3650 * 86_400), 1024),
             metrics.store.clone(),
         )
         .unwrap();
         for age_days in [40, 31, 29, 1] {
-            store.record(cascade::store::Row::Call(cascade::store::CallRow {
+            writer.record(cascade::store::Row::Call(cascade::store::CallRow {
                 started_ms: now - age_days * day,
                 request_id: format!("r{age_days}").into(),
                 chain: "c".into(),
@@ -850,35 +847,39 @@ fn retention_deletes_old_rows_at_start() {
                 deadline_cut: false,
             }));
         }
-        store.flush_blocking();
+        writer.flush().await;
     }
     let metrics = cascade::metrics::Metrics::new();
-    let store = cascade::store::Store::open(
-        settings(Duration::from_secs(30 * 86_400)),
+    let writer = cascade::store::Store::open(
+        settings(&store, Duration::from_secs(30 * 86_400), 1024),
         metrics.store.clone(),
     )
     .unwrap();
-    store.flush_blocking();
-    let conn = Connection::open(&path).unwrap();
-    let left = rows(&conn, "SELECT request_id FROM model_calls ORDER BY id");
+    writer.flush().await;
+    let left = store
+        .db()
+        .await
+        .rows("SELECT request_id FROM model_calls ORDER BY id")
+        .await;
     assert_eq!(
         left,
         [json!({"request_id": "r29"}), json!({"request_id": "r1"})]
     );
 }
 
-#[tokio::test]
-async fn callers_that_share_a_flight_pay_once() {
-    let dir = TempDir::new("store-flight");
-    let h = start(&config(&dir.path().join("cascade.db"))).await;
+async fn callers_that_share_a_flight_pay_once(kind: Kind) {
+    let Some(store) = TestStore::new(kind, "store-flight") else {
+        return;
+    };
+    let h = start(&config(&store)).await;
     h.mock.set("p", "latency=200ms");
     let body = json!({"model": "main", "temperature": 0, "messages": [{"role": "user", "content": "same"}]})
         .to_string();
     let (a, b) = tokio::join!(h.post_raw(body.clone(), &[]), h.post_raw(body, &[]));
     assert_eq!((a.status, b.status), (200, 200));
     assert_eq!(h.mock.calls("p"), 1, "one flight");
-    let conn = settle(&h, 2).await;
-    let mut both = [request_row(&conn, &a), request_row(&conn, &b)];
+    let conn = settle(&h, &store, 2).await;
+    let mut both = [request_row(&conn, &a).await, request_row(&conn, &b).await];
     both.sort_by_key(|r| r["attempts"].as_i64());
     let (joined, ran) = (&both[0], &both[1]);
     assert_eq!(
@@ -891,8 +892,17 @@ async fn callers_that_share_a_flight_pay_once() {
     );
     assert_eq!(ran["attempts"], 1);
     assert!(ran["cost_usd"].as_f64().unwrap() > 0.0);
-    let calls: i64 = conn
-        .query_row("SELECT COUNT(*) FROM model_calls", [], |r| r.get(0))
-        .unwrap();
+    let calls = conn.count("SELECT COUNT(*) FROM model_calls").await;
     assert_eq!(calls, 1);
 }
+
+on_both_stores!(
+    every_request_and_call_has_its_row,
+    retries_races_and_hedges_have_their_kinds,
+    streams_count_tokens_without_showing_the_usage_chunk,
+    the_report_sums_what_fallbacks_cost,
+    a_restart_remembers_a_degraded_model,
+    a_full_queue_drops_and_counts,
+    retention_deletes_old_rows_at_start,
+    callers_that_share_a_flight_pay_once,
+);

@@ -1272,10 +1272,26 @@ fn store_settings(s: &raw::RawStore) -> Result<Option<crate::store::StoreSetting
     if s.enabled == Some(false) {
         return Ok(None);
     }
-    let path = s.path.as_deref().unwrap_or(DEFAULT_STORE_PATH);
-    if path.trim().is_empty() {
-        return Err(ConfigError::at("store.path", "must not be empty"));
-    }
+    let backend = match (&s.path, &s.url) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::at(
+                "store.url",
+                "store.path and store.url are both set: choose one store (path: a SQLite \
+                 file on this machine; url: a PostgreSQL database shared by a fleet)",
+            ))
+        }
+        (_, Some(url)) => crate::store::Backend::Postgres(
+            crate::store::PgUrl::parse(url.expose())
+                .map_err(|e| ConfigError::at("store.url", e))?,
+        ),
+        (path, None) => {
+            let path = path.as_deref().unwrap_or(DEFAULT_STORE_PATH);
+            if path.trim().is_empty() {
+                return Err(ConfigError::at("store.path", "must not be empty"));
+            }
+            crate::store::Backend::Sqlite(path.into())
+        }
+    };
     let queue = s.queue.unwrap_or(65_536);
     if queue == 0 {
         return Err(ConfigError::at("store.queue", "must be at least 1"));
@@ -1288,7 +1304,7 @@ fn store_settings(s: &raw::RawStore) -> Result<Option<crate::store::StoreSetting
         ],
     )?;
     Ok(Some(crate::store::StoreSettings {
-        path: path.into(),
+        backend,
         retention: s.retention.unwrap_or(Duration::from_secs(30 * 86_400)),
         queue,
         flush_interval: s.flush_interval.unwrap_or(Duration::from_secs(1)),

@@ -74,6 +74,8 @@ pub struct RawResponses {
 pub struct RawStore {
     pub enabled: Option<bool>,
     pub path: Option<String>,
+    /// A PostgreSQL URL; it carries a password, so it never prints.
+    pub url: Option<crate::secret::Secret>,
     #[serde(default, deserialize_with = "opt_duration")]
     pub retention: Option<Duration>,
     pub queue: Option<usize>,

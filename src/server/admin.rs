@@ -4,7 +4,6 @@
 //! scheduled report.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -129,8 +128,8 @@ pub async fn report(
             )
         }
     };
-    let path = settings.path.clone();
-    let built = tokio::task::spawn_blocking(move || read_report(&path, &query)).await;
+    let backend = settings.backend.clone();
+    let built = tokio::task::spawn_blocking(move || read_report(&backend, &query)).await;
     match built {
         Ok(Ok(v)) => json_response(Bytes::from(serde_json::to_vec(&v).unwrap_or_default())),
         Ok(Err(e)) => error_response(&ApiError::new(
@@ -146,19 +145,25 @@ pub async fn report(
     }
 }
 
-/// Reads the report from the store at `path` (read-only; the file must exist).
-pub fn read_report(path: &Path, q: &ReportQuery) -> Result<serde_json::Value, String> {
-    report::run(path, q).map_err(|e| e.to_string())
+/// Reads the report from the store (read-only; a SQLite file must exist). Blocks.
+pub fn read_report(
+    backend: &crate::store::Backend,
+    q: &ReportQuery,
+) -> Result<serde_json::Value, String> {
+    report::run(backend, q).map_err(|e| e.to_string())
 }
 
 /// Fills each model's health window from the calls the store recorded within
 /// `health.window`, so a model that was degraded before a restart is still moved last
 /// after it, before any new call to it. A store that cannot be read restores nothing.
-pub fn restore_health(config: &Config, path: &Path) {
+///
+/// On PostgreSQL the window holds the whole fleet's calls: a replica starts with what
+/// its peers have seen.
+pub fn restore_health(config: &Config, backend: &crate::store::Backend) {
     let window = config.health.window;
     let now_ms = clock::now_ms();
     let since = now_ms - i64::try_from(window.as_millis()).unwrap_or(i64::MAX / 2);
-    let rows = match crate::store::recent_calls(path, since) {
+    let rows = match crate::store::recent_calls(backend, since) {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, "store: could not restore the health windows");
@@ -224,8 +229,9 @@ pub fn start_scheduled_report(app: Arc<AppState>) -> std::io::Result<()> {
                         degraded_below: app.config().health.degraded_below,
                         min_calls: app.config().health.min_calls,
                     };
-                    let path = store.path.clone();
-                    let built = tokio::task::spawn_blocking(move || read_report(&path, &q)).await;
+                    let backend = store.backend.clone();
+                    let built =
+                        tokio::task::spawn_blocking(move || read_report(&backend, &q)).await;
                     match built {
                         Ok(Ok(v)) => publish(&schedule, &v, until_ms, &http).await,
                         Ok(Err(e)) => {

@@ -105,7 +105,7 @@ impl AppState {
         let store = match &config.store {
             Some(settings) => {
                 let store = Store::open(settings.clone(), metrics.store.clone())?;
-                admin::restore_health(&config, &settings.path);
+                admin::restore_health(&config, &settings.backend);
                 Some(store)
             }
             None => None,
@@ -126,7 +126,7 @@ impl AppState {
                 &config.responses,
                 store
                     .clone()
-                    .zip(config.store.as_ref().map(|s| s.path.clone())),
+                    .zip(config.store.as_ref().map(|s| s.backend.clone())),
             )),
             passthrough: passthrough::client(),
             store,

@@ -44,7 +44,7 @@ pub struct ResponsesState {
     deleted: moka::sync::Cache<(u128, Box<str>), ()>,
     /// All of them, in the store (when it is on), so a restart or an evicted entry
     /// loses nothing within `responses.ttl`.
-    store: Option<(crate::store::Store, std::path::PathBuf)>,
+    store: Option<(crate::store::Store, crate::store::Backend)>,
     ttl: std::time::Duration,
 }
 
@@ -56,7 +56,7 @@ fn tenant_key(tenant: u128) -> String {
 impl ResponsesState {
     pub fn new(
         settings: &ResponsesSettings,
-        store: Option<(crate::store::Store, std::path::PathBuf)>,
+        store: Option<(crate::store::Store, crate::store::Backend)>,
     ) -> ResponsesState {
         ResponsesState {
             store,
@@ -118,11 +118,9 @@ impl ResponsesState {
         if let Some(k) = self.kept.get(&key) {
             return Some(k);
         }
-        let (_, path) = self.store.as_ref()?;
-        let (path, t, i) = (path.clone(), tenant_key(tenant), id.to_string());
-        let found = tokio::task::spawn_blocking(move || crate::store::read_response(&path, &t, &i))
+        let (_, backend) = self.store.as_ref()?;
+        let found = crate::store::read_response(backend, &tenant_key(tenant), id)
             .await
-            .ok()?
             .ok()??;
         let left = u64::try_from(found.2 - crate::clock::now_ms()).unwrap_or(0);
         let kept = Arc::new(Kept {

@@ -1,13 +1,17 @@
 //! The operator's record: one row per upstream call (`model_calls`) and one per client
-//! request (`requests`) in an embedded SQLite file, WAL mode.
+//! request (`requests`), in an embedded SQLite file (WAL mode, the default) or, for a
+//! fleet, in PostgreSQL (`store.url`), with the same tables.
 //!
 //! The request path never writes: it hands a [`Row`] to [`Store::record`], which puts
 //! it on a bounded queue and returns at once. One background thread (`writer.rs`)
 //! commits batches in transactions. A full queue, a full disk, a locked or deleted file
-//! drop rows and count them (`cascade_store_dropped_total`); an answer never waits.
+//! or a lost database drop rows and count them (`cascade_store_dropped_total`); an
+//! answer never waits.
 
+pub mod postgres;
 pub mod report;
 mod schema;
+mod sqlite;
 mod writer;
 
 use std::path::PathBuf;
@@ -17,7 +21,45 @@ use std::time::Duration;
 
 use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge};
 
+pub use postgres::PgUrl;
 pub use schema::open_read_only;
+
+/// Where the store lives.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Backend {
+    /// `store.path`: a SQLite file.
+    Sqlite(PathBuf),
+    /// `store.url`: a PostgreSQL database.
+    Postgres(PgUrl),
+}
+
+impl std::fmt::Display for Backend {
+    /// The file, or the database without its credentials.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Backend::Sqlite(p) => write!(f, "{}", p.display()),
+            Backend::Postgres(u) => f.write_str(&u.redacted()),
+        }
+    }
+}
+
+/// A store that could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL's message (never the URL, so never its password).
+    #[error("{0}")]
+    Postgres(String),
+}
+
+/// Rows deleted per statement by retention, so the writer never stalls for long.
+const RETENTION_CHUNK: usize = 10_000;
+
+/// Milliseconds rounded to microseconds: enough for sub-millisecond upstreams.
+fn round_ms(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}
 
 /// How a call came to be made, as `model_calls.kind`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,21 +217,32 @@ pub struct ResponseRow {
 /// A kept response read back: (response, items, expires_ms).
 pub type StoredResponse = (Vec<u8>, Vec<u8>, i64);
 
-/// A kept response, if it has not expired.
-pub fn read_response(
-    path: &std::path::Path,
+/// A kept response, if it has not expired (off the request thread).
+pub async fn read_response(
+    backend: &Backend,
     tenant: &str,
     id: &str,
-) -> rusqlite::Result<Option<StoredResponse>> {
-    use rusqlite::OptionalExtension;
-    let conn = open_read_only(path)?;
-    conn.query_row(
-        "SELECT response, items, expires_ms FROM responses
-         WHERE tenant = ?1 AND id = ?2 AND expires_ms > ?3",
-        rusqlite::params![tenant, id, crate::clock::now_ms()],
-        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-    )
-    .optional()
+) -> Result<Option<StoredResponse>, StoreError> {
+    match backend {
+        Backend::Sqlite(path) => {
+            let (path, tenant, id) = (path.clone(), tenant.to_string(), id.to_string());
+            tokio::task::spawn_blocking(move || {
+                use rusqlite::OptionalExtension;
+                let conn = open_read_only(&path)?;
+                Ok(conn
+                    .query_row(
+                        "SELECT response, items, expires_ms FROM responses
+                         WHERE tenant = ?1 AND id = ?2 AND expires_ms > ?3",
+                        rusqlite::params![tenant, id, crate::clock::now_ms()],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                    )
+                    .optional()?)
+            })
+            .await
+            .map_err(|_| StoreError::Postgres("the read failed".into()))?
+        }
+        Backend::Postgres(url) => url.read_response(tenant.into(), id.into()).await,
+    }
 }
 
 /// What the writer is sent.
@@ -201,7 +254,7 @@ enum Msg {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoreSettings {
-    pub path: PathBuf,
+    pub backend: Backend,
     pub retention: Duration,
     pub queue: usize,
     pub flush_interval: Duration,
@@ -232,26 +285,51 @@ struct Inner {
 
 /// The store could not be opened at start.
 #[derive(Debug, thiserror::Error)]
-#[error("config error at store.path: {message}")]
+#[error("config error at {key}: {message}")]
 pub struct OpenError {
+    /// `store.path` or `store.url`.
+    pub key: &'static str,
     pub message: String,
 }
 
 impl Store {
-    /// Opens (or creates) the file, applies migrations and starts the writer thread.
-    /// Fails when the file can't be created or opened: a wrong path is a start error,
-    /// not a silent loss of every row.
+    /// Opens (or creates) the store, applies migrations and starts the writer thread.
+    ///
+    /// A SQLite file that can't be created or opened is a start error: a wrong path
+    /// is a mistake, not a silent loss of every row. A PostgreSQL server that does not
+    /// answer is not: it is another machine, down for a while, and the gateway must
+    /// still serve. That is logged, and rows are dropped and counted until it answers.
     pub fn open(settings: StoreSettings, metrics: StoreMetrics) -> Result<Store, OpenError> {
-        check_path(&settings.path)?;
-        let conn = schema::open(&settings.path).map_err(|e| OpenError {
-            message: format!("cannot open {}: {e}", settings.path.display()),
-        })?;
+        let conn = match &settings.backend {
+            Backend::Sqlite(path) => {
+                check_path(path)?;
+                Some(
+                    writer::Conn::open(&settings.backend).map_err(|e| OpenError {
+                        key: "store.path",
+                        message: format!("cannot open {}: {e}", path.display()),
+                    })?,
+                )
+            }
+            Backend::Postgres(url) => match writer::Conn::open(&settings.backend) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::error!(
+                        store = %url.redacted(),
+                        error = %e,
+                        "store: cannot reach PostgreSQL; rows are dropped and counted in \
+                         cascade_store_dropped_total until it answers"
+                    );
+                    None
+                }
+            },
+        };
         let (tx, rx) = mpsc::channel();
         let writer = writer::Writer::new(settings.clone(), metrics.clone(), conn);
         std::thread::Builder::new()
             .name("cascade-store".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| OpenError {
+                key: "store",
                 message: format!("cannot start the store writer: {e}"),
             })?;
         Ok(Store {
@@ -304,9 +382,11 @@ pub fn check_path(path: &std::path::Path) -> Result<(), OpenError> {
     match std::fs::metadata(dir) {
         Ok(m) if m.is_dir() => Ok(()),
         Ok(_) => Err(OpenError {
+            key: "store.path",
             message: format!("{} is not a directory", dir.display()),
         }),
         Err(e) => Err(OpenError {
+            key: "store.path",
             message: format!("the directory {} does not exist ({e})", dir.display()),
         }),
     }
@@ -324,7 +404,14 @@ pub struct PastCall {
 }
 
 /// Calls that started at or after `since_ms`, oldest first.
-pub fn recent_calls(path: &std::path::Path, since_ms: i64) -> rusqlite::Result<Vec<PastCall>> {
+pub fn recent_calls(backend: &Backend, since_ms: i64) -> Result<Vec<PastCall>, StoreError> {
+    match backend {
+        Backend::Sqlite(path) => Ok(sqlite_recent_calls(path, since_ms)?),
+        Backend::Postgres(url) => url.recent_calls(since_ms),
+    }
+}
+
+fn sqlite_recent_calls(path: &std::path::Path, since_ms: i64) -> rusqlite::Result<Vec<PastCall>> {
     let conn = open_read_only(path)?;
     let mut stmt = conn.prepare(
         "SELECT model_name, timestamp, latency_ms, ttft_ms, error_type, deadline_cut

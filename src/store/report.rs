@@ -2,7 +2,8 @@
 //! fallbacks cost, grouped by chain, day or model, over a window of the store.
 //!
 //! One query per report reads the window through the time index; grouping and
-//! percentiles are computed here, in one pass. The same JSON value feeds `cascade
+//! percentiles are computed here, in one pass, the same way for both stores (a SQLite
+//! file is read in parallel slices; PostgreSQL streams its rows). The same JSON value feeds `cascade
 //! report` (table, JSON, CSV), `GET /admin/report` and the scheduled Markdown file.
 
 use std::collections::BTreeMap;
@@ -13,6 +14,7 @@ use std::path::Path;
 use rusqlite::Connection;
 use serde_json::{json, Map, Value};
 
+use super::{Backend, PgUrl, StoreError};
 use crate::clock;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,12 +60,13 @@ pub struct ReportQuery {
 }
 
 /// The report as JSON: `{"since", "until", "by", "rows": [...], "totals": {...}}`.
-/// Reads the store at `path` read-only (a gateway may be writing to it).
-pub fn run(path: &Path, q: &ReportQuery) -> rusqlite::Result<Value> {
+/// Reads the store read-only (gateways may be writing to it). Blocks: call it off
+/// the request path.
+pub fn run(backend: &Backend, q: &ReportQuery) -> Result<Value, StoreError> {
     let (rows, totals) = match q.by {
-        GroupBy::Chain | GroupBy::Day => request_report(path, q)?,
-        GroupBy::Model => model_report(path, q)?,
-        GroupBy::Shadow => shadow_report(path, q)?,
+        GroupBy::Chain | GroupBy::Day => request_report(backend, q)?,
+        GroupBy::Model => model_report(backend, q)?,
+        GroupBy::Shadow => shadow_report(backend, q)?,
     };
     Ok(json!({
         "since": clock::rfc3339_s(q.since_ms),
@@ -276,19 +279,72 @@ struct RequestFields<'a> {
     primary_cost: f64,
 }
 
-fn request_report(path: &Path, q: &ReportQuery) -> rusqlite::Result<(Vec<Value>, Value)> {
+impl RequestFields<'_> {
+    fn from_pg(row: &tokio_postgres::Row) -> Result<RequestFields<'_>, tokio_postgres::Error> {
+        Ok(RequestFields {
+            status: i64::from(row.try_get::<_, i32>(1)?),
+            error_type: row.try_get(2)?,
+            fallbacks: i64::from(row.try_get::<_, i32>(3)?),
+            latency_ms: row.try_get(4)?,
+            input_tokens: count(row.try_get(5)?),
+            output_tokens: count(row.try_get(6)?),
+            cost: row.try_get(7)?,
+            primary_cost: row.try_get(8)?,
+        })
+    }
+}
+
+fn count(v: Option<i64>) -> u64 {
+    v.unwrap_or(0).max(0) as u64
+}
+
+type Groups<G> = Vec<(Option<String>, G)>;
+
+fn pg_request_row(
+    groups: &mut Groups<RequestGroup>,
+    row: &tokio_postgres::Row,
+) -> Result<(), tokio_postgres::Error> {
+    let f = RequestFields::from_pg(row)?;
+    slot(groups, row.try_get(0)?).add(&f);
+    Ok(())
+}
+
+/// The requests in `[since, until)`, grouped by the key `sqlite_key` (SQLite) or
+/// `pg_sql`'s first column.
+fn request_groups(
+    backend: &Backend,
+    q: &ReportQuery,
+) -> Result<BTreeMap<Option<String>, RequestGroup>, StoreError> {
+    const COLUMNS: &str = "status, error_type, fallbacks, latency_ms, input_tokens, \
+        output_tokens, cost_usd, primary_cost_usd FROM requests";
+    let path = match backend {
+        Backend::Sqlite(path) => path,
+        Backend::Postgres(url) => {
+            let sql: &'static str = match q.by {
+                GroupBy::Day => {
+                    "SELECT to_char(timestamp AT TIME ZONE 'UTC', 'YYYY-MM-DD'), \
+                    status, error_type, fallbacks, latency_ms, input_tokens, output_tokens, \
+                    cost_usd, primary_cost_usd FROM requests \
+                    WHERE timestamp >= $1 AND timestamp < $2"
+                }
+                _ => {
+                    "SELECT chain, status, error_type, fallbacks, latency_ms, input_tokens, \
+                    output_tokens, cost_usd, primary_cost_usd FROM requests \
+                    WHERE timestamp >= $1 AND timestamp < $2"
+                }
+            };
+            let groups = url.scan(sql, q.since_ms, q.until_ms, Vec::new(), pg_request_row)?;
+            return Ok(groups.into_iter().collect());
+        }
+    };
     let key_sql = match q.by {
         GroupBy::Day => "substr(timestamp, 1, 10)",
         _ => "chain",
     };
-    let sql = format!(
-        "SELECT {key_sql}, status, error_type, fallbacks, latency_ms, input_tokens,
-                output_tokens, cost_usd, primary_cost_usd
-         FROM requests WHERE timestamp >= ?1 AND timestamp < ?2"
-    );
-    let groups: BTreeMap<Option<String>, RequestGroup> = scan_slices(path, q, |conn, from, to| {
+    let sql = format!("SELECT {key_sql}, {COLUMNS} WHERE timestamp >= ?1 AND timestamp < ?2");
+    Ok(scan_slices(path, q, |conn, from, to| {
         let mut stmt = conn.prepare(&sql)?;
-        let mut groups: Vec<(Option<String>, RequestGroup)> = Vec::new();
+        let mut groups: Groups<RequestGroup> = Vec::new();
         let mut rows = stmt.query([from, to])?;
         while let Some(row) = rows.next()? {
             let f = RequestFields {
@@ -296,15 +352,19 @@ fn request_report(path: &Path, q: &ReportQuery) -> rusqlite::Result<(Vec<Value>,
                 error_type: text(row.get_ref(2)?),
                 fallbacks: row.get(3)?,
                 latency_ms: row.get(4)?,
-                input_tokens: row.get::<_, Option<i64>>(5)?.unwrap_or(0).max(0) as u64,
-                output_tokens: row.get::<_, Option<i64>>(6)?.unwrap_or(0).max(0) as u64,
+                input_tokens: count(row.get(5)?),
+                output_tokens: count(row.get(6)?),
                 cost: row.get(7)?,
                 primary_cost: row.get(8)?,
             };
             slot(&mut groups, text(row.get_ref(0)?)).add(&f);
         }
         Ok(groups.into_iter().collect())
-    })?;
+    })?)
+}
+
+fn request_report(backend: &Backend, q: &ReportQuery) -> Result<(Vec<Value>, Value), StoreError> {
+    let groups = request_groups(backend, q)?;
     let mut total = RequestGroup::default();
     let name = q.by.as_str();
     let mut out = Vec::with_capacity(groups.len());
@@ -399,14 +459,24 @@ impl Merge for Count {
     }
 }
 
-fn model_report(path: &Path, q: &ReportQuery) -> rusqlite::Result<(Vec<Value>, Value)> {
-    type Part = (BTreeMap<String, ModelGroup>, BTreeMap<String, Count>);
-    let (mut groups, served): Part = scan_slices(path, q, |conn, from, to| {
-        let mut stmt = conn.prepare_cached(
-            "SELECT model_name, success, error_type, latency_ms, cost_usd
-             FROM model_calls WHERE timestamp >= ?1 AND timestamp < ?2",
-        )?;
-        let mut groups: Vec<(Option<String>, ModelGroup)> = Vec::new();
+type ModelPart = (BTreeMap<String, ModelGroup>, BTreeMap<String, Count>);
+
+const MODEL_CALLS_SQL: &str = "SELECT model_name, success, error_type, latency_ms, cost_usd
+     FROM model_calls WHERE timestamp >= ?1 AND timestamp < ?2";
+/// Requests answered by a fallback, per model (cache hits are nobody's fallback).
+const SERVED_SQL: &str = "SELECT model_name, COUNT(*) FROM requests
+     WHERE timestamp >= ?1 AND timestamp < ?2 AND fallbacks > 0
+       AND model_name IS NOT NULL AND error_type IS NULL AND cache NOT IN ('hit', 'stale')
+     GROUP BY model_name";
+
+fn model_parts(backend: &Backend, q: &ReportQuery) -> Result<ModelPart, StoreError> {
+    let path = match backend {
+        Backend::Sqlite(path) => path,
+        Backend::Postgres(url) => return pg_model_parts(url, q),
+    };
+    Ok(scan_slices(path, q, |conn, from, to| {
+        let mut stmt = conn.prepare_cached(MODEL_CALLS_SQL)?;
+        let mut groups: Groups<ModelGroup> = Vec::new();
         let mut rows = stmt.query([from, to])?;
         while let Some(row) = rows.next()? {
             let success: bool = row.get(1)?;
@@ -419,12 +489,7 @@ fn model_report(path: &Path, q: &ReportQuery) -> rusqlite::Result<(Vec<Value>, V
                 cost,
             );
         }
-        let mut stmt = conn.prepare_cached(
-            "SELECT model_name, COUNT(*) FROM requests
-             WHERE timestamp >= ?1 AND timestamp < ?2 AND fallbacks > 0
-               AND model_name IS NOT NULL AND error_type IS NULL AND cache NOT IN ('hit', 'stale')
-             GROUP BY model_name",
-        )?;
+        let mut stmt = conn.prepare_cached(SERVED_SQL)?;
         let mut served = BTreeMap::new();
         let mut rows = stmt.query([from, to])?;
         while let Some(row) = rows.next()? {
@@ -437,7 +502,48 @@ fn model_report(path: &Path, q: &ReportQuery) -> rusqlite::Result<(Vec<Value>, V
             .map(|(k, g)| (k.unwrap_or_default(), g))
             .collect();
         Ok((groups, served))
+    })?)
+}
+
+/// The same queries as SQLite's, in PostgreSQL's placeholders.
+fn pg_model_parts(url: &PgUrl, q: &ReportQuery) -> Result<ModelPart, StoreError> {
+    static CALLS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    static SERVED: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let pg_sql = |s: &str| s.replace("?1", "$1").replace("?2", "$2");
+    let calls: &'static str = CALLS.get_or_init(|| pg_sql(MODEL_CALLS_SQL));
+    let served: &'static str = SERVED.get_or_init(|| pg_sql(SERVED_SQL));
+    let groups = url.scan(
+        calls,
+        q.since_ms,
+        q.until_ms,
+        Vec::new(),
+        |groups: &mut Groups<ModelGroup>, row| {
+            slot(groups, row.try_get(0)?).add(
+                row.try_get::<_, i32>(1)? != 0,
+                row.try_get(2)?,
+                row.try_get(3)?,
+                row.try_get(4)?,
+            );
+            Ok(())
+        },
+    )?;
+    let served = url.scan(served, q.since_ms, q.until_ms, BTreeMap::new(), |m, row| {
+        let n: i64 = row.try_get(1)?;
+        m.insert(row.try_get(0)?, Count(n.max(0) as u64));
+        Ok(())
     })?;
+    let groups: Groups<ModelGroup> = groups;
+    Ok((
+        groups
+            .into_iter()
+            .map(|(k, g)| (k.unwrap_or_default(), g))
+            .collect(),
+        served,
+    ))
+}
+
+fn model_report(backend: &Backend, q: &ReportQuery) -> Result<(Vec<Value>, Value), StoreError> {
+    let (mut groups, served) = model_parts(backend, q)?;
     for (model, n) in served {
         groups.entry(model).or_default().served_as_fallback += n.0;
     }
@@ -529,49 +635,118 @@ impl ShadowGroup {
     }
 }
 
-fn shadow_report(path: &Path, q: &ReportQuery) -> rusqlite::Result<(Vec<Value>, Value)> {
-    type Key = (Option<String>, Option<String>, Option<String>);
-    let groups: BTreeMap<Key, ShadowGroup> = scan_slices(path, q, |conn, from, to| {
-        let mut stmt = conn.prepare_cached(
-            "SELECT chain, served_model, shadow_model, success, error_type, latency_ms,
-                    served_latency_ms, similarity, json_valid, tool_calls_match, cost_usd
-             FROM shadow_results WHERE timestamp >= ?1 AND timestamp < ?2",
-        )?;
-        let mut groups: BTreeMap<Key, ShadowGroup> = BTreeMap::new();
+type ShadowKey = (Option<String>, Option<String>, Option<String>);
+
+/// One `shadow_results` row, as the report reads it.
+struct ShadowFields {
+    success: bool,
+    cancelled: bool,
+    latency_ms: Option<f64>,
+    served_latency_ms: Option<f64>,
+    similarity: Option<f64>,
+    json_valid: Option<bool>,
+    tool_calls_match: Option<bool>,
+    cost: f64,
+}
+
+impl ShadowGroup {
+    fn add(&mut self, f: ShadowFields) {
+        self.calls += 1;
+        if !f.cancelled {
+            self.judged += 1;
+        }
+        if f.success {
+            self.succeeded += 1;
+        }
+        if let Some(l) = f.latency_ms {
+            self.latencies.0.push(l);
+        }
+        if let Some(l) = f.served_latency_ms {
+            self.served_latencies.0.push(l);
+        }
+        if let Some(s) = f.similarity {
+            self.similarity_sum += s;
+            self.similarity_n += 1;
+        }
+        if let Some(v) = f.json_valid {
+            self.json_checked += 1;
+            self.json_valid += u64::from(v);
+        }
+        if let Some(v) = f.tool_calls_match {
+            self.tools_checked += 1;
+            self.tools_matched += u64::from(v);
+        }
+        self.cost += f.cost;
+    }
+}
+
+const SHADOW_SQL: &str = "SELECT chain, served_model, shadow_model, success, error_type, \
+    latency_ms, served_latency_ms, similarity, json_valid, tool_calls_match, cost_usd \
+    FROM shadow_results WHERE timestamp >= ?1 AND timestamp < ?2";
+
+fn shadow_groups(
+    backend: &Backend,
+    q: &ReportQuery,
+) -> Result<BTreeMap<ShadowKey, ShadowGroup>, StoreError> {
+    let path = match backend {
+        Backend::Sqlite(path) => path,
+        Backend::Postgres(url) => {
+            static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+            let sql: &'static str =
+                SQL.get_or_init(|| SHADOW_SQL.replace("?1", "$1").replace("?2", "$2"));
+            return url.scan(
+                sql,
+                q.since_ms,
+                q.until_ms,
+                BTreeMap::new(),
+                |groups, row| {
+                    let key = (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+                    let flag = |i| -> Result<Option<bool>, tokio_postgres::Error> {
+                        Ok(row.try_get::<_, Option<i32>>(i)?.map(|v| v != 0))
+                    };
+                    let f = ShadowFields {
+                        success: row.try_get::<_, i32>(3)? != 0,
+                        cancelled: row.try_get::<_, Option<&str>>(4)? == Some("cancelled"),
+                        latency_ms: row.try_get(5)?,
+                        served_latency_ms: row.try_get(6)?,
+                        similarity: row.try_get(7)?,
+                        json_valid: flag(8)?,
+                        tool_calls_match: flag(9)?,
+                        cost: row.try_get(10)?,
+                    };
+                    groups
+                        .entry(key)
+                        .or_insert_with(ShadowGroup::default)
+                        .add(f);
+                    Ok(())
+                },
+            );
+        }
+    };
+    Ok(scan_slices(path, q, |conn, from, to| {
+        let mut stmt = conn.prepare_cached(SHADOW_SQL)?;
+        let mut groups: BTreeMap<ShadowKey, ShadowGroup> = BTreeMap::new();
         let mut rows = stmt.query([from, to])?;
         while let Some(row) = rows.next()? {
             let key = (row.get(0)?, row.get(1)?, row.get(2)?);
-            let g = groups.entry(key).or_default();
-            g.calls += 1;
-            let error: Option<String> = row.get(4)?;
-            if error.as_deref() != Some("cancelled") {
-                g.judged += 1;
-            }
-            if row.get::<_, bool>(3)? {
-                g.succeeded += 1;
-            }
-            if let Some(l) = row.get::<_, Option<f64>>(5)? {
-                g.latencies.0.push(l);
-            }
-            if let Some(l) = row.get::<_, Option<f64>>(6)? {
-                g.served_latencies.0.push(l);
-            }
-            if let Some(s) = row.get::<_, Option<f64>>(7)? {
-                g.similarity_sum += s;
-                g.similarity_n += 1;
-            }
-            if let Some(v) = row.get::<_, Option<bool>>(8)? {
-                g.json_checked += 1;
-                g.json_valid += u64::from(v);
-            }
-            if let Some(v) = row.get::<_, Option<bool>>(9)? {
-                g.tools_checked += 1;
-                g.tools_matched += u64::from(v);
-            }
-            g.cost += row.get::<_, f64>(10)?;
+            let f = ShadowFields {
+                success: row.get(3)?,
+                cancelled: text(row.get_ref(4)?) == Some("cancelled"),
+                latency_ms: row.get(5)?,
+                served_latency_ms: row.get(6)?,
+                similarity: row.get(7)?,
+                json_valid: row.get(8)?,
+                tool_calls_match: row.get(9)?,
+                cost: row.get(10)?,
+            };
+            groups.entry(key).or_default().add(f);
         }
         Ok(groups)
-    })?;
+    })?)
+}
+
+fn shadow_report(backend: &Backend, q: &ReportQuery) -> Result<(Vec<Value>, Value), StoreError> {
+    let groups = shadow_groups(backend, q)?;
     let mut total = ShadowGroup::default();
     let mut out = Vec::with_capacity(groups.len());
     for ((chain, served, shadow), mut g) in groups {

@@ -2,22 +2,72 @@
 //! batches, one transaction per batch, at least every `flush_interval`.
 //!
 //! Faults end in counted drops, never in a blocked caller: a batch that fails to
-//! commit (disk full, locked by another process, I/O error) is dropped and counted,
-//! the error is logged at most once a minute, and the file is reopened on the next
-//! batch. A file deleted or replaced under it is noticed before each commit and
-//! created again at `store.path`. Retention runs at start and then hourly.
+//! commit (disk full, locked by another process, a database that went away) is
+//! dropped and counted, the error is logged at most once a minute, and the store is
+//! reopened on the next batch (at most once a second). A SQLite file deleted or
+//! replaced under it, or a PostgreSQL connection that closed, is noticed before each
+//! commit. Retention runs at start and then hourly.
 
-use std::path::Path;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::{Duration, Instant};
 
 use prometheus::IntCounter;
-use rusqlite::{params, Connection};
 
-use super::{
-    schema, CallRow, Msg, RequestRow, Row, ShadowRow, StoreMetrics, StoreSettings, Tokens,
-};
+use super::postgres::PgWriter;
+use super::sqlite::{self, SqliteWriter};
+use super::{Backend, Msg, Row, StoreError, StoreMetrics, StoreSettings};
 use crate::clock;
+
+/// A writing connection to either store.
+pub(super) enum Conn {
+    Sqlite(SqliteWriter),
+    Postgres(PgWriter),
+}
+
+impl Conn {
+    pub(super) fn open(backend: &Backend) -> Result<Conn, StoreError> {
+        match backend {
+            Backend::Sqlite(path) => SqliteWriter::open(path).map(Conn::Sqlite),
+            Backend::Postgres(url) => url.open_writer().map(Conn::Postgres),
+        }
+    }
+
+    /// Why the connection can no longer be written to, if it can't.
+    fn lost(&self) -> Option<&'static str> {
+        match self {
+            Conn::Sqlite(c) => c
+                .lost()
+                .then_some("the store file was deleted or replaced; creating it again"),
+            Conn::Postgres(c) => c
+                .lost()
+                .then_some("the connection to PostgreSQL closed; connecting again"),
+        }
+    }
+
+    fn insert(&mut self, batch: Vec<Row>) -> Result<[u64; 3], StoreError> {
+        match self {
+            Conn::Sqlite(c) => c.insert(batch),
+            Conn::Postgres(c) => c.insert(batch),
+        }
+    }
+
+    fn retention(&mut self, cutoff_ms: i64, budget: Duration) -> Result<bool, StoreError> {
+        match self {
+            Conn::Sqlite(c) => c.retention(cutoff_ms, budget),
+            Conn::Postgres(c) => c.retention(cutoff_ms, budget),
+        }
+    }
+
+    /// An error after which the same connection can go on.
+    fn keeps_handle(&self, e: &StoreError) -> bool {
+        match self {
+            Conn::Sqlite(_) => sqlite::keeps_handle(e),
+            // A statement that failed leaves a live connection usable; a closed one is
+            // seen by `lost`.
+            Conn::Postgres(c) => !c.lost(),
+        }
+    }
+}
 
 /// Rows per transaction at most: large enough that commits are rare under load, small
 /// enough that a failed one loses little.
@@ -25,8 +75,6 @@ const BATCH: usize = 4096;
 /// How often the writer looks at its queue (at most; `flush_interval` if shorter).
 const TICK: Duration = Duration::from_millis(10);
 const RETENTION_EVERY: Duration = Duration::from_secs(3600);
-/// Rows deleted per statement by retention, so the writer never stalls for long.
-const RETENTION_CHUNK: usize = 10_000;
 const ERROR_LOG_EVERY: Duration = Duration::from_secs(60);
 /// Retention deletes for at most this long per turn of the writer's loop, so a large
 /// backlog of old rows never stalls the queue.
@@ -40,9 +88,7 @@ pub(super) struct Writer {
     calls_written: IntCounter,
     requests_written: IntCounter,
     shadows_written: IntCounter,
-    conn: Option<Connection>,
-    /// The identity of the file `conn` has open, to notice a delete or a swap.
-    file_id: Option<(u64, u64)>,
+    conn: Option<Conn>,
     last_reopen: Option<Instant>,
     last_retention: Option<Instant>,
     /// Retention has old rows left to delete.
@@ -55,16 +101,17 @@ pub(super) struct Writer {
 }
 
 impl Writer {
-    pub(super) fn new(settings: StoreSettings, metrics: StoreMetrics, conn: Connection) -> Self {
+    /// `conn` is `None` when the store could not be reached at start (PostgreSQL): the
+    /// writer keeps trying, and drops and counts rows until it answers.
+    pub(super) fn new(settings: StoreSettings, metrics: StoreMetrics, conn: Option<Conn>) -> Self {
         Writer {
-            file_id: file_id(&settings.path),
             calls_written: metrics.rows.with_label_values(&["model_calls"]),
             requests_written: metrics.rows.with_label_values(&["requests"]),
             shadows_written: metrics.rows.with_label_values(&["shadow_results"]),
             settings,
             metrics,
-            conn: Some(conn),
-            last_reopen: None,
+            last_reopen: conn.is_none().then(Instant::now),
+            conn,
             last_retention: None,
             retention_pending: false,
             last_error_log: None,
@@ -148,7 +195,8 @@ impl Writer {
             return;
         };
         let started = Instant::now();
-        match insert(conn, batch) {
+        let n = batch.len() as u64;
+        match conn.insert(std::mem::replace(batch, Vec::with_capacity(BATCH))) {
             Ok([calls, requests, shadows]) => {
                 self.calls_written.inc_by(calls);
                 self.requests_written.inc_by(requests);
@@ -157,31 +205,28 @@ impl Writer {
                     .flush_seconds
                     .observe(started.elapsed().as_secs_f64());
                 if std::mem::take(&mut self.failing) {
-                    tracing::warn!(path = %self.settings.path.display(), "store: writing again");
+                    tracing::warn!(store = %self.settings.backend, "store: writing again");
                 }
             }
             Err(e) => {
                 // A lock held elsewhere or a full disk passes with the same handle;
                 // anything else may be a broken one.
-                if !keeps_handle(&e) {
+                if !conn.keeps_handle(&e) {
                     self.conn = None;
                 }
                 self.failing = true;
-                self.drop_rows(batch.len() as u64, &e.to_string());
+                self.drop_rows(n, &e.to_string());
             }
         }
         batch.clear();
     }
 
     /// The open connection, reopening the file if it was lost (at most once a second).
-    fn connection(&mut self) -> Option<&mut Connection> {
+    fn connection(&mut self) -> Option<&mut Conn> {
         if self.conn.is_none() && self.last_reopen.is_none_or(|t| t.elapsed() >= REOPEN_EVERY) {
             self.last_reopen = Some(Instant::now());
-            match schema::open(&self.settings.path) {
-                Ok(c) => {
-                    self.file_id = file_id(&self.settings.path);
-                    self.conn = Some(c);
-                }
+            match Conn::open(&self.settings.backend) {
+                Ok(c) => self.conn = Some(c),
                 Err(e) => self.log_error(&format!("cannot open the store: {e}")),
             }
         }
@@ -189,10 +234,11 @@ impl Writer {
     }
 
     /// A file deleted or replaced under the open connection would swallow every row
-    /// written to it: notice it before writing, and create the file again.
+    /// written to it, and a closed connection fails every one: notice it before
+    /// writing, and open the store again.
     fn check_file(&mut self) {
-        if self.conn.is_some() && file_id(&self.settings.path) != self.file_id {
-            self.log_error("the store file was deleted or replaced; creating it again");
+        if let Some(why) = self.conn.as_ref().and_then(Conn::lost) {
+            self.log_error(why);
             self.conn = None;
             self.last_reopen = None;
         }
@@ -211,7 +257,7 @@ impl Writer {
         {
             self.last_error_log = Some(Instant::now());
             tracing::error!(
-                path = %self.settings.path.display(),
+                store = %self.settings.backend,
                 dropped_rows = self.dropped_unlogged,
                 error = why,
                 "store: write failed; rows are dropped and counted in cascade_store_dropped_total"
@@ -230,246 +276,16 @@ impl Writer {
     fn retention(&mut self) {
         let cutoff_ms = clock::now_ms()
             - i64::try_from(self.settings.retention.as_millis()).unwrap_or(i64::MAX / 2);
-        let cutoff = clock::rfc3339_ms(cutoff_ms);
         let Some(conn) = self.connection() else {
             self.retention_pending = false;
             return;
         };
-        let started = Instant::now();
-        let mut left = false;
-        let mut failed = None;
-        for table in ["model_calls", "requests", "shadow_results"] {
-            let sql = format!(
-                "DELETE FROM {table} WHERE id IN \
-                 (SELECT id FROM {table} WHERE timestamp < ?1 LIMIT {RETENTION_CHUNK})"
-            );
-            loop {
-                match conn.execute(&sql, [&cutoff]) {
-                    Ok(n) if n < RETENTION_CHUNK => break,
-                    Ok(_) if started.elapsed() >= RETENTION_BUDGET => {
-                        left = true;
-                        break;
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        failed = Some(e.to_string());
-                        break;
-                    }
-                }
-            }
-        }
-        // Kept responses carry their own expiry (`responses.ttl`).
-        if failed.is_none() {
-            match conn.execute(
-                "DELETE FROM responses WHERE expires_ms < ?1",
-                [clock::now_ms()],
-            ) {
-                Ok(_) => {}
-                Err(e) => failed = Some(e.to_string()),
-            }
-        }
-        self.retention_pending = left && failed.is_none();
-        if let Some(e) = failed {
-            self.log_error(&format!("retention: {e}"));
-        }
-    }
-}
-
-/// Errors that leave the connection usable: a lock held by another process, a full disk.
-fn keeps_handle(e: &rusqlite::Error) -> bool {
-    matches!(
-        e.sqlite_error_code(),
-        Some(
-            rusqlite::ErrorCode::DatabaseBusy
-                | rusqlite::ErrorCode::DatabaseLocked
-                | rusqlite::ErrorCode::DiskFull
-        )
-    )
-}
-
-#[cfg(unix)]
-fn file_id(path: &Path) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
-}
-
-#[cfg(not(unix))]
-fn file_id(path: &Path) -> Option<(u64, u64)> {
-    std::fs::metadata(path).ok().map(|_| (0, 0))
-}
-
-/// Rows per INSERT statement: one statement for many rows costs SQLite far less than
-/// one each (parse-free, but each step and reset has its price).
-const ROWS_PER_INSERT: usize = 32;
-
-const CALL_COLUMNS: &str = "timestamp, request_id, chain, model_name, provider, kind, success, \
-     status, error_type, latency_ms, ttft_ms, input_tokens, cached_input_tokens, output_tokens, \
-     cost_usd, deadline_cut";
-const REQUEST_COLUMNS: &str = "request_id, timestamp, surface, chain, status, model_name, \
-     provider, attempts, fallbacks, cache, stream, latency_ms, ttft_ms, input_tokens, \
-     cached_input_tokens, output_tokens, cost_usd, primary_cost_usd, error_type";
-
-/// `INSERT INTO table (columns) VALUES (?, ...), ...` for `rows` rows.
-fn insert_sql(table: &str, columns: &str, rows: usize) -> String {
-    let n = columns.split(',').count();
-    let group = format!("({})", vec!["?"; n].join(", "));
-    format!(
-        "INSERT INTO {table} ({columns}) VALUES {}",
-        vec![group; rows].join(", ")
-    )
-}
-
-/// Inserts `rows` of one table, `ROWS_PER_INSERT` to a statement; `bind` binds one
-/// row's values from the given parameter index on.
-fn insert_many<T>(
-    tx: &rusqlite::Transaction<'_>,
-    table: &str,
-    columns: &str,
-    rows: &[&T],
-    bind: fn(&mut rusqlite::CachedStatement<'_>, usize, &T) -> rusqlite::Result<()>,
-) -> rusqlite::Result<()> {
-    let n = columns.split(',').count();
-    for chunk in rows.chunks(ROWS_PER_INSERT) {
-        let mut stmt = tx.prepare_cached(&insert_sql(table, columns, chunk.len()))?;
-        for (i, row) in chunk.iter().enumerate() {
-            bind(&mut stmt, i * n + 1, row)?;
-        }
-        stmt.raw_execute()?;
-    }
-    Ok(())
-}
-
-/// Inserts a batch in one transaction; the counts of call, request and shadow rows.
-fn insert(conn: &mut Connection, batch: &[Row]) -> rusqlite::Result<[u64; 3]> {
-    conn.set_prepared_statement_cache_capacity(2 * ROWS_PER_INSERT + 8);
-    let tx = conn.transaction()?;
-    let (mut calls, mut requests) = (Vec::new(), Vec::new());
-    let mut shadows = 0;
-    {
-        let mut shadow_stmt = tx.prepare_cached(
-            "INSERT INTO shadow_results (request_id, timestamp, chain, served_model, shadow_model,
-             success, error_type, latency_ms, ttft_ms, served_latency_ms, length_ratio, json_valid,
-             tool_calls_match, similarity, served_finish_reason, shadow_finish_reason, cost_usd)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
-        )?;
-        for row in batch {
-            match row {
-                Row::Shadow(r) => {
-                    insert_shadow(&mut shadow_stmt, r)?;
-                    shadows += 1;
-                }
-                Row::Call(c) => calls.push(c),
-                Row::Request(r) => requests.push(r),
-                Row::Response(r) => {
-                    tx.prepare_cached(
-                        "INSERT OR REPLACE INTO responses (tenant, id, created_at, expires_ms, response, items)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    )?
-                    .execute(params![
-                        r.tenant,
-                        r.id,
-                        clock::rfc3339_ms(r.created_ms),
-                        r.expires_ms,
-                        &r.response[..],
-                        &r.items[..],
-                    ])?;
-                }
-                Row::ForgetResponse { tenant, id } => {
-                    tx.prepare_cached("DELETE FROM responses WHERE tenant = ?1 AND id = ?2")?
-                        .execute(params![tenant, id])?;
-                }
+        match conn.retention(cutoff_ms, RETENTION_BUDGET) {
+            Ok(left) => self.retention_pending = left,
+            Err(e) => {
+                self.retention_pending = false;
+                self.log_error(&format!("retention: {e}"));
             }
         }
     }
-    insert_many(&tx, "model_calls", CALL_COLUMNS, &calls, bind_call)?;
-    insert_many(&tx, "requests", REQUEST_COLUMNS, &requests, bind_request)?;
-    tx.commit()?;
-    Ok([calls.len() as u64, requests.len() as u64, shadows])
-}
-
-fn insert_shadow(stmt: &mut rusqlite::CachedStatement<'_>, r: &ShadowRow) -> rusqlite::Result<()> {
-    stmt.execute(params![
-        &*r.request_id,
-        clock::rfc3339_ms(r.started_ms),
-        &*r.chain,
-        &*r.served_model,
-        &*r.shadow_model,
-        r.success,
-        r.error_type,
-        r.latency_ms.map(ms),
-        r.ttft_ms.map(ms),
-        r.served_latency_ms.map(ms),
-        r.length_ratio,
-        r.json_valid,
-        r.tool_calls_match,
-        r.similarity,
-        r.served_finish_reason,
-        r.shadow_finish_reason,
-        r.cost_usd,
-    ])?;
-    Ok(())
-}
-
-fn token_columns(t: Option<Tokens>) -> (Option<i64>, Option<i64>, Option<i64>) {
-    let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-    match t {
-        Some(t) => (Some(n(t.input)), Some(n(t.cached_input)), Some(n(t.output))),
-        None => (None, None, None),
-    }
-}
-
-/// Milliseconds rounded to microseconds: enough for sub-millisecond upstreams.
-fn ms(v: f64) -> f64 {
-    (v * 1000.0).round() / 1000.0
-}
-
-fn bind_call(
-    stmt: &mut rusqlite::CachedStatement<'_>,
-    at: usize,
-    c: &CallRow,
-) -> rusqlite::Result<()> {
-    let (input, cached, output) = token_columns(c.tokens);
-    stmt.raw_bind_parameter(at, clock::rfc3339_ms(c.started_ms))?;
-    stmt.raw_bind_parameter(at + 1, &*c.request_id)?;
-    stmt.raw_bind_parameter(at + 2, &*c.chain)?;
-    stmt.raw_bind_parameter(at + 3, &*c.model)?;
-    stmt.raw_bind_parameter(at + 4, &*c.provider)?;
-    stmt.raw_bind_parameter(at + 5, c.kind.as_str())?;
-    stmt.raw_bind_parameter(at + 6, c.success)?;
-    stmt.raw_bind_parameter(at + 7, c.status)?;
-    stmt.raw_bind_parameter(at + 8, c.error_type)?;
-    stmt.raw_bind_parameter(at + 9, ms(c.latency_ms))?;
-    stmt.raw_bind_parameter(at + 10, c.ttft_ms.map(ms))?;
-    stmt.raw_bind_parameter(at + 11, input)?;
-    stmt.raw_bind_parameter(at + 12, cached)?;
-    stmt.raw_bind_parameter(at + 13, output)?;
-    stmt.raw_bind_parameter(at + 14, c.cost_usd)?;
-    stmt.raw_bind_parameter(at + 15, c.deadline_cut)
-}
-
-fn bind_request(
-    stmt: &mut rusqlite::CachedStatement<'_>,
-    at: usize,
-    r: &RequestRow,
-) -> rusqlite::Result<()> {
-    let (input, cached, output) = token_columns(r.tokens);
-    stmt.raw_bind_parameter(at, &*r.request_id)?;
-    stmt.raw_bind_parameter(at + 1, clock::rfc3339_ms(r.arrived_ms))?;
-    stmt.raw_bind_parameter(at + 2, r.surface)?;
-    stmt.raw_bind_parameter(at + 3, r.chain.as_deref())?;
-    stmt.raw_bind_parameter(at + 4, r.status)?;
-    stmt.raw_bind_parameter(at + 5, r.model.as_deref())?;
-    stmt.raw_bind_parameter(at + 6, r.provider.as_deref())?;
-    stmt.raw_bind_parameter(at + 7, r.attempts)?;
-    stmt.raw_bind_parameter(at + 8, r.fallbacks)?;
-    stmt.raw_bind_parameter(at + 9, r.cache)?;
-    stmt.raw_bind_parameter(at + 10, r.stream)?;
-    stmt.raw_bind_parameter(at + 11, ms(r.latency_ms))?;
-    stmt.raw_bind_parameter(at + 12, r.ttft_ms.map(ms))?;
-    stmt.raw_bind_parameter(at + 13, input)?;
-    stmt.raw_bind_parameter(at + 14, cached)?;
-    stmt.raw_bind_parameter(at + 15, output)?;
-    stmt.raw_bind_parameter(at + 16, r.cost_usd)?;
-    stmt.raw_bind_parameter(at + 17, r.primary_cost_usd)?;
-    stmt.raw_bind_parameter(at + 18, r.error_type)
 }

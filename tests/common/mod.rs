@@ -225,4 +225,6 @@ pub fn health_of(health: &Value, name: &str) -> Value {
         .cloned()
         .unwrap_or_else(|| panic!("no target {name} in {health}"))
 }
+pub mod postgres;
 pub mod redis;
+pub mod stores;
