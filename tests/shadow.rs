@@ -6,8 +6,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::stores::{Db, Kind, TestStore};
 use common::{start, TempDir};
-use rusqlite::Connection;
 use serde_json::{json, Value};
 
 const CONFIG: &str = r#"
@@ -34,17 +34,18 @@ fn config(dir: &TempDir, sample: &str) -> String {
         .replace("SAMPLE", sample)
 }
 
-fn count(conn: &Connection, sql: &str) -> i64 {
-    conn.query_row(sql, [], |r| r.get(0)).unwrap()
+fn config_on(store: &TestStore, sample: &str) -> String {
+    CONFIG
+        .replace("path: \"{db}\"", &store.yaml())
+        .replace("SAMPLE", sample)
 }
 
 /// Waits until `sql` counts at least `n` (shadow work ends after the answer).
-async fn until(h: &common::Harness, sql: &str, n: i64) -> Connection {
-    let path = h.state.config().store.as_ref().unwrap().path.clone();
+async fn until(h: &common::Harness, store: &TestStore, sql: &str, n: i64) -> Db {
+    let conn = store.db().await;
     for _ in 0..400 {
         h.state.store.clone().unwrap().flush().await;
-        let conn = Connection::open(&path).unwrap();
-        if count(&conn, sql) >= n {
+        if conn.count(sql).await >= n {
             return conn;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
@@ -52,36 +53,21 @@ async fn until(h: &common::Harness, sql: &str, n: i64) -> Connection {
     panic!("never reached {n}: {sql}");
 }
 
-fn shadow_rows(conn: &Connection) -> Vec<Value> {
-    let mut stmt = conn
-        .prepare(
-            "SELECT request_id, chain, served_model, shadow_model, success, error_type, latency_ms,
-                    ttft_ms, served_latency_ms, length_ratio, json_valid, tool_calls_match,
-                    similarity, served_finish_reason, shadow_finish_reason, cost_usd
-             FROM shadow_results ORDER BY id",
-        )
-        .unwrap();
-    stmt.query_map([], |r| {
-        Ok(json!({
-            "request_id": r.get::<_, String>(0)?, "chain": r.get::<_, String>(1)?,
-            "served_model": r.get::<_, String>(2)?, "shadow_model": r.get::<_, String>(3)?,
-            "success": r.get::<_, i64>(4)?, "error_type": r.get::<_, Option<String>>(5)?,
-            "latency_ms": r.get::<_, Option<f64>>(6)?, "ttft_ms": r.get::<_, Option<f64>>(7)?,
-            "served_latency_ms": r.get::<_, Option<f64>>(8)?, "length_ratio": r.get::<_, Option<f64>>(9)?,
-            "json_valid": r.get::<_, Option<i64>>(10)?, "tool_calls_match": r.get::<_, Option<i64>>(11)?,
-            "similarity": r.get::<_, Option<f64>>(12)?, "served_finish_reason": r.get::<_, Option<String>>(13)?,
-            "shadow_finish_reason": r.get::<_, Option<String>>(14)?, "cost_usd": r.get::<_, f64>(15)?,
-        }))
-    })
-    .unwrap()
-    .map(Result::unwrap)
-    .collect()
+async fn shadow_rows(conn: &Db) -> Vec<Value> {
+    conn.rows(
+        "SELECT request_id, chain, served_model, shadow_model, success, error_type, latency_ms,
+                ttft_ms, served_latency_ms, length_ratio, json_valid, tool_calls_match,
+                similarity, served_finish_reason, shadow_finish_reason, cost_usd
+         FROM shadow_results ORDER BY id",
+    )
+    .await
 }
 
-#[tokio::test]
-async fn a_slow_shadow_never_delays_the_answer_and_is_compared() {
-    let dir = TempDir::new("shadow-slow");
-    let h = start(&config(&dir, "1.0")).await;
+async fn a_slow_shadow_never_delays_the_answer_and_is_compared(kind: Kind) {
+    let Some(store) = TestStore::new(kind, "shadow-slow") else {
+        return;
+    };
+    let h = start(&config_on(&store, "1.0")).await;
     h.mock.set("b", "latency=2s");
     let mut ids = Vec::new();
     for _ in 0..4 {
@@ -104,10 +90,10 @@ async fn a_slow_shadow_never_delays_the_answer_and_is_compared() {
     assert!(streamed.text.ends_with("data: [DONE]\n\n"));
     ids.push(streamed.header("x-request-id").unwrap().to_string());
 
-    let conn = until(&h, "SELECT COUNT(*) FROM shadow_results", 5).await;
+    let conn = until(&h, &store, "SELECT COUNT(*) FROM shadow_results", 5).await;
     assert_eq!(h.mock.calls("b"), 5, "one shadow call per sampled request");
     assert_eq!(h.mock.calls("p"), 5);
-    let all = shadow_rows(&conn);
+    let all = shadow_rows(&conn).await;
     assert_eq!(all.len(), 5);
     // In the order the requests were sent (rows are written as shadow calls end).
     let rows: Vec<&Value> = ids
@@ -146,7 +132,7 @@ async fn a_slow_shadow_never_delays_the_answer_and_is_compared() {
     let sent = h.mock.bodies("b").pop().unwrap();
     assert_eq!(sent["stream"], true);
     // Each shadow call is also a model_calls row of kind `shadow`.
-    let shadow_calls = count(&conn, "SELECT COUNT(*) FROM model_calls WHERE kind = 'shadow' AND model_name = 'backup' AND success = 1");
+    let shadow_calls = conn.count("SELECT COUNT(*) FROM model_calls WHERE kind = 'shadow' AND model_name = 'backup' AND success = 1").await;
     assert_eq!(shadow_calls, 5);
     // The shadow call's metrics, and none of the request's own.
     let m = h.get("/metrics").await.text;
@@ -207,8 +193,8 @@ async fn seeded_sampling_takes_its_share_the_same_way_every_run() {
 
 #[tokio::test]
 async fn a_failing_shadow_model_opens_its_breaker_and_moves_last() {
-    let dir = TempDir::new("shadow-breaker");
-    let yaml = config(&dir, "1.0").replace(
+    let store = TestStore::new(Kind::Sqlite, "shadow-breaker").unwrap();
+    let yaml = config_on(&store, "1.0").replace(
         "store: {",
         "breaker: { consecutive_failures: 3, cooldown: 1m }\nhealth: { min_calls: 3 }\nstore: {",
     );
@@ -220,7 +206,7 @@ async fn a_failing_shadow_model_opens_its_breaker_and_moves_last() {
             Some("primary")
         );
     }
-    until(&h, "SELECT COUNT(*) FROM shadow_results", 3).await;
+    until(&h, &store, "SELECT COUNT(*) FROM shadow_results", 3).await;
     let health = h.get("/admin/health").await.json();
     let backup = health["targets"]
         .as_array()
@@ -254,10 +240,11 @@ async fn a_failing_shadow_model_opens_its_breaker_and_moves_last() {
     ));
 }
 
-#[tokio::test]
-async fn the_cost_cap_stops_shadow_calls_for_the_hour() {
-    let dir = TempDir::new("shadow-cap");
-    let yaml = config(&dir, "1.0")
+async fn the_cost_cap_stops_shadow_calls_for_the_hour(kind: Kind) {
+    let Some(store) = TestStore::new(kind, "shadow-cap") else {
+        return;
+    };
+    let yaml = config_on(&store, "1.0")
         .replace("backup:  { provider: mock, model_id: b, cost_per_1k_input: 0.001, cost_per_1k_output: 0.002 }",
                  "backup:  { provider: mock, model_id: b, cost_per_1k_input: 1.0, cost_per_1k_output: 1.0 }")
         .replace("max_inflight: 64", "max_inflight: 64, max_cost_per_hour: 0.05");
@@ -278,9 +265,11 @@ async fn the_cost_cap_stops_shadow_calls_for_the_hour() {
         m.contains(r#"cascade_shadow_skipped_total{chain="main",reason="cost_cap"} 4"#),
         "{m}"
     );
-    let conn = until(&h, "SELECT COUNT(*) FROM shadow_results", 1).await;
-    let spent: f64 = conn
-        .query_row("SELECT SUM(cost_usd) FROM shadow_results", [], |r| r.get(0))
+    let conn = until(&h, &store, "SELECT COUNT(*) FROM shadow_results", 1).await;
+    let spent = conn
+        .rows("SELECT SUM(cost_usd) AS spent FROM shadow_results")
+        .await[0]["spent"]
+        .as_f64()
         .unwrap();
     assert!(spent > 0.0 && spent <= 0.05, "{spent}");
 }
@@ -351,10 +340,11 @@ async fn shutdown_waits_for_shadow_calls_in_flight() {
     assert_eq!(h.state.shadow.inflight(), 1);
 }
 
-#[tokio::test]
-async fn json_and_tool_answers_are_judged() {
-    let dir = TempDir::new("shadow-judge");
-    let h = start(&config(&dir, "1.0")).await;
+async fn json_and_tool_answers_are_judged(kind: Kind) {
+    let Some(store) = TestStore::new(kind, "shadow-judge") else {
+        return;
+    };
+    let h = start(&config_on(&store, "1.0")).await;
     // JSON asked for: the served answer parses, the shadow's does not.
     h.mock.set("p", r#"content={"a":1}"#);
     h.mock.set("b", "content=not json");
@@ -372,8 +362,8 @@ async fn json_and_tool_answers_are_judged() {
                        "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]});
     let t = h.post_raw(tools.to_string(), &[]).await;
     assert_eq!(t.status, 200);
-    let conn = until(&h, "SELECT COUNT(*) FROM shadow_results", 2).await;
-    let rows = shadow_rows(&conn);
+    let conn = until(&h, &store, "SELECT COUNT(*) FROM shadow_results", 2).await;
+    let rows = shadow_rows(&conn).await;
     let json_row = rows
         .iter()
         .find(|x| x["request_id"] == json!(r.header("x-request-id").unwrap()))
@@ -442,3 +432,9 @@ chains:
         "default: the chain after its first"
     );
 }
+
+on_both_stores!(
+    a_slow_shadow_never_delays_the_answer_and_is_compared,
+    the_cost_cap_stops_shadow_calls_for_the_hour,
+    json_and_tool_answers_are_judged,
+);

@@ -8,8 +8,8 @@ mod common;
 use std::time::Duration;
 
 use cascade::store::report::{self, GroupBy, ReportQuery};
-use common::start;
 use common::stores::{Db, Kind, TestStore};
+use common::{start, TempDir};
 use rusqlite::Connection;
 use serde_json::{json, Value};
 
@@ -906,3 +906,201 @@ on_both_stores!(
     retention_deletes_old_rows_at_start,
     callers_that_share_a_flight_pay_once,
 );
+
+// PostgreSQL only: the same tables, a database that goes away, and its URL's secret.
+
+/// Each table's columns in order, as the store created them.
+async fn columns(store: &TestStore, table: &str) -> Vec<(String, String)> {
+    let db = store.db().await;
+    let sql = match store.kind {
+        Kind::Sqlite => format!("SELECT name, type FROM pragma_table_info('{table}') ORDER BY cid"),
+        Kind::Postgres => format!(
+            "SELECT column_name::text AS name, data_type::text AS type FROM information_schema.columns
+             WHERE table_name = '{table}' ORDER BY ordinal_position"
+        ),
+    };
+    db.rows(&sql)
+        .await
+        .into_iter()
+        .map(|r| {
+            (
+                r["name"].as_str().unwrap().to_string(),
+                r["type"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn postgres_keeps_the_same_tables_and_migrations_as_sqlite() {
+    let Some(pg) = TestStore::new(Kind::Postgres, "store-schema-pg") else {
+        return;
+    };
+    let lite = TestStore::new(Kind::Sqlite, "store-schema-lite").unwrap();
+    let metrics = cascade::metrics::Metrics::new();
+    let day = Duration::from_secs(86_400);
+    for s in [&pg, &lite] {
+        cascade::store::Store::open(settings(s, day, 16), metrics.store.clone())
+            .unwrap()
+            .flush()
+            .await;
+    }
+    // Twice on PostgreSQL: opening again applies nothing twice.
+    cascade::store::Store::open(settings(&pg, day, 16), metrics.store.clone())
+        .unwrap()
+        .flush()
+        .await;
+    for table in ["model_calls", "requests", "shadow_results", "responses"] {
+        let (a, b) = (columns(&lite, table).await, columns(&pg, table).await);
+        let names = |c: &[(String, String)]| c.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&a), names(&b), "{table}");
+        for (name, ty) in &b {
+            let want = match name.as_str() {
+                "timestamp" | "created_at" => "timestamp with time zone",
+                "success" | "stream" | "deadline_cut" | "json_valid" | "tool_calls_match" => {
+                    "integer"
+                }
+                _ => continue,
+            };
+            assert_eq!(ty, want, "{table}.{name}");
+        }
+    }
+    let versions = pg
+        .db()
+        .await
+        .rows("SELECT version FROM schema_version")
+        .await;
+    assert_eq!(
+        versions,
+        [json!({"version": cascade::store::postgres::VERSION})]
+    );
+    let lite_version = lite
+        .db()
+        .await
+        .count("SELECT version FROM schema_version")
+        .await;
+    assert_eq!(lite_version, cascade::store::postgres::VERSION);
+}
+
+#[tokio::test]
+async fn a_lost_database_drops_and_counts_and_writing_resumes() {
+    let Some(mut store) = TestStore::new(Kind::Postgres, "store-lost") else {
+        return;
+    };
+    let h = start(&config(&store)).await;
+    for _ in 0..3 {
+        assert_eq!(h.chat("main", &[]).await.status, 200);
+    }
+    settle(&h, &store, 3).await;
+    store.pg.as_mut().unwrap().stop();
+    for _ in 0..5 {
+        assert_eq!(h.chat("main", &[]).await.status, 200, "answers go on");
+    }
+    let writer = h.state.store.clone().unwrap();
+    writer.flush().await;
+    let dropped = h.state.metrics.store.dropped.get();
+    assert_eq!(dropped, 10, "5 requests and 5 calls, counted");
+    store.pg.as_mut().unwrap().restart();
+    // The writer tries the database again at most once a second: send until it writes.
+    let mut sent = 8;
+    let db = store.db().await;
+    for _ in 0..100 {
+        assert_eq!(h.chat("main", &[]).await.status, 200);
+        sent += 1;
+        writer.flush().await;
+        if db.count("SELECT COUNT(*) FROM requests").await > 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let requests = db.count("SELECT COUNT(*) FROM requests").await;
+    let calls = db.count("SELECT COUNT(*) FROM model_calls").await;
+    assert!(requests > 3, "writing resumed");
+    assert_eq!(
+        requests + calls + h.state.metrics.store.dropped.get() as i64,
+        2 * sent,
+        "every row written or counted"
+    );
+}
+
+#[tokio::test]
+async fn a_gateway_starts_and_serves_while_postgres_is_down() {
+    let port = common::process::free_port();
+    let yaml = CONFIG.replace(
+        "path: \"{db}\"",
+        &format!("url: \"postgres://cascade:pg-SECRET-789@127.0.0.1:{port}/cascade\""),
+    );
+    let h = start(&yaml).await;
+    for _ in 0..3 {
+        assert_eq!(h.chat("main", &[]).await.status, 200);
+    }
+    h.state.store.clone().unwrap().flush().await;
+    assert_eq!(h.state.metrics.store.dropped.get(), 6);
+    // The report says why, without the password.
+    let r = h.get("/admin/report?since=1h").await;
+    assert_eq!(r.status, 503, "{}", r.text);
+    assert!(!r.text.contains("pg-SECRET-789"), "{}", r.text);
+    let m = h.get("/metrics").await.text;
+    assert!(!m.contains("pg-SECRET-789"));
+    assert!(!format!("{:?}", h.state.config().store).contains("pg-SECRET-789"));
+}
+
+#[test]
+fn a_store_url_is_checked_without_connecting() {
+    let yaml = |store: &str| {
+        format!(
+            "store: {{ {store} }}
+providers:
+  mock: {{ kind: openai, base_url: \"http://127.0.0.1:9/v1\" }}
+models:
+  m: {{ provider: mock, model_id: m }}
+"
+        )
+    };
+    let load = |store: &str| cascade::config::Config::from_yaml_with_env(&yaml(store), &|_| None);
+    let both = load("path: c.db, url: \"postgres://u@h/db\"")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        both.contains("store.url") && both.contains("store.path"),
+        "{both}"
+    );
+    for bad in [
+        "url: \"http://u:pw-SECRET@h/db\"",
+        "url: \"postgres:///db\"",
+        "url: \"\"",
+    ] {
+        let e = load(bad).unwrap_err().to_string();
+        assert!(e.contains("store.url"), "{bad}: {e}");
+        assert!(!e.contains("pw-SECRET"), "{e}");
+    }
+    // `cascade check` accepts a URL it cannot reach: it parses, it never connects.
+    let dir = TempDir::new("store-check");
+    let file = dir.path().join("c.yaml");
+    std::fs::write(
+        &file,
+        yaml("url: \"postgres://cascade:pg-SECRET@10.255.255.1:5432/cascade?connect_timeout=30\""),
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cascade"))
+        .args(["check", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "it did not wait for a connection"
+    );
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!printed.contains("pg-SECRET"), "{printed}");
+}

@@ -3,10 +3,19 @@
 
 mod common;
 
+use common::stores::{Kind, TestStore};
 use common::{start, TempDir};
 use serde_json::{json, Value};
 
 fn config(dir: &TempDir, extra: &str) -> String {
+    config_on(
+        &format!("path: \"{}\"", dir.path().join("c.db").display()),
+        extra,
+    )
+}
+
+/// The config with `store` as the store's location keys.
+fn config_on(store: &str, extra: &str) -> String {
     format!(
         r#"
 server:
@@ -15,7 +24,7 @@ server:
   {extra}
 retry: {{ max_retries: 0 }}
 cache: {{ mode: all }}
-store: {{ path: "{db}", flush_interval: 10ms }}
+store: {{ {store}, flush_interval: 10ms }}
 providers:
   mock:   {{ kind: openai, base_url: "{{mock}}", api_key: "sk-mock-SECRET" }}
   claude: {{ kind: anthropic, base_url: "http://{{mock_addr}}", api_key: "sk-ant-SECRET" }}
@@ -28,8 +37,7 @@ chains:
   claude_first: [sonnet, primary]
   picky: [plain, primary]
   only_plain: [plain]
-"#,
-        db = dir.path().join("c.db").display()
+"#
     )
 }
 
@@ -293,12 +301,13 @@ async fn without_passthrough_other_paths_say_how_to_turn_it_on() {
     assert_eq!(h.mock.calls("passthrough"), 0);
 }
 
-#[tokio::test]
-async fn kept_responses_survive_a_restart_on_the_same_store() {
-    let dir = TempDir::new("surfaces-restart");
+async fn kept_responses_survive_a_restart_on_the_same_store(kind: Kind) {
+    let Some(store) = TestStore::new(kind, "surfaces-restart") else {
+        return;
+    };
     let auth = [("authorization", "Bearer tenant-a")];
     let (id, gone) = {
-        let h = start(&config(&dir, "")).await;
+        let h = start(&config_on(&store.yaml(), "")).await;
         let r = post(
             &h,
             "/v1/responses",
@@ -325,7 +334,7 @@ async fn kept_responses_survive_a_restart_on_the_same_store() {
         h.state.store.as_ref().unwrap().flush().await;
         (r.json()["id"].as_str().unwrap().to_string(), gone)
     };
-    let h = start(&config(&dir, "")).await;
+    let h = start(&config_on(&store.yaml(), "")).await;
     let get = |id: String, who: &'static str| {
         let req = h
             .http
@@ -351,3 +360,5 @@ async fn kept_responses_survive_a_restart_on_the_same_store() {
         "{last}"
     );
 }
+
+on_both_stores!(kept_responses_survive_a_restart_on_the_same_store);
