@@ -1,6 +1,6 @@
 //! Drives the store's writer as hard as it goes, for `bench/` (scenarios S8 and S9).
 //!
-//! `store_load PATH CALLS DAYS` records CALLS `model_calls` rows and CALLS / 2
+//! `store_load PATH|postgres://URL CALLS DAYS` records CALLS `model_calls` rows and CALLS / 2
 //! `requests` rows through `Store::record` (the request path's own call), with
 //! timestamps spread evenly over the last DAYS days, waiting whenever the queue is
 //! nearly full so nothing is dropped. It prints one JSON line: rows, seconds, rows per
@@ -21,13 +21,23 @@ fn main() {
         eprintln!("usage: store_load PATH CALLS DAYS");
         std::process::exit(2);
     }
-    let path = std::path::PathBuf::from(&args[1]);
+    let backend = if args[1].starts_with("postgres://") {
+        match cascade::store::PgUrl::parse(&args[1]) {
+            Ok(u) => cascade::store::Backend::Postgres(u),
+            Err(e) => {
+                eprintln!("store_load: {e}");
+                std::process::exit(2);
+            }
+        }
+    } else {
+        cascade::store::Backend::Sqlite(args[1].clone().into())
+    };
     let calls: u64 = args[2].parse().unwrap_or(100_000);
     let days: f64 = args[3].parse().unwrap_or(0.0);
     let metrics = cascade::metrics::Metrics::new();
     let queue = 65_536;
     let settings = StoreSettings {
-        path,
+        backend,
         retention: Duration::from_secs(3650 * 86_400),
         queue,
         flush_interval: Duration::from_secs(1),

@@ -36,8 +36,9 @@ fn to_json(y: &yaml_rust2::Yaml) -> Value {
         Yaml::String(s) => json!(s),
         Yaml::Boolean(b) => json!(b),
         Yaml::Array(a) => Value::Array(a.iter().map(to_json).collect()),
-        Yaml::Hash(h) => Value::Object(
-            h.iter()
+        Yaml::Hash(h) => {
+            let mut m: serde_json::Map<String, Value> = h
+                .iter()
                 .map(|(k, v)| {
                     let key = match k {
                         Yaml::String(s) => s.clone(),
@@ -46,8 +47,16 @@ fn to_json(y: &yaml_rust2::Yaml) -> Value {
                     };
                     (key, to_json(v))
                 })
-                .collect(),
-        ),
+                .collect();
+            // A merge key (`<<: *anchor`), as compose reads it: the anchor's entries
+            // under the ones written here.
+            if let Some(Value::Object(base)) = m.remove("<<") {
+                for (k, v) in base {
+                    m.entry(k).or_insert(v);
+                }
+            }
+            Value::Object(m)
+        }
         _ => Value::Null,
     }
 }
@@ -305,6 +314,7 @@ fn the_compose_file_names_only_what_the_repo_has() {
         "gateway-b",
         "nginx",
         "redis",
+        "postgres",
         "prometheus",
         "grafana",
         "mock",
@@ -337,10 +347,14 @@ fn the_compose_file_names_only_what_the_repo_has() {
     // The gateways' config, as mounted, is valid with the compose environment.
     let env = services["gateway-a"]["environment"].clone();
     let text = std::fs::read_to_string(repo("deploy/cascade.yaml")).unwrap();
-    cascade::config::Config::from_yaml_with_env(&text, &|k| {
+    let config = cascade::config::Config::from_yaml_with_env(&text, &|k| {
         env.get(k).and_then(Value::as_str).map(str::to_string)
     })
     .unwrap_or_else(|e| panic!("deploy/cascade.yaml: {e}"));
+    // Both replicas write to the compose PostgreSQL, named as its service.
+    let store = config.store.as_ref().map(|s| s.backend.to_string());
+    assert_eq!(store.as_deref(), Some("postgres://postgres:5432/cascade"));
+    assert!(services["gateway-a"]["depends_on"]["postgres"].is_object());
     // Prometheus scrapes both replicas.
     let prom = yaml(&repo("deploy/prometheus/prometheus.yml"));
     let targets = &prom["scrape_configs"][0]["static_configs"][0]["targets"];
@@ -367,6 +381,7 @@ fn the_kubernetes_manifests_fit_together() {
     let text = configmap["data"]["cascade.yaml"].as_str().unwrap();
     let config = cascade::config::Config::from_yaml_with_env(text, &|k| match k {
         "OPENAI_API_KEY" | "ANTHROPIC_API_KEY" => Some("k".into()),
+        "CASCADE_STORE_URL" => Some("postgres://cascade:pw@db:5432/cascade".into()),
         _ => None,
     })
     .unwrap_or_else(|e| panic!("the ConfigMap's cascade.yaml: {e}"));

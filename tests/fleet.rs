@@ -468,3 +468,86 @@ async fn a_request_still_waiting_at_the_end_of_the_drain_gets_503_shutting_down(
     let (code, _, err) = g.wait();
     assert_eq!(code, 0, "{err}");
 }
+
+/// Two replicas on one PostgreSQL store: both write to it, and one report (the CLI's
+/// and either replica's `/admin/report`) covers both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_on_one_postgres_store_share_one_report() {
+    let Some(pg) = common::postgres::postgres_or_skip() else {
+        return;
+    };
+    let mock = MockServer::start("127.0.0.1:0").await.unwrap();
+    let yaml = config(&mock, "primary, secondary", "").replace(
+        "store: { enabled: false }",
+        &format!("store: {{ url: \"{}\", flush_interval: 20ms }}", pg.url()),
+    );
+    let (dir_a, dir_b) = (TempDir::new("fleet-pg-a"), TempDir::new("fleet-pg-b"));
+    let a = Gateway::start(dir_a.path(), &yaml);
+    let b = Gateway::start(dir_b.path(), &yaml);
+    let c = client();
+    for _ in 0..3 {
+        assert_eq!(served(&c, &a).await.as_deref(), Some("primary"));
+    }
+    mock.set("p", "status=500");
+    for _ in 0..4 {
+        assert_eq!(served(&c, &b).await.as_deref(), Some("secondary"));
+    }
+    // SIGTERM flushes each replica's queue before it exits.
+    let (code_a, _, err_a) = a.stop();
+    let (code_b, _, err_b) = b.stop();
+    assert_eq!((code_a, code_b), (0, 0), "{err_a}\n{err_b}");
+    assert!(!format!("{err_a}{err_b}").contains("store: write failed"));
+
+    let out = std::process::Command::new(common::process::BIN)
+        .args(["report", "--since", "1h", "--format", "json", "--db"])
+        .arg(pg.url())
+        .arg("--config")
+        .arg(dir_a.path().join("cascade.yaml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["totals"]["requests"], 7, "{report}");
+    let main = &report["rows"][0];
+    assert_eq!(
+        (&main["chain"], &main["requests"]),
+        (&json!("main"), &json!(7))
+    );
+    assert!((main["fallback_rate"].as_f64().unwrap() - 4.0 / 7.0).abs() < 1e-3);
+
+    // A replica started later restores the fleet's health and reports the same.
+    let dir_c = TempDir::new("fleet-pg-c");
+    let g = Gateway::start(dir_c.path(), &yaml);
+    let live: Value = c
+        .get(g.url("/admin/report?since=1h&by=model"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let primary = live["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["model"] == "primary")
+        .unwrap();
+    // Replica B's breaker opened after two failures (consecutive_failures: 2).
+    assert_eq!(
+        (&primary["calls"], &primary["errors"]),
+        (&json!(5), &json!({"transient": 2})),
+        "{live}"
+    );
+    let health = admin_health(&c, &g).await;
+    assert_eq!(
+        common::health_of(&health, "primary")["calls"],
+        5,
+        "both replicas' calls restored: {health}"
+    );
+    let (code, _, _) = g.stop();
+    assert_eq!(code, 0);
+}

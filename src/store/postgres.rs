@@ -110,7 +110,7 @@ const MIGRATIONS: &[&str] = &[
 ];
 
 /// The advisory lock replicas take while migrating (any fixed number; "cascade").
-const MIGRATION_LOCK: i64 = 0x6361_7363_6164_65;
+const MIGRATION_LOCK: i64 = 0x0063_6173_6361_6465;
 
 /// A connection that takes longer than this to open fails (the writer drops that
 /// batch, counts it and tries again a second later).
@@ -173,17 +173,20 @@ fn pg(e: tokio_postgres::Error) -> StoreError {
 
 /// `store.url`: a PostgreSQL connection URL (its password never prints), checked when
 /// the config loads, connected only when used.
+/// Cheap to clone: every clone shares one reading connection.
 #[derive(Clone)]
-pub struct PgUrl {
+pub struct PgUrl(Arc<PgInner>);
+
+struct PgInner {
     url: Secret,
     config: tokio_postgres::Config,
     /// The connection reads share (queries on one connection are pipelined).
-    reader: Arc<Mutex<Option<Arc<Client>>>>,
+    reader: Mutex<Option<Arc<Client>>>,
 }
 
 impl PartialEq for PgUrl {
     fn eq(&self, other: &Self) -> bool {
-        self.url == other.url
+        self.0.url == other.0.url
     }
 }
 
@@ -218,17 +221,18 @@ impl PgUrl {
         if config.get_application_name().is_none() {
             config.application_name("cascade");
         }
-        Ok(PgUrl {
+        Ok(PgUrl(Arc::new(PgInner {
             url: Secret::new(url.to_string()),
             config,
-            reader: Arc::default(),
-        })
+            reader: Mutex::new(None),
+        })))
     }
 
     /// Where it points, for logs and errors: hosts, ports and database, never the
     /// user's password.
     pub fn redacted(&self) -> String {
         let hosts: Vec<String> = self
+            .0
             .config
             .get_hosts()
             .iter()
@@ -238,17 +242,17 @@ impl PgUrl {
                 tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
             })
             .collect();
-        let port = self.config.get_ports().first().copied().unwrap_or(5432);
+        let port = self.0.config.get_ports().first().copied().unwrap_or(5432);
         format!(
             "postgres://{}:{port}/{}",
             hosts.join(","),
-            self.config.get_dbname().unwrap_or("")
+            self.0.config.get_dbname().unwrap_or("")
         )
     }
 
     /// A new connection (its task on the PostgreSQL runtime).
     async fn connect(&self) -> Result<Client, StoreError> {
-        let config = self.config.clone();
+        let config = self.0.config.clone();
         let (client, connection) = config.connect(NoTls).await.map_err(pg)?;
         tokio::spawn(async move {
             let _ = connection.await;
@@ -262,13 +266,13 @@ impl PgUrl {
 
     /// The shared reading connection, opened again if it was lost.
     async fn reader(&self) -> Result<Arc<Client>, StoreError> {
-        if let Some(c) = self.reader.lock().ok().and_then(|g| g.clone()) {
+        if let Some(c) = self.0.reader.lock().ok().and_then(|g| g.clone()) {
             if !c.is_closed() {
                 return Ok(c);
             }
         }
         let client = Arc::new(self.connect().await?);
-        if let Ok(mut g) = self.reader.lock() {
+        if let Ok(mut g) = self.0.reader.lock() {
             *g = Some(client.clone());
         }
         Ok(client)
