@@ -151,7 +151,12 @@ fn report(
     };
     use cascade::store::{Backend, PgUrl};
     let db = match (db, &config.store) {
-        (Some(db), _) if db.starts_with("postgres://") || db.starts_with("postgresql://") => {
+        // A URL, or a `host=... user=...` connection string.
+        (Some(db), _)
+            if db.starts_with("postgres://")
+                || db.starts_with("postgresql://")
+                || db.contains('=') =>
+        {
             match PgUrl::parse(&db) {
                 Ok(url) => Backend::Postgres(url),
                 Err(e) => {
@@ -283,9 +288,20 @@ fn serve(path: &std::path::Path) -> ExitCode {
             })
         }),
     };
-    // Every answered request has its rows before the process ends.
+    // Every answered request has its rows before the process ends, unless the store
+    // stopped answering: then the exit waits one more drain_timeout at most.
     if let Some(store) = &state.store {
-        store.flush_blocking();
+        let limit = state
+            .config()
+            .server
+            .drain_timeout
+            .max(std::time::Duration::from_secs(5));
+        if !store.flush_within(limit) {
+            tracing::error!(
+                waited_s = limit.as_secs(),
+                "store: rows still queued at exit were not written"
+            );
+        }
     }
     match served {
         Ok(()) => ExitCode::SUCCESS,

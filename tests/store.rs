@@ -1069,6 +1069,10 @@ models:
         "url: \"http://u:pw-SECRET@h/db\"",
         "url: \"postgres:///db\"",
         "url: \"\"",
+        // An unencoded @ would print the rest of the password as the host.
+        "url: \"postgres://u:pw-SECRET@x@h/db\"",
+        // TLS is not built: refused here rather than failing at every connect.
+        "url: \"postgres://u:pw-SECRET@h/db?sslmode=require\"",
     ] {
         let e = load(bad).unwrap_err().to_string();
         assert!(e.contains("store.url"), "{bad}: {e}");

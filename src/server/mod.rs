@@ -105,7 +105,9 @@ impl AppState {
         let store = match &config.store {
             Some(settings) => {
                 let store = Store::open(settings.clone(), metrics.store.clone())?;
-                admin::restore_health(&config, &settings.backend);
+                if store.open_at_start() {
+                    admin::restore_health(&config, &settings.backend);
+                }
                 Some(store)
             }
             None => None,

@@ -281,6 +281,8 @@ struct Inner {
     tx: Sender<Msg>,
     metrics: StoreMetrics,
     settings: StoreSettings,
+    /// The store answered when the gateway started (a PostgreSQL server may not have).
+    open_at_start: bool,
 }
 
 /// The store could not be opened at start.
@@ -323,6 +325,7 @@ impl Store {
                 }
             },
         };
+        let open_at_start = conn.is_some();
         let (tx, rx) = mpsc::channel();
         let writer = writer::Writer::new(settings.clone(), metrics.clone(), conn);
         std::thread::Builder::new()
@@ -337,8 +340,14 @@ impl Store {
                 tx,
                 metrics,
                 settings,
+                open_at_start,
             }),
         })
+    }
+
+    /// The store answered at start, so reading it (the health window) is worth a try.
+    pub fn open_at_start(&self) -> bool {
+        self.inner.open_at_start
     }
 
     /// Queues a row for the writer. Never blocks: a full queue drops the row and counts it.
@@ -364,6 +373,16 @@ impl Store {
         if self.inner.tx.send(Msg::Flush(ack)).is_ok() {
             let _ = done.recv();
         }
+    }
+
+    /// [`Self::flush_blocking`] for at most `limit`; false when rows were still
+    /// waiting (a store that stopped answering must not hold the exit forever).
+    pub fn flush_within(&self, limit: Duration) -> bool {
+        let (ack, done) = mpsc::sync_channel(1);
+        if self.inner.tx.send(Msg::Flush(ack)).is_err() {
+            return true;
+        }
+        done.recv_timeout(limit).is_ok()
     }
 
     /// [`Self::flush_blocking`] from async code.
@@ -407,7 +426,7 @@ pub struct PastCall {
 pub fn recent_calls(backend: &Backend, since_ms: i64) -> Result<Vec<PastCall>, StoreError> {
     match backend {
         Backend::Sqlite(path) => Ok(sqlite_recent_calls(path, since_ms)?),
-        Backend::Postgres(url) => url.recent_calls(since_ms),
+        Backend::Postgres(url) => url.recent_calls_limited(since_ms),
     }
 }
 

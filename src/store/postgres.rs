@@ -112,13 +112,32 @@ const MIGRATIONS: &[&str] = &[
 /// The advisory lock replicas take while migrating (any fixed number; "cascade").
 const MIGRATION_LOCK: i64 = 0x0063_6173_6361_6465;
 
-/// A connection that takes longer than this to open fails (the writer drops that
-/// batch, counts it and tries again a second later).
+/// A connection that takes longer than this to open, TCP and handshake together, fails
+/// (the writer drops that batch, counts it and tries again a second later).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A statement that runs longer fails: a stuck server stalls the writer for at most
-/// this long per batch, and the queue absorbs (or drops and counts) the rest.
+/// A statement that runs longer fails on the server: a slow server stalls the writer
+/// for at most this long per batch, and the queue absorbs (or drops and counts) the rest.
 const STATEMENT_TIMEOUT: &str = "10s";
+
+/// The client's own limit on one batch or retention turn: the server's limit plus
+/// slack, for a server that stopped answering at all (its statement timeout can't fire).
+const WRITE_LIMIT: Duration = Duration::from_secs(15);
+
+/// A kept response read on a request's behalf: past this, the request goes on without
+/// it (as with a response that was never kept).
+const READ_LIMIT: Duration = Duration::from_secs(2);
+
+/// Reading the health window at start.
+const RESTORE_LIMIT: Duration = Duration::from_secs(30);
+
+/// A dead peer (host gone, network cut) is noticed within this, not the kernel's
+/// quarter of an hour of retransmits.
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The reading connection is not opened again sooner than this after a failure, so an
+/// unreachable server costs each request one quick error, not a connect timeout.
+const REOPEN_EVERY: Duration = Duration::from_secs(1);
 
 /// The migration count, for tests that compare both stores.
 pub const VERSION: i64 = MIGRATIONS.len() as i64;
@@ -139,34 +158,88 @@ fn runtime() -> Result<&'static tokio::runtime::Runtime, StoreError> {
         .ok_or_else(|| StoreError::Postgres("cannot start the PostgreSQL runtime".into()))
 }
 
-/// Runs `fut` on the PostgreSQL runtime and waits for it, from any thread: the writer,
-/// a blocking task, the CLI, or (at start only) async code.
-pub fn wait<T: Send + 'static>(
+/// `fut`, failed after `limit`.
+async fn limited<T>(
+    limit: Duration,
+    fut: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(limit, fut).await.unwrap_or_else(|_| {
+        Err(StoreError::Postgres(format!(
+            "no answer from PostgreSQL within {}s",
+            limit.as_secs_f64()
+        )))
+    })
+}
+
+/// Runs `fut` on the PostgreSQL runtime and waits for it (at most `limit`), from the
+/// writer thread. Whatever `fut` owns (a connection) is dropped when it times out.
+fn wait<T: Send + 'static>(
+    limit: Duration,
     fut: impl Future<Output = Result<T, StoreError>> + Send + 'static,
 ) -> Result<T, StoreError> {
     let rt = runtime()?;
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     rt.spawn(async move {
-        let _ = tx.send(fut.await);
+        let _ = tx.send(limited(limit, fut).await);
     });
     rx.recv()
         .map_err(|_| StoreError::Postgres("the PostgreSQL task ended".into()))?
 }
 
-/// Runs `fut` on the PostgreSQL runtime from async code.
-pub async fn run<T: Send + 'static>(
+/// Runs `fut` on the PostgreSQL runtime from async code, for at most `limit`.
+async fn run<T: Send + 'static>(
+    limit: Duration,
     fut: impl Future<Output = Result<T, StoreError>> + Send + 'static,
 ) -> Result<T, StoreError> {
     runtime()?
-        .spawn(fut)
+        .spawn(limited(limit, fut))
         .await
         .map_err(|_| StoreError::Postgres("the PostgreSQL task failed".into()))?
 }
 
+/// Runs `work` on a thread and a runtime of its own, with a connection of its own,
+/// and waits for it (from any thread, async code included). For long reads: a report
+/// never holds up the writer or a request's read, and its rows are grouped on its own
+/// core. The connection has no statement timeout: a month of a fleet's rows may take
+/// a while.
+fn isolated<T, F, Fut>(url: &PgUrl, work: F) -> Result<T, StoreError>
+where
+    T: Send + 'static,
+    F: FnOnce(Client) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<T, StoreError>>,
+{
+    let url = url.clone();
+    std::thread::Builder::new()
+        .name("cascade-pg-read".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| StoreError::Postgres(format!("cannot start a runtime: {e}")))?;
+            rt.block_on(async move {
+                let client = url.connect().await?;
+                client
+                    .batch_execute("SET statement_timeout = 0")
+                    .await
+                    .map_err(pg)?;
+                work(client).await
+            })
+        })
+        .map_err(|e| StoreError::Postgres(format!("cannot start a thread: {e}")))?
+        .join()
+        .map_err(|_| StoreError::Postgres("the PostgreSQL read failed".into()))?
+}
+
 fn pg(e: tokio_postgres::Error) -> StoreError {
-    // `Display` of a server error says only "db error"; its message is the useful part.
-    match e.as_db_error() {
-        Some(db) => StoreError::Postgres(format!("{}: {}", db.code().code(), db.message())),
+    // `Display` of a server error says only "db error", and of a connection error only
+    // "error connecting to server": the message or the cause is the useful part. (URL
+    // parse errors, which may echo the URL, never come here: `PgUrl::parse` words its
+    // own.)
+    if let Some(db) = e.as_db_error() {
+        return StoreError::Postgres(format!("{}: {}", db.code().code(), db.message()));
+    }
+    match std::error::Error::source(&e) {
+        Some(cause) => StoreError::Postgres(format!("{e}: {cause}")),
         None => StoreError::Postgres(e.to_string()),
     }
 }
@@ -180,8 +253,10 @@ pub struct PgUrl(Arc<PgInner>);
 struct PgInner {
     url: Secret,
     config: tokio_postgres::Config,
-    /// The connection reads share (queries on one connection are pipelined).
+    /// The connection short reads share (queries on one connection are pipelined).
     reader: Mutex<Option<Arc<Client>>>,
+    /// When opening `reader` last failed.
+    reader_failed: Mutex<Option<Instant>>,
 }
 
 impl PartialEq for PgUrl {
@@ -204,10 +279,11 @@ impl PgUrl {
         if url.is_empty() {
             return Err("must not be empty".into());
         }
-        let mut config: tokio_postgres::Config = url.parse().map_err(|e| {
-            format!(
-                "not a PostgreSQL URL ({e}); expected postgres://USER:PASSWORD@HOST:PORT/DATABASE"
-            )
+        // The parser's errors may quote the URL, password and all: word our own.
+        let mut config: tokio_postgres::Config = url.parse().map_err(|_| {
+            "not a PostgreSQL URL: expected postgres://USER:PASSWORD@HOST:PORT/DATABASE \
+             (percent-encode special characters in the password, e.g. @ as %40)"
+                .to_string()
         })?;
         if config.get_user().is_none() {
             return Err("names no user (postgres://USER@HOST/DATABASE)".into());
@@ -215,8 +291,33 @@ impl PgUrl {
         if config.get_hosts().is_empty() {
             return Err("names no host (postgres://USER@HOST/DATABASE)".into());
         }
+        // An unencoded @ in the password splits the URL in the wrong place, and the
+        // rest of the password would print as the host.
+        let odd_host = config.get_hosts().iter().any(|h| match h {
+            tokio_postgres::config::Host::Tcp(h) => h.contains('@'),
+            #[cfg(unix)]
+            tokio_postgres::config::Host::Unix(_) => false,
+        });
+        if odd_host {
+            return Err(
+                "has an @ in its credentials: percent-encode it in the password as %40".into(),
+            );
+        }
+        if !matches!(
+            config.get_ssl_mode(),
+            tokio_postgres::config::SslMode::Disable | tokio_postgres::config::SslMode::Prefer
+        ) {
+            return Err(
+                "asks for TLS (sslmode=require), which the store does not speak yet: \
+                 use sslmode=disable or prefer on a private network"
+                    .into(),
+            );
+        }
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        if config.get_tcp_user_timeout().is_none() {
+            config.tcp_user_timeout(TCP_USER_TIMEOUT);
         }
         if config.get_application_name().is_none() {
             config.application_name("cascade");
@@ -225,6 +326,7 @@ impl PgUrl {
             url: Secret::new(url.to_string()),
             config,
             reader: Mutex::new(None),
+            reader_failed: Mutex::new(None),
         })))
     }
 
@@ -250,28 +352,51 @@ impl PgUrl {
         )
     }
 
-    /// A new connection (its task on the PostgreSQL runtime).
+    /// A new connection, its task on the current runtime, with the statement timeout
+    /// set. Connecting and the handshake together take at most `CONNECT_TIMEOUT`.
     async fn connect(&self) -> Result<Client, StoreError> {
         let config = self.0.config.clone();
-        let (client, connection) = config.connect(NoTls).await.map_err(pg)?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        client
-            .batch_execute(&format!("SET statement_timeout = '{STATEMENT_TIMEOUT}'"))
-            .await
-            .map_err(pg)?;
-        Ok(client)
+        let limit = config
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(CONNECT_TIMEOUT);
+        limited(limit, async move {
+            let (client, connection) = config.connect(NoTls).await.map_err(pg)?;
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            client
+                .batch_execute(&format!("SET statement_timeout = '{STATEMENT_TIMEOUT}'"))
+                .await
+                .map_err(pg)?;
+            Ok(client)
+        })
+        .await
     }
 
-    /// The shared reading connection, opened again if it was lost.
+    /// The shared reading connection, opened again if it was lost (at most once a
+    /// second).
     async fn reader(&self) -> Result<Arc<Client>, StoreError> {
         if let Some(c) = self.0.reader.lock().ok().and_then(|g| g.clone()) {
             if !c.is_closed() {
                 return Ok(c);
             }
         }
-        let client = Arc::new(self.connect().await?);
+        let failed = self.0.reader_failed.lock().ok().and_then(|g| *g);
+        if failed.is_some_and(|t| t.elapsed() < REOPEN_EVERY) {
+            return Err(StoreError::Postgres(
+                "PostgreSQL was unreachable a moment ago".into(),
+            ));
+        }
+        let client = match self.connect().await {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                if let Ok(mut g) = self.0.reader_failed.lock() {
+                    *g = Some(Instant::now());
+                }
+                return Err(e);
+            }
+        };
         if let Ok(mut g) = self.0.reader.lock() {
             *g = Some(client.clone());
         }
@@ -281,7 +406,7 @@ impl PgUrl {
     /// Opens the writer's connection and applies migrations.
     pub(super) fn open_writer(&self) -> Result<PgWriter, StoreError> {
         let url = self.clone();
-        let client = wait(async move {
+        let client = wait(WRITE_LIMIT, async move {
             let mut client = url.connect().await?;
             migrate(&mut client).await?;
             Ok(client)
@@ -291,11 +416,9 @@ impl PgUrl {
         })
     }
 
-    /// Calls that started at or after `since_ms`, oldest first.
+    /// Calls that started at or after `since_ms`, oldest first (the whole fleet's).
     pub(super) fn recent_calls(&self, since_ms: i64) -> Result<Vec<PastCall>, StoreError> {
-        let url = self.clone();
-        wait(async move {
-            let client = url.reader().await?;
+        isolated(self, move |client| async move {
             let rows = client
                 .query(
                     "SELECT model_name, timestamp, latency_ms, ttft_ms, error_type, deadline_cut
@@ -319,6 +442,24 @@ impl PgUrl {
         })
     }
 
+    /// [`Self::recent_calls`], for at most `RESTORE_LIMIT`.
+    pub(super) fn recent_calls_limited(&self, since_ms: i64) -> Result<Vec<PastCall>, StoreError> {
+        let url = self.clone();
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name("cascade-pg-restore".into())
+            .spawn(move || {
+                let _ = tx.send(url.recent_calls(since_ms));
+            })
+            .map_err(|e| StoreError::Postgres(format!("cannot start a thread: {e}")))?;
+        rx.recv_timeout(RESTORE_LIMIT).unwrap_or_else(|_| {
+            Err(StoreError::Postgres(format!(
+                "the health window took longer than {}s to read",
+                RESTORE_LIMIT.as_secs()
+            )))
+        })
+    }
+
     /// A kept response, if it has not expired.
     pub(super) async fn read_response(
         &self,
@@ -326,7 +467,7 @@ impl PgUrl {
         id: String,
     ) -> Result<Option<StoredResponse>, StoreError> {
         let url = self.clone();
-        run(async move {
+        run(READ_LIMIT, async move {
             let client = url.reader().await?;
             let row = client
                 .query_opt(
@@ -348,8 +489,8 @@ impl PgUrl {
         .await
     }
 
-    /// Streams the rows of `sql` (bound to `[from, to)`) into `each`, on the
-    /// PostgreSQL runtime: a report reads its window without holding it all in memory.
+    /// Streams the rows of `sql` (bound to `[from, to)`) into `each`, on a thread and a
+    /// connection of its own: a report reads its window without holding it in memory.
     pub(super) fn scan<G: Send + 'static>(
         &self,
         sql: &'static str,
@@ -358,9 +499,7 @@ impl PgUrl {
         mut groups: G,
         each: fn(&mut G, &tokio_postgres::Row) -> Result<(), tokio_postgres::Error>,
     ) -> Result<G, StoreError> {
-        let url = self.clone();
-        wait(async move {
-            let client = url.reader().await?;
+        isolated(self, move |client| async move {
             let (from, to) = (at(from_ms), at(to_ms));
             let params: [&(dyn ToSql + Sync); 2] = [&from, &to];
             let rows = client
@@ -376,8 +515,12 @@ impl PgUrl {
     }
 }
 
-/// Unix milliseconds as a `timestamptz`.
+/// Unix milliseconds as a `timestamptz`, within the range PostgreSQL keeps (4713 BC
+/// to AD 294276), so an absurd report window reads as "everything", not an error.
 fn at(ms: i64) -> SystemTime {
+    const MIN_MS: i64 = -210_866_803_200_000;
+    const MAX_MS: i64 = 9_224_318_015_999_999;
+    let ms = ms.clamp(MIN_MS, MAX_MS);
     if ms >= 0 {
         UNIX_EPOCH + Duration::from_millis(ms as u64)
     } else {
@@ -430,16 +573,20 @@ impl PgWriter {
         self.client.as_ref().is_none_or(Client::is_closed)
     }
 
-    /// Writes a batch in one transaction: `COPY` for each table's rows.
-    pub(super) fn insert(&mut self, batch: Vec<Row>) -> Result<[u64; 3], StoreError> {
+    /// Writes a batch in one transaction: `COPY` for each table's rows. The batch comes
+    /// back empty, its memory kept for the next one.
+    pub(super) fn insert(&mut self, batch: &mut Vec<Row>) -> Result<[u64; 3], StoreError> {
         let mut client = self
             .client
             .take()
             .ok_or_else(|| StoreError::Postgres("not connected".into()))?;
-        let (client, result) = wait(async move {
-            let r = insert(&mut client, batch).await;
-            Ok((client, r))
+        let mut rows = std::mem::take(batch);
+        let (client, mut rows, result) = wait(WRITE_LIMIT, async move {
+            let r = insert(&mut client, &mut rows).await;
+            Ok((client, rows, r))
         })?;
+        rows.clear();
+        *batch = rows;
         self.client = Some(client);
         result
     }
@@ -455,7 +602,7 @@ impl PgWriter {
             .client
             .take()
             .ok_or_else(|| StoreError::Postgres("not connected".into()))?;
-        let (client, result) = wait(async move {
+        let (client, result) = wait(WRITE_LIMIT, async move {
             let r = retention(&client, cutoff_ms, budget).await;
             Ok((client, r))
         })?;
@@ -467,6 +614,7 @@ impl PgWriter {
 async fn retention(client: &Client, cutoff_ms: i64, budget: Duration) -> Result<bool, StoreError> {
     let started = Instant::now();
     let cutoff = at(cutoff_ms);
+    let mut left = false;
     for table in ["model_calls", "requests", "shadow_results"] {
         let sql = format!(
             "DELETE FROM {table} WHERE id IN \
@@ -477,8 +625,10 @@ async fn retention(client: &Client, cutoff_ms: i64, budget: Duration) -> Result<
             if n < RETENTION_CHUNK as u64 {
                 break;
             }
+            // Each table gets its turn; what is left waits for the next one.
             if started.elapsed() >= budget {
-                return Ok(true);
+                left = true;
+                break;
             }
         }
     }
@@ -489,7 +639,7 @@ async fn retention(client: &Client, cutoff_ms: i64, budget: Duration) -> Result<
         )
         .await
         .map_err(pg)?;
-    Ok(false)
+    Ok(left)
 }
 
 const CALL_COPY: &str = "COPY model_calls (timestamp, request_id, chain, model_name, provider, \
@@ -561,6 +711,16 @@ const SHADOW_TYPES: &[Type] = &[
     Type::FLOAT8,
 ];
 
+/// PostgreSQL's text can't hold NUL, and one would fail the whole batch: the finish
+/// reasons come from upstreams' JSON, so a NUL there is dropped.
+fn no_nul(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains('\0') {
+        s.replace('\0', "").into()
+    } else {
+        s.into()
+    }
+}
+
 fn flag(b: bool) -> i32 {
     i32::from(b)
 }
@@ -573,16 +733,16 @@ fn tokens(t: Option<Tokens>) -> [Option<i64>; 3] {
     }
 }
 
-async fn insert(client: &mut Client, batch: Vec<Row>) -> Result<[u64; 3], StoreError> {
+async fn insert(client: &mut Client, batch: &mut [Row]) -> Result<[u64; 3], StoreError> {
     let tx = client.transaction().await.map_err(pg)?;
     let (mut calls, mut requests, mut shadows) = (Vec::new(), Vec::new(), Vec::new());
     // Responses and their deletions go in queue order, so a deletion that follows a
     // write wins.
-    for row in batch {
+    for row in batch.iter() {
         match row {
             Row::Call(c) => calls.push(c),
             Row::Request(r) => requests.push(r),
-            Row::Shadow(s) => shadows.push(s),
+            Row::Shadow(s) => shadows.push(&**s),
             Row::Response(r) => {
                 tx.execute(
                     "INSERT INTO responses (tenant, id, created_at, expires_ms, response, items)
@@ -631,7 +791,7 @@ async fn insert(client: &mut Client, batch: Vec<Row>) -> Result<[u64; 3], StoreE
 
 async fn copy_calls(
     tx: &tokio_postgres::Transaction<'_>,
-    rows: &[CallRow],
+    rows: &[&CallRow],
 ) -> Result<(), StoreError> {
     let sink = tx.copy_in(CALL_COPY).await.map_err(pg)?;
     let writer = BinaryCopyInWriter::new(sink, CALL_TYPES);
@@ -668,7 +828,7 @@ async fn copy_calls(
 
 async fn copy_requests(
     tx: &tokio_postgres::Transaction<'_>,
-    rows: &[RequestRow],
+    rows: &[&RequestRow],
 ) -> Result<(), StoreError> {
     let sink = tx.copy_in(REQUEST_COPY).await.map_err(pg)?;
     let writer = BinaryCopyInWriter::new(sink, REQUEST_TYPES);
@@ -708,7 +868,7 @@ async fn copy_requests(
 
 async fn copy_shadows(
     tx: &tokio_postgres::Transaction<'_>,
-    rows: &[Box<ShadowRow>],
+    rows: &[&ShadowRow],
 ) -> Result<(), StoreError> {
     let sink = tx.copy_in(SHADOW_COPY).await.map_err(pg)?;
     let writer = BinaryCopyInWriter::new(sink, SHADOW_TYPES);
@@ -731,8 +891,8 @@ async fn copy_shadows(
                 &r.json_valid.map(flag),
                 &r.tool_calls_match.map(flag),
                 &r.similarity,
-                &r.served_finish_reason,
-                &r.shadow_finish_reason,
+                &r.served_finish_reason.as_deref().map(no_nul),
+                &r.shadow_finish_reason.as_deref().map(no_nul),
                 &r.cost_usd,
             ])
             .await

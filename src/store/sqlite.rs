@@ -34,8 +34,8 @@ impl SqliteWriter {
         file_id(&self.path) != self.file_id
     }
 
-    pub(super) fn insert(&mut self, batch: Vec<Row>) -> Result<[u64; 3], StoreError> {
-        Ok(insert(&mut self.conn, &batch)?)
+    pub(super) fn insert(&mut self, batch: &[Row]) -> Result<[u64; 3], StoreError> {
+        Ok(insert(&mut self.conn, batch)?)
     }
 
     /// Deletes rows older than `cutoff_ms`, a chunk at a time, for at most `budget`;
@@ -47,6 +47,7 @@ impl SqliteWriter {
     ) -> Result<bool, StoreError> {
         let cutoff = clock::rfc3339_ms(cutoff_ms);
         let started = Instant::now();
+        let mut left = false;
         for table in ["model_calls", "requests", "shadow_results"] {
             let sql = format!(
                 "DELETE FROM {table} WHERE id IN \
@@ -57,8 +58,10 @@ impl SqliteWriter {
                 if n < RETENTION_CHUNK {
                     break;
                 }
+                // Each table gets its turn; what is left waits for the next one.
                 if started.elapsed() >= budget {
-                    return Ok(true);
+                    left = true;
+                    break;
                 }
             }
         }
@@ -67,7 +70,7 @@ impl SqliteWriter {
             "DELETE FROM responses WHERE expires_ms < ?1",
             [clock::now_ms()],
         )?;
-        Ok(false)
+        Ok(left)
     }
 }
 

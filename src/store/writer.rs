@@ -44,11 +44,14 @@ impl Conn {
         }
     }
 
-    fn insert(&mut self, batch: Vec<Row>) -> Result<[u64; 3], StoreError> {
-        match self {
+    /// Commits `batch` and empties it (keeping its memory).
+    fn insert(&mut self, batch: &mut Vec<Row>) -> Result<[u64; 3], StoreError> {
+        let result = match self {
             Conn::Sqlite(c) => c.insert(batch),
             Conn::Postgres(c) => c.insert(batch),
-        }
+        };
+        batch.clear();
+        result
     }
 
     fn retention(&mut self, cutoff_ms: i64, budget: Duration) -> Result<bool, StoreError> {
@@ -196,7 +199,7 @@ impl Writer {
         };
         let started = Instant::now();
         let n = batch.len() as u64;
-        match conn.insert(std::mem::replace(batch, Vec::with_capacity(BATCH))) {
+        match conn.insert(batch) {
             Ok([calls, requests, shadows]) => {
                 self.calls_written.inc_by(calls);
                 self.requests_written.inc_by(requests);
