@@ -1071,13 +1071,22 @@ models:
         "url: \"\"",
         // An unencoded @ would print the rest of the password as the host.
         "url: \"postgres://u:pw-SECRET@x@h/db\"",
-        // TLS is not built: refused here rather than failing at every connect.
-        "url: \"postgres://u:pw-SECRET@h/db?sslmode=require\"",
+        // A CA for a connection that does not ask for TLS.
+        "url: \"postgres://u:pw-SECRET@h/db\", ca_file: ca.pem",
     ] {
         let e = load(bad).unwrap_err().to_string();
         assert!(e.contains("store.url"), "{bad}: {e}");
         assert!(!e.contains("pw-SECRET"), "{e}");
     }
+    let e = load("url: \"postgres://u:pw-SECRET@h/db?sslmode=require\", ca_file: /no/ca.pem")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("store.ca_file") && e.contains("/no/ca.pem"),
+        "{e}"
+    );
+    let e = load("path: c.db, ca_file: ca.pem").unwrap_err().to_string();
+    assert!(e.contains("store.ca_file"), "{e}");
     // `cascade check` accepts a URL it cannot reach: it parses, it never connects.
     let dir = TempDir::new("store-check");
     let file = dir.path().join("c.yaml");
@@ -1107,4 +1116,71 @@ models:
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!printed.contains("pg-SECRET"), "{printed}");
+}
+
+/// `sslmode=require` speaks TLS and verifies the server: with the server's CA in
+/// `store.ca_file` rows are written; without it, or in plain text (which this server
+/// refuses), they are dropped and counted, and answers go on.
+#[tokio::test]
+async fn postgres_over_tls_verifies_the_server() {
+    let dir = TempDir::new("store-tls");
+    let (ca, cert, key) = common::postgres::test_certificates(dir.path());
+    let Some(pg) = common::postgres::Postgres::start_tls(&cert, &key).or_else(|| {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must provide PostgreSQL"
+        );
+        None
+    }) else {
+        return;
+    };
+    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", pg.port);
+    let with = |store: String| CONFIG.replace("path: \"{db}\"", &store);
+    let cases = [
+        (
+            format!(
+                "url: \"{url}?sslmode=require\", ca_file: \"{}\"",
+                ca.display()
+            ),
+            true,
+        ),
+        (format!("url: \"{url}?sslmode=require\""), false),
+        (format!("url: \"{url}?sslmode=disable\""), false),
+    ];
+    let db = pg.socket_client().await;
+    let mut written = 0;
+    for (store, verified) in cases {
+        let h = start(&with(store.clone())).await;
+        for _ in 0..2 {
+            assert_eq!(h.chat("main", &[]).await.status, 200, "{store}");
+        }
+        h.state.store.clone().unwrap().flush().await;
+        let dropped = h.state.metrics.store.dropped.get();
+        if verified {
+            written += 2;
+            assert_eq!(dropped, 0, "{store}");
+            // The writer's connection is encrypted.
+            let tls: i64 = db
+                .query_one(
+                    "SELECT COUNT(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid)
+                     WHERE ssl AND application_name = 'cascade'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            assert!(tls >= 1, "{store}");
+        } else {
+            assert_eq!(
+                dropped, 4,
+                "{store}: 2 requests and 2 calls dropped and counted"
+            );
+        }
+        let n: i64 = db
+            .query_one("SELECT COUNT(*) FROM requests", &[])
+            .await
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        assert_eq!(n, written, "{store}");
+    }
 }

@@ -1280,11 +1280,23 @@ fn store_settings(s: &raw::RawStore) -> Result<Option<crate::store::StoreSetting
                  file on this machine; url: a PostgreSQL database shared by a fleet)",
             ))
         }
-        (_, Some(url)) => crate::store::Backend::Postgres(
-            crate::store::PgUrl::parse(url.expose())
-                .map_err(|e| ConfigError::at("store.url", e))?,
-        ),
+        (_, Some(url)) => {
+            let ca = s.ca_file.as_deref().map(std::path::Path::new);
+            let url = crate::store::PgUrl::with_ca(url.expose(), ca).map_err(|e| {
+                match e.strip_prefix("store.ca_file: ") {
+                    Some(rest) => ConfigError::at("store.ca_file", rest),
+                    None => ConfigError::at("store.url", e),
+                }
+            })?;
+            crate::store::Backend::Postgres(url)
+        }
         (path, None) => {
+            if s.ca_file.is_some() {
+                return Err(ConfigError::at(
+                    "store.ca_file",
+                    "is for a PostgreSQL store (store.url)",
+                ));
+            }
             let path = path.as_deref().unwrap_or(DEFAULT_STORE_PATH);
             if path.trim().is_empty() {
                 return Err(ConfigError::at("store.path", "must not be empty"));

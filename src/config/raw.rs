@@ -76,6 +76,8 @@ pub struct RawStore {
     pub path: Option<String>,
     /// A PostgreSQL URL; it carries a password, so it never prints.
     pub url: Option<crate::secret::Secret>,
+    /// PEM certificates to trust for the PostgreSQL server, with `sslmode=require`.
+    pub ca_file: Option<String>,
     #[serde(default, deserialize_with = "opt_duration")]
     pub retention: Option<Duration>,
     pub queue: Option<usize>,

@@ -11,6 +11,7 @@
 //! gateway worker's shutdown can break a connection another one is using.
 
 use std::future::Future;
+use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -18,6 +19,7 @@ use futures_util::{pin_mut, TryStreamExt};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, NoTls};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::{
     CallRow, PastCall, RequestRow, Row, ShadowRow, StoreError, StoredResponse, Tokens,
@@ -253,6 +255,8 @@ pub struct PgUrl(Arc<PgInner>);
 struct PgInner {
     url: Secret,
     config: tokio_postgres::Config,
+    /// Set with `sslmode=require`.
+    tls: Option<MakeRustlsConnect>,
     /// The connection short reads share (queries on one connection are pipelined).
     reader: Mutex<Option<Arc<Client>>>,
     /// When opening `reader` last failed.
@@ -275,6 +279,12 @@ impl PgUrl {
     /// Parses a `postgres://` or `postgresql://` URL (or a `key=value` string) without
     /// connecting.
     pub fn parse(url: &str) -> Result<PgUrl, String> {
+        PgUrl::with_ca(url, None)
+    }
+
+    /// [`Self::parse`], trusting the certificates in `ca_file` (PEM) besides the public
+    /// roots when the URL asks for TLS.
+    pub fn with_ca(url: &str, ca_file: Option<&Path>) -> Result<PgUrl, String> {
         let url = url.trim();
         if url.is_empty() {
             return Err("must not be empty".into());
@@ -303,16 +313,18 @@ impl PgUrl {
                 "has an @ in its credentials: percent-encode it in the password as %40".into(),
             );
         }
-        if !matches!(
-            config.get_ssl_mode(),
-            tokio_postgres::config::SslMode::Disable | tokio_postgres::config::SslMode::Prefer
-        ) {
-            return Err(
-                "asks for TLS (sslmode=require), which the store does not speak yet: \
-                 use sslmode=disable or prefer on a private network"
-                    .into(),
-            );
-        }
+        // `sslmode=require` is TLS with the server's certificate verified (public roots,
+        // plus `store.ca_file`), stricter than libpq's unverified `require`. `prefer`
+        // stays plain: a certificate nobody can check protects nothing.
+        let tls = match config.get_ssl_mode() {
+            tokio_postgres::config::SslMode::Require => Some(tls_connector(ca_file)?),
+            _ if ca_file.is_some() => {
+                return Err("store.ca_file is set, but the URL does not ask for TLS: \
+                     add ?sslmode=require"
+                    .into())
+            }
+            _ => None,
+        };
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
@@ -325,6 +337,7 @@ impl PgUrl {
         Ok(PgUrl(Arc::new(PgInner {
             url: Secret::new(url.to_string()),
             config,
+            tls,
             reader: Mutex::new(None),
             reader_failed: Mutex::new(None),
         })))
@@ -356,15 +369,28 @@ impl PgUrl {
     /// set. Connecting and the handshake together take at most `CONNECT_TIMEOUT`.
     async fn connect(&self) -> Result<Client, StoreError> {
         let config = self.0.config.clone();
+        let tls = self.0.tls.clone();
         let limit = config
             .get_connect_timeout()
             .copied()
             .unwrap_or(CONNECT_TIMEOUT);
         limited(limit, async move {
-            let (client, connection) = config.connect(NoTls).await.map_err(pg)?;
-            tokio::spawn(async move {
-                let _ = connection.await;
-            });
+            let client = match tls {
+                Some(tls) => {
+                    let (client, connection) = config.connect(tls).await.map_err(pg)?;
+                    tokio::spawn(async move {
+                        let _ = connection.await;
+                    });
+                    client
+                }
+                None => {
+                    let (client, connection) = config.connect(NoTls).await.map_err(pg)?;
+                    tokio::spawn(async move {
+                        let _ = connection.await;
+                    });
+                    client
+                }
+            };
             client
                 .batch_execute(&format!("SET statement_timeout = '{STATEMENT_TIMEOUT}'"))
                 .await
@@ -513,6 +539,39 @@ impl PgUrl {
             Ok(groups)
         })
     }
+}
+
+/// TLS that verifies the server: the public roots, plus the PEM certificates of
+/// `ca_file` (a managed database's own CA, a private one).
+fn tls_connector(ca_file: Option<&Path>) -> Result<MakeRustlsConnect, String> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = ca_file {
+        let certs: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(path)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| format!("store.ca_file: cannot read {}: {e}", path.display()))?;
+        if certs.is_empty() {
+            return Err(format!(
+                "store.ca_file: {} holds no PEM certificate",
+                path.display()
+            ));
+        }
+        let (added, _) = roots.add_parsable_certificates(certs);
+        if added == 0 {
+            return Err(format!(
+                "store.ca_file: no certificate in {} could be used",
+                path.display()
+            ));
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(MakeRustlsConnect::new(config))
 }
 
 /// Unix milliseconds as a `timestamptz`, within the range PostgreSQL keeps (4713 BC

@@ -14,6 +14,7 @@ pub struct Postgres {
     child: Option<Child>,
     pub port: u16,
     dir: PathBuf,
+    tls: bool,
 }
 
 /// The directory holding `initdb`, `postgres` and `pg_isready` (the newest installed).
@@ -100,6 +101,17 @@ fn template(bin: &Path) -> Option<&'static PathBuf> {
 
 impl Postgres {
     pub fn start() -> Option<Postgres> {
+        Postgres::start_with(None)
+    }
+
+    /// A server that takes TCP connections over TLS only, with this certificate and key
+    /// (PEM files); plain TCP is refused. The test's own queries go through the socket
+    /// (`socket_client`).
+    pub fn start_tls(cert: &Path, key: &Path) -> Option<Postgres> {
+        Postgres::start_with(Some((cert, key)))
+    }
+
+    fn start_with(tls: Option<(&Path, &Path)>) -> Option<Postgres> {
         let bin = bin_dir()?;
         let template = template(&bin)?;
         let port = super::process::free_port();
@@ -119,7 +131,24 @@ impl Postgres {
             child: None,
             port,
             dir,
+            tls: tls.is_some(),
         };
+        if let Some((cert, key)) = tls {
+            std::fs::copy(cert, pg.dir.join("server.crt")).ok()?;
+            std::fs::copy(key, pg.dir.join("server.key")).ok()?;
+            std::fs::write(
+                pg.dir.join("pg_hba.conf"),
+                "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+            )
+            .ok()?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(
+                pg.dir.join("server.key"),
+                std::fs::Permissions::from_mode(0o600),
+            )
+            .ok()?;
+            chown_to_postgres(&pg.dir);
+        }
         pg.launch(&bin)?;
         Some(pg)
     }
@@ -131,6 +160,18 @@ impl Postgres {
             .arg(&self.dir)
             .args(["-p", &self.port.to_string(), "-k"])
             .arg(&self.dir)
+            .args(if self.tls {
+                &[
+                    "-c",
+                    "ssl=on",
+                    "-c",
+                    "ssl_cert_file=server.crt",
+                    "-c",
+                    "ssl_key_file=server.key",
+                ][..]
+            } else {
+                &[][..]
+            })
             .args([
                 "-c",
                 "listen_addresses=127.0.0.1",
@@ -195,6 +236,101 @@ impl Postgres {
         });
         client
     }
+}
+
+impl Postgres {
+    /// A client through the server's Unix socket (no TLS needed).
+    pub async fn socket_client(&self) -> tokio_postgres::Client {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host_path(&self.dir)
+            .port(self.port)
+            .user("postgres")
+            .dbname("postgres");
+        let (client, connection) = config
+            .connect(tokio_postgres::NoTls)
+            .await
+            .expect("connect through the socket");
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        client
+    }
+}
+
+/// A CA and a server certificate it signed for 127.0.0.1, made by `openssl`, in `dir`:
+/// (ca.crt, server.crt, server.key).
+pub fn test_certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=cascade test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "server.ext",
+    ]);
+    (
+        dir.join("ca.crt"),
+        dir.join("server.crt"),
+        dir.join("server.key"),
+    )
 }
 
 impl Drop for Postgres {
