@@ -151,13 +151,21 @@ fn report(
     };
     use cascade::store::{Backend, PgUrl};
     let db = match (db, &config.store) {
-        // A URL, or a `host=... user=...` connection string.
-        (Some(db), _)
+        // A URL, or a `host=... user=...` connection string (not a file that exists).
+        (Some(db), store)
             if db.starts_with("postgres://")
                 || db.starts_with("postgresql://")
-                || db.contains('=') =>
+                || (!std::path::Path::new(&db).exists()
+                    && ["host=", "user=", "dbname="]
+                        .iter()
+                        .any(|k| db.starts_with(k) || db.contains(&format!(" {k}")))) =>
         {
-            match PgUrl::parse(&db) {
+            // The config's CA, when it names a PostgreSQL store.
+            let ca = match store.as_ref().map(|s| &s.backend) {
+                Some(Backend::Postgres(u)) => u.ca_file().map(std::path::Path::to_path_buf),
+                _ => None,
+            };
+            match PgUrl::with_ca(&db, ca.as_deref()) {
                 Ok(url) => Backend::Postgres(url),
                 Err(e) => {
                     eprintln!("cascade: --db: {e}");

@@ -1071,6 +1071,7 @@ models:
         "url: \"\"",
         // An unencoded @ would print the rest of the password as the host.
         "url: \"postgres://u:pw-SECRET@x@h/db\"",
+        "url: \"postgres://u:pw-SECRET@h2/x@realhost/db\"",
         // A CA for a connection that does not ask for TLS.
         "url: \"postgres://u:pw-SECRET@h/db\", ca_file: ca.pem",
     ] {

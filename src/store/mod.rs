@@ -379,8 +379,9 @@ impl Store {
     /// waiting (a store that stopped answering must not hold the exit forever).
     pub fn flush_within(&self, limit: Duration) -> bool {
         let (ack, done) = mpsc::sync_channel(1);
+        // A writer that is gone can't write what is queued.
         if self.inner.tx.send(Msg::Flush(ack)).is_err() {
-            return true;
+            return false;
         }
         done.recv_timeout(limit).is_ok()
     }
@@ -426,7 +427,7 @@ pub struct PastCall {
 pub fn recent_calls(backend: &Backend, since_ms: i64) -> Result<Vec<PastCall>, StoreError> {
     match backend {
         Backend::Sqlite(path) => Ok(sqlite_recent_calls(path, since_ms)?),
-        Backend::Postgres(url) => url.recent_calls_limited(since_ms),
+        Backend::Postgres(url) => url.recent_calls(since_ms),
     }
 }
 

@@ -133,6 +133,17 @@ const READ_LIMIT: Duration = Duration::from_secs(2);
 /// Reading the health window at start.
 const RESTORE_LIMIT: Duration = Duration::from_secs(30);
 
+/// A report's query: generous (a month of a fleet's rows), but finite, so a stuck
+/// server or a runaway window frees its thread and its server backend.
+const REPORT_LIMIT: Duration = Duration::from_secs(300);
+
+/// Connecting for a request's read, under `READ_LIMIT`, so a failed attempt is seen
+/// (and throttled) before the read gives up.
+const READ_CONNECT_LIMIT: Duration = Duration::from_millis(1500);
+
+/// Slack on top of the per-address connect timeouts, for TLS and the login.
+const HANDSHAKE_SLACK: Duration = Duration::from_secs(5);
+
 /// A dead peer (host gone, network cut) is noticed within this, not the kernel's
 /// quarter of an hour of retransmits.
 const TCP_USER_TIMEOUT: Duration = Duration::from_secs(15);
@@ -200,11 +211,10 @@ async fn run<T: Send + 'static>(
 }
 
 /// Runs `work` on a thread and a runtime of its own, with a connection of its own,
-/// and waits for it (from any thread, async code included). For long reads: a report
-/// never holds up the writer or a request's read, and its rows are grouped on its own
-/// core. The connection has no statement timeout: a month of a fleet's rows may take
-/// a while.
-fn isolated<T, F, Fut>(url: &PgUrl, work: F) -> Result<T, StoreError>
+/// and waits for it (from any thread, async code included), for at most `limit` (the
+/// server's statement timeout too). For long reads: a report never holds up the
+/// writer or a request's read, and its rows are grouped on its own core.
+fn isolated<T, F, Fut>(url: &PgUrl, limit: Duration, work: F) -> Result<T, StoreError>
 where
     T: Send + 'static,
     F: FnOnce(Client) -> Fut + Send + 'static,
@@ -218,14 +228,14 @@ where
                 .enable_all()
                 .build()
                 .map_err(|e| StoreError::Postgres(format!("cannot start a runtime: {e}")))?;
-            rt.block_on(async move {
+            rt.block_on(limited(limit + Duration::from_secs(5), async move {
                 let client = url.connect().await?;
                 client
-                    .batch_execute("SET statement_timeout = 0")
+                    .batch_execute(&format!("SET statement_timeout = '{}s'", limit.as_secs()))
                     .await
                     .map_err(pg)?;
                 work(client).await
-            })
+            }))
         })
         .map_err(|e| StoreError::Postgres(format!("cannot start a thread: {e}")))?
         .join()
@@ -258,9 +268,18 @@ struct PgInner {
     /// Set with `sslmode=require`.
     tls: Option<MakeRustlsConnect>,
     /// The connection short reads share (queries on one connection are pipelined).
-    reader: Mutex<Option<Arc<Client>>>,
-    /// When opening `reader` last failed.
-    reader_failed: Mutex<Option<Instant>>,
+    reader: Mutex<Reader>,
+    /// The whole connect's limit: each address's timeout, plus the handshake.
+    connect_limit: Duration,
+    /// `store.ca_file`, for `cascade report --db` on the same database.
+    ca_file: Option<std::path::PathBuf>,
+}
+
+#[derive(Default)]
+struct Reader {
+    client: Option<Arc<Client>>,
+    /// When a connection was last tried: at most one try a second, whoever asks.
+    tried: Option<Instant>,
 }
 
 impl PartialEq for PgUrl {
@@ -289,8 +308,26 @@ impl PgUrl {
         if url.is_empty() {
             return Err("must not be empty".into());
         }
+        // An unencoded @ in the password splits the URL at the wrong place, and part of
+        // the password would then print as the host or the database.
+        if let Some(rest) = url
+            .strip_prefix("postgres://")
+            .or_else(|| url.strip_prefix("postgresql://"))
+        {
+            let authority = rest.split(['/', '?']).next().unwrap_or("");
+            let before_query = rest.split('?').next().unwrap_or("");
+            if authority.matches('@').count() > 1 || before_query.matches('@').count() > 1 {
+                return Err(
+                    "has an @ in its credentials: percent-encode it in the password as %40".into(),
+                );
+            }
+        }
+        // libpq's verifying modes: `require` here verifies already (see below).
+        let url_for_parse = url
+            .replace("sslmode=verify-full", "sslmode=require")
+            .replace("sslmode=verify-ca", "sslmode=require");
         // The parser's errors may quote the URL, password and all: word our own.
-        let mut config: tokio_postgres::Config = url.parse().map_err(|_| {
+        let mut config: tokio_postgres::Config = url_for_parse.parse().map_err(|_| {
             "not a PostgreSQL URL: expected postgres://USER:PASSWORD@HOST:PORT/DATABASE \
              (percent-encode special characters in the password, e.g. @ as %40)"
                 .to_string()
@@ -334,12 +371,21 @@ impl PgUrl {
         if config.get_application_name().is_none() {
             config.application_name("cascade");
         }
+        // tokio-postgres spends `connect_timeout` on each host in turn (failover to a
+        // standby): the whole connect may take all of them, plus the handshake.
+        let per_host = config
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(CONNECT_TIMEOUT);
+        let hosts = u32::try_from(config.get_hosts().len().max(1)).unwrap_or(1);
+        let connect_limit = per_host * hosts + HANDSHAKE_SLACK;
         Ok(PgUrl(Arc::new(PgInner {
             url: Secret::new(url.to_string()),
             config,
             tls,
-            reader: Mutex::new(None),
-            reader_failed: Mutex::new(None),
+            reader: Mutex::default(),
+            connect_limit,
+            ca_file: ca_file.map(Path::to_path_buf),
         })))
     }
 
@@ -368,12 +414,12 @@ impl PgUrl {
     /// A new connection, its task on the current runtime, with the statement timeout
     /// set. Connecting and the handshake together take at most `CONNECT_TIMEOUT`.
     async fn connect(&self) -> Result<Client, StoreError> {
+        self.connect_within(self.0.connect_limit).await
+    }
+
+    async fn connect_within(&self, limit: Duration) -> Result<Client, StoreError> {
         let config = self.0.config.clone();
         let tls = self.0.tls.clone();
-        let limit = config
-            .get_connect_timeout()
-            .copied()
-            .unwrap_or(CONNECT_TIMEOUT);
         limited(limit, async move {
             let client = match tls {
                 Some(tls) => {
@@ -400,33 +446,42 @@ impl PgUrl {
         .await
     }
 
-    /// The shared reading connection, opened again if it was lost (at most once a
-    /// second).
+    /// The shared reading connection, opened again if it was lost. One try a second at
+    /// most, whoever asks: after a restart the readers don't all connect at once, and
+    /// while the server is unreachable a read fails at once.
     async fn reader(&self) -> Result<Arc<Client>, StoreError> {
-        if let Some(c) = self.0.reader.lock().ok().and_then(|g| g.clone()) {
-            if !c.is_closed() {
-                return Ok(c);
+        {
+            let Ok(mut r) = self.0.reader.lock() else {
+                return Err(StoreError::Postgres("the reader is unusable".into()));
+            };
+            if let Some(c) = r.client.as_ref().filter(|c| !c.is_closed()) {
+                return Ok(c.clone());
             }
-        }
-        let failed = self.0.reader_failed.lock().ok().and_then(|g| *g);
-        if failed.is_some_and(|t| t.elapsed() < REOPEN_EVERY) {
-            return Err(StoreError::Postgres(
-                "PostgreSQL was unreachable a moment ago".into(),
-            ));
-        }
-        let client = match self.connect().await {
-            Ok(c) => Arc::new(c),
-            Err(e) => {
-                if let Ok(mut g) = self.0.reader_failed.lock() {
-                    *g = Some(Instant::now());
-                }
-                return Err(e);
+            r.client = None;
+            if r.tried.is_some_and(|t| t.elapsed() < REOPEN_EVERY) {
+                return Err(StoreError::Postgres(
+                    "PostgreSQL was unreachable a moment ago".into(),
+                ));
             }
-        };
-        if let Ok(mut g) = self.0.reader.lock() {
-            *g = Some(client.clone());
+            r.tried = Some(Instant::now());
+        }
+        let client = Arc::new(self.connect_within(READ_CONNECT_LIMIT).await?);
+        if let Ok(mut r) = self.0.reader.lock() {
+            r.client = Some(client.clone());
         }
         Ok(client)
+    }
+
+    /// Forgets the reading connection (it timed out: it may be half-open).
+    fn drop_reader(&self) {
+        if let Ok(mut r) = self.0.reader.lock() {
+            r.client = None;
+        }
+    }
+
+    /// `store.ca_file`, if set.
+    pub fn ca_file(&self) -> Option<&Path> {
+        self.0.ca_file.as_deref()
     }
 
     /// Opens the writer's connection and applies migrations.
@@ -444,7 +499,7 @@ impl PgUrl {
 
     /// Calls that started at or after `since_ms`, oldest first (the whole fleet's).
     pub(super) fn recent_calls(&self, since_ms: i64) -> Result<Vec<PastCall>, StoreError> {
-        isolated(self, move |client| async move {
+        isolated(self, RESTORE_LIMIT, move |client| async move {
             let rows = client
                 .query(
                     "SELECT model_name, timestamp, latency_ms, ttft_ms, error_type, deadline_cut
@@ -468,24 +523,6 @@ impl PgUrl {
         })
     }
 
-    /// [`Self::recent_calls`], for at most `RESTORE_LIMIT`.
-    pub(super) fn recent_calls_limited(&self, since_ms: i64) -> Result<Vec<PastCall>, StoreError> {
-        let url = self.clone();
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        std::thread::Builder::new()
-            .name("cascade-pg-restore".into())
-            .spawn(move || {
-                let _ = tx.send(url.recent_calls(since_ms));
-            })
-            .map_err(|e| StoreError::Postgres(format!("cannot start a thread: {e}")))?;
-        rx.recv_timeout(RESTORE_LIMIT).unwrap_or_else(|_| {
-            Err(StoreError::Postgres(format!(
-                "the health window took longer than {}s to read",
-                RESTORE_LIMIT.as_secs()
-            )))
-        })
-    }
-
     /// A kept response, if it has not expired.
     pub(super) async fn read_response(
         &self,
@@ -493,7 +530,7 @@ impl PgUrl {
         id: String,
     ) -> Result<Option<StoredResponse>, StoreError> {
         let url = self.clone();
-        run(READ_LIMIT, async move {
+        let read = run(READ_LIMIT, async move {
             let client = url.reader().await?;
             let row = client
                 .query_opt(
@@ -512,7 +549,11 @@ impl PgUrl {
             })
             .transpose()
         })
-        .await
+        .await;
+        if read.is_err() {
+            self.drop_reader();
+        }
+        read
     }
 
     /// Streams the rows of `sql` (bound to `[from, to)`) into `each`, on a thread and a
@@ -525,7 +566,7 @@ impl PgUrl {
         mut groups: G,
         each: fn(&mut G, &tokio_postgres::Row) -> Result<(), tokio_postgres::Error>,
     ) -> Result<G, StoreError> {
-        isolated(self, move |client| async move {
+        isolated(self, REPORT_LIMIT, move |client| async move {
             let (from, to) = (at(from_ms), at(to_ms));
             let params: [&(dyn ToSql + Sync); 2] = [&from, &to];
             let rows = client
@@ -566,11 +607,13 @@ fn tls_connector(ca_file: Option<&Path>) -> Result<MakeRustlsConnect, String> {
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS: {e}"))?
         .with_root_certificates(roots)
         .with_no_client_auth();
+    // PostgreSQL 17 checks it with `sslnegotiation=direct`; older servers ignore it.
+    config.alpn_protocols = vec![b"postgresql".to_vec()];
     Ok(MakeRustlsConnect::new(config))
 }
 
@@ -621,6 +664,13 @@ async fn migrate(client: &mut Client) -> Result<(), StoreError> {
     tx.commit().await.map_err(pg)
 }
 
+/// A retention statement's bound: a `timestamptz` or Unix milliseconds.
+#[derive(Clone, Copy)]
+enum Bound {
+    Time(SystemTime),
+    Ms(i64),
+}
+
 /// The writer's connection.
 pub(super) struct PgWriter {
     client: Option<Client>,
@@ -650,55 +700,113 @@ impl PgWriter {
         result
     }
 
-    /// Deletes rows older than `cutoff_ms` for at most `budget`; true when some are
-    /// left for the next turn.
+    /// Deletes rows older than `cutoff_ms`, a chunk per statement, for at most
+    /// `budget`; true when some are left for the next turn. Each statement has its own
+    /// limit, so a large backlog moves forward a chunk at a time.
     pub(super) fn retention(
         &mut self,
         cutoff_ms: i64,
         budget: Duration,
     ) -> Result<bool, StoreError> {
+        let started = Instant::now();
+        let cutoff = at(cutoff_ms);
+        let now = crate::clock::now_ms();
+        let mut left = false;
+        let statements = [
+            ("model_calls", "id", "timestamp", Bound::Time(cutoff)),
+            ("requests", "id", "timestamp", Bound::Time(cutoff)),
+            ("shadow_results", "id", "timestamp", Bound::Time(cutoff)),
+            // Kept responses carry their own expiry (`responses.ttl`).
+            ("responses", "tenant, id", "expires_ms", Bound::Ms(now)),
+        ];
+        for (table, key, column, bound) in statements {
+            let sql = format!(
+                "DELETE FROM {table} WHERE ({key}) IN \
+                 (SELECT {key} FROM {table} WHERE {column} < $1 LIMIT {RETENTION_CHUNK})"
+            );
+            loop {
+                let n = self.execute(sql.clone(), bound)?;
+                if n < RETENTION_CHUNK as u64 {
+                    break;
+                }
+                // Each table gets its turn; what is left waits for the next one.
+                if started.elapsed() >= budget {
+                    left = true;
+                    break;
+                }
+            }
+        }
+        Ok(left)
+    }
+
+    /// One retention statement, `$1` bound to `bound`.
+    fn execute(&mut self, sql: String, bound: Bound) -> Result<u64, StoreError> {
         let client = self
             .client
             .take()
             .ok_or_else(|| StoreError::Postgres("not connected".into()))?;
         let (client, result) = wait(WRITE_LIMIT, async move {
-            let r = retention(&client, cutoff_ms, budget).await;
-            Ok((client, r))
+            let r = match bound {
+                Bound::Time(t) => client.execute(&sql, &[&t]).await,
+                Bound::Ms(ms) => client.execute(&sql, &[&ms]).await,
+            };
+            Ok((client, r.map_err(pg)))
         })?;
         self.client = Some(client);
         result
     }
 }
 
-async fn retention(client: &Client, cutoff_ms: i64, budget: Duration) -> Result<bool, StoreError> {
-    let started = Instant::now();
-    let cutoff = at(cutoff_ms);
-    let mut left = false;
-    for table in ["model_calls", "requests", "shadow_results"] {
-        let sql = format!(
-            "DELETE FROM {table} WHERE id IN \
-             (SELECT id FROM {table} WHERE timestamp < $1 LIMIT {RETENTION_CHUNK})"
-        );
-        loop {
-            let n = client.execute(&sql, &[&cutoff]).await.map_err(pg)?;
-            if n < RETENTION_CHUNK as u64 {
-                break;
-            }
-            // Each table gets its turn; what is left waits for the next one.
-            if started.elapsed() >= budget {
-                left = true;
-                break;
-            }
-        }
-    }
-    client
-        .execute(
-            "DELETE FROM responses WHERE expires_ms < $1",
-            &[&crate::clock::now_ms()],
+/// Writes and deletes kept responses in queue order (a deletion that follows a write
+/// wins), each statement prepared once per batch and all of them pipelined on the
+/// connection: one round trip for the lot, not two per row.
+async fn keep_responses(
+    tx: &tokio_postgres::Transaction<'_>,
+    rows: &[&Row],
+) -> Result<(), StoreError> {
+    let upsert = tx
+        .prepare(
+            "INSERT INTO responses (tenant, id, created_at, expires_ms, response, items)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (tenant, id) DO UPDATE SET created_at = EXCLUDED.created_at,
+               expires_ms = EXCLUDED.expires_ms, response = EXCLUDED.response,
+               items = EXCLUDED.items",
         )
         .await
         .map_err(pg)?;
-    Ok(left)
+    let forget = tx
+        .prepare("DELETE FROM responses WHERE tenant = $1 AND id = $2")
+        .await
+        .map_err(pg)?;
+    // The values statements borrow, kept here while they run.
+    type Kept<'a> = Option<(SystemTime, &'a [u8], &'a [u8])>;
+    let values: Vec<Kept<'_>> = rows
+        .iter()
+        .map(|r| match r {
+            Row::Response(r) => Some((at(r.created_ms), &r.response[..], &r.items[..])),
+            _ => None,
+        })
+        .collect();
+    // Futures are polled in order, so their statements reach the server in order.
+    let statements = rows.iter().zip(&values).filter_map(|(row, v)| {
+        let statement: std::pin::Pin<Box<dyn Future<Output = _> + Send + '_>> = match (row, v) {
+            (Row::Response(r), Some((created, response, items))) => {
+                let params: [&(dyn ToSql + Sync); 6] =
+                    [&r.tenant, &r.id, created, &r.expires_ms, response, items];
+                Box::pin(tx.execute_raw(&upsert, params))
+            }
+            (Row::ForgetResponse { tenant, id }, _) => {
+                let params: [&(dyn ToSql + Sync); 2] = [tenant, id];
+                Box::pin(tx.execute_raw(&forget, params))
+            }
+            _ => return None,
+        };
+        Some(statement)
+    });
+    futures_util::future::try_join_all(statements)
+        .await
+        .map_err(pg)?;
+    Ok(())
 }
 
 const CALL_COPY: &str = "COPY model_calls (timestamp, request_id, chain, model_name, provider, \
@@ -795,41 +903,17 @@ fn tokens(t: Option<Tokens>) -> [Option<i64>; 3] {
 async fn insert(client: &mut Client, batch: &mut [Row]) -> Result<[u64; 3], StoreError> {
     let tx = client.transaction().await.map_err(pg)?;
     let (mut calls, mut requests, mut shadows) = (Vec::new(), Vec::new(), Vec::new());
-    // Responses and their deletions go in queue order, so a deletion that follows a
-    // write wins.
+    let mut kept = Vec::new();
     for row in batch.iter() {
         match row {
             Row::Call(c) => calls.push(c),
             Row::Request(r) => requests.push(r),
             Row::Shadow(s) => shadows.push(&**s),
-            Row::Response(r) => {
-                tx.execute(
-                    "INSERT INTO responses (tenant, id, created_at, expires_ms, response, items)
-                     VALUES ($1, $2, $3, $4, $5, $6)
-                     ON CONFLICT (tenant, id) DO UPDATE SET created_at = EXCLUDED.created_at,
-                       expires_ms = EXCLUDED.expires_ms, response = EXCLUDED.response,
-                       items = EXCLUDED.items",
-                    &[
-                        &r.tenant,
-                        &r.id,
-                        &at(r.created_ms),
-                        &r.expires_ms,
-                        &&r.response[..],
-                        &&r.items[..],
-                    ],
-                )
-                .await
-                .map_err(pg)?;
-            }
-            Row::ForgetResponse { tenant, id } => {
-                tx.execute(
-                    "DELETE FROM responses WHERE tenant = $1 AND id = $2",
-                    &[&tenant, &id],
-                )
-                .await
-                .map_err(pg)?;
-            }
+            Row::Response(_) | Row::ForgetResponse { .. } => kept.push(row),
         }
+    }
+    if !kept.is_empty() {
+        keep_responses(&tx, &kept).await?;
     }
     if !calls.is_empty() {
         copy_calls(&tx, &calls).await?;
