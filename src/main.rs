@@ -220,6 +220,30 @@ fn report(
     ExitCode::SUCCESS
 }
 
+/// The admin listener (`admin.listen`) on a thread and a small runtime of its own: a
+/// scrape or a report never takes a request worker, and it answers through the drain.
+fn start_admin(state: Arc<AppState>, addr: std::net::SocketAddr) -> std::io::Result<()> {
+    let listener = server::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("cascade-admin".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let served = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => server::serve_admin(state, l).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "admin listener stopped");
+                }
+            })
+        })?;
+    Ok(())
+}
+
 fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
     let mut b = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = workers {
@@ -274,6 +298,13 @@ fn serve(path: &std::path::Path) -> ExitCode {
         scheduler = ?config.server.scheduler,
         "cascade listening"
     );
+    if let Some(addr) = config.admin.listen {
+        if let Err(e) = start_admin(state.clone(), addr) {
+            eprintln!("cascade: cannot listen on admin.listen {addr}: {e}");
+            return ExitCode::FAILURE;
+        }
+        tracing::info!(addr = %addr, token = config.admin.token.is_some(), "admin listening");
+    }
     let shutdown = match server::drain::on_signal(
         state.drain.clone(),
         config.server.drain_delay,

@@ -18,6 +18,7 @@ pub const RESTART_ONLY: &[&str] = &[
     "server.drain_timeout",
     "store",
     "state",
+    "admin",
     "log",
     "cache",
     "responses",

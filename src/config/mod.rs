@@ -85,6 +85,8 @@ pub struct Config {
     pub passthrough: Option<Arc<Provider>>,
     /// `state.redis_url`: breakers and health shared across replicas.
     pub state_redis_url: Option<String>,
+    /// `admin`: where `/admin/*`, `/ui` and `/metrics` are served, and who may call them.
+    pub admin: AdminSettings,
     /// The first 12 hex digits of the file's SHA-256 (`cascade_config_info{hash}`).
     pub hash: String,
     /// What a reload compares.
@@ -855,8 +857,52 @@ fn validate(raw: RawConfig, targets: &mut Generation<'_>) -> Result<Config, Conf
                 Some(url.clone())
             }
         },
+        admin: admin_settings(&raw.admin)?,
         hash: String::new(),
         fingerprints: Fingerprints::default(),
+    })
+}
+
+/// Who may call the admin endpoints.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminSettings {
+    /// `admin.listen`: a listener of their own; the main one no longer serves them.
+    pub listen: Option<SocketAddr>,
+    /// `admin.token`: every `/admin/*` request needs `Authorization: Bearer TOKEN`.
+    pub token: Option<Secret>,
+    /// `admin.metrics_on_main`: keep `/metrics` on the main listener too.
+    pub metrics_on_main: bool,
+}
+
+fn admin_settings(a: &raw::RawAdmin) -> Result<AdminSettings, ConfigError> {
+    let listen = match &a.listen {
+        None => None,
+        Some(text) => Some(text.parse().map_err(|e| {
+            ConfigError::at(
+                "admin.listen",
+                format!("invalid address {text:?} (expected HOST:PORT): {e}"),
+            )
+        })?),
+    };
+    if let Some(t) = &a.token {
+        // Short tokens are guessable; an empty one would let anyone in.
+        if t.expose().trim().len() < 16 {
+            return Err(ConfigError::at(
+                "admin.token",
+                "must be at least 16 characters (e.g. `openssl rand -hex 32`)",
+            ));
+        }
+    }
+    if a.metrics_on_main.is_some() && listen.is_none() {
+        return Err(ConfigError::at(
+            "admin.metrics_on_main",
+            "only means something with admin.listen (without it, /metrics is on the main listener)",
+        ));
+    }
+    Ok(AdminSettings {
+        listen,
+        token: a.token.clone(),
+        metrics_on_main: a.metrics_on_main.unwrap_or(false),
     })
 }
 

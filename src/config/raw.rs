@@ -50,6 +50,17 @@ pub struct RawConfig {
     /// Breakers and health shared across replicas.
     #[serde(default)]
     pub state: RawState,
+    /// Where the admin endpoints, the status page and `/metrics` are served, and their token.
+    #[serde(default)]
+    pub admin: RawAdmin,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub listen: Option<String>,
+    pub token: Option<crate::secret::Secret>,
+    pub metrics_on_main: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

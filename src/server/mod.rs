@@ -2,6 +2,7 @@
 //! decisions belong to `routing`; this module only translates to and from HTTP.
 
 mod admin;
+mod admin_access;
 pub use admin::{read_report, report_query, start_scheduled_report};
 mod chat;
 pub mod drain;
@@ -184,7 +185,58 @@ fn upstream_pools(config: &Config) -> usize {
     }
 }
 
+/// The main listener's routes. The admin endpoints and `/metrics` are here unless
+/// `admin.listen` moves them to [`admin_router`] (`/metrics` stays with
+/// `admin.metrics_on_main`); moved paths answer 404 here, never the pass-through.
 pub fn router(state: Arc<AppState>) -> Router {
+    let admin = state.config().admin.clone();
+    let api = api_routes();
+    let api = match admin.listen {
+        None => api
+            .route("/metrics", get(metrics))
+            .merge(admin_routes(&state)),
+        Some(_) => {
+            let api = api.route("/admin/{*rest}", axum::routing::any(not_here));
+            if admin.metrics_on_main {
+                api.route("/metrics", get(metrics))
+            } else {
+                api.route("/metrics", axum::routing::any(not_here))
+            }
+        }
+    };
+    api.fallback(passthrough::forward).with_state(state)
+}
+
+/// The admin listener's routes (`admin.listen`).
+pub fn admin_router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .merge(admin_routes(&state))
+        .fallback(not_here)
+        .with_state(state)
+}
+
+/// `/admin/*`, each behind the access guard.
+fn admin_routes(state: &Arc<AppState>) -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/admin/health", get(admin::health))
+        .route("/admin/report", get(admin::report))
+        .route("/admin/reload", post(reload::admin_reload))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            admin_access::guard,
+        ))
+}
+
+async fn not_here() -> Response<Body> {
+    error_response(
+        &ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "Not found.")
+            .with_code("not_found"),
+    )
+}
+
+fn api_routes() -> Router<Arc<AppState>> {
     Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/responses", post(chat::responses))
@@ -198,12 +250,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(list_models))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/admin/health", get(admin::health))
-        .route("/admin/report", get(admin::report))
-        .route("/admin/reload", post(reload::admin_reload))
-        .fallback(passthrough::forward)
-        .with_state(state)
 }
 
 /// After the drain timeout, how long error events and 503s have to reach their
@@ -218,6 +264,25 @@ const HARD_STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 pub async fn serve(
     state: Arc<AppState>,
     listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = router(state.clone());
+    serve_router(state, listener, app, shutdown).await
+}
+
+/// Serves the admin router on `admin.listen`'s listener until the process ends.
+pub async fn serve_admin(
+    state: Arc<AppState>,
+    listener: tokio::net::TcpListener,
+) -> std::io::Result<()> {
+    let app = admin_router(state.clone());
+    serve_router(state, listener, app, std::future::pending()).await
+}
+
+async fn serve_router(
+    state: Arc<AppState>,
+    listener: tokio::net::TcpListener,
+    router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     use axum::serve::ListenerExt;
@@ -239,14 +304,18 @@ pub async fn serve(
                 "internal error in the gateway",
             ))
         }))
-        .service(router(state.clone()));
+        .service(router);
     let signalled = state.clone();
     let shutdown = async move {
         shutdown.await;
         signalled.shadow.note_shutdown();
     };
-    let served = axum::serve(listener, ServiceExt::<Request>::into_make_service(app))
-        .with_graceful_shutdown(shutdown);
+    // The peer's socket address, for the admin guard's loopback rule.
+    let served = axum::serve(
+        listener,
+        ServiceExt::<Request>::into_make_service_with_connect_info::<std::net::SocketAddr>(app),
+    )
+    .with_graceful_shutdown(shutdown);
     // The end of the drain is a hard stop: what still holds a connection a moment
     // after it (a pass-through body, a client that stopped reading its stream) is cut.
     let stopped = state.drain.stopped();

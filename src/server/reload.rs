@@ -115,6 +115,7 @@ fn keep_restart_only(running: &Config, next: &mut Config) {
     next.report = running.report.clone();
     next.shadow_seed = running.shadow_seed;
     next.state_redis_url = running.state_redis_url.clone();
+    next.admin = running.admin.clone();
     next.fingerprints.restart_only = running.fingerprints.restart_only.clone();
 }
 

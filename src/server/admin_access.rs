@@ -1,0 +1,121 @@
+//! Who may call the admin endpoints (`/admin/*`).
+//!
+//! - With `admin.token`, every request needs `Authorization: Bearer TOKEN`, compared in
+//!   constant time; anything else is a 401 that says no more.
+//! - Without a token but with `admin.listen`, the admin listener's own address is the
+//!   protection (bind it to a private interface).
+//! - With neither, only clients whose *socket* address is loopback are answered. No
+//!   header (`X-Forwarded-For`, `Forwarded`, `X-Real-IP`) is trusted for this: a proxy
+//!   in front would make every client look local, so a remote caller gets a 403 that
+//!   names `admin.token`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{header, HeaderValue, Response, StatusCode};
+use axum::middleware::Next;
+use sha2::{Digest, Sha256};
+
+use super::{error_response, AppState};
+use crate::api::ApiError;
+
+/// The middleware on every `/admin/*` route.
+pub async fn guard(State(app): State<Arc<AppState>>, req: Request, next: Next) -> Response<Body> {
+    let admin = &app.config().admin;
+    if let Some(token) = &admin.token {
+        let sent = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !same_secret(sent.trim().as_bytes(), token.expose().as_bytes()) {
+            return unauthorized();
+        }
+        return next.run(req).await;
+    }
+    if admin.listen.is_some() {
+        return next.run(req).await;
+    }
+    let local = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .is_some_and(|ConnectInfo(peer)| is_loopback(peer));
+    if !local {
+        return error_response(
+            &ApiError::new(
+                StatusCode::FORBIDDEN,
+                "permission_error",
+                "The admin endpoints answer only local clients. To reach them from elsewhere, \
+                 set admin.token (then send Authorization: Bearer TOKEN) or serve them on a \
+                 private address with admin.listen.",
+            )
+            .with_code("admin_local_only"),
+        );
+    }
+    next.run(req).await
+}
+
+/// An IPv4-mapped IPv6 loopback (`::ffff:127.0.0.1`, a dual-stack listener) counts too.
+fn is_loopback(peer: &SocketAddr) -> bool {
+    match peer.ip() {
+        std::net::IpAddr::V4(ip) => ip.is_loopback(),
+        std::net::IpAddr::V6(ip) => {
+            ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
+}
+
+/// Equal, in time that does not depend on where they differ (nor on the token's
+/// length: both sides are hashed to 32 bytes first).
+fn same_secret(sent: &[u8], token: &[u8]) -> bool {
+    let (a, b) = (Sha256::digest(sent), Sha256::digest(token));
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
+fn unauthorized() -> Response<Body> {
+    let mut r = error_response(
+        &ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "Unauthorized.",
+        )
+        .with_code("unauthorized"),
+    );
+    r.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_compare_whole() {
+        assert!(same_secret(b"0123456789abcdef", b"0123456789abcdef"));
+        assert!(!same_secret(b"0123456789abcdeX", b"0123456789abcdef"));
+        assert!(!same_secret(b"0123456789abcde", b"0123456789abcdef"));
+        assert!(!same_secret(b"", b"0123456789abcdef"));
+    }
+
+    #[test]
+    fn loopback_is_the_socket_address() {
+        for (addr, local) in [
+            ("127.0.0.1:1", true),
+            ("127.10.0.1:1", true),
+            ("[::1]:1", true),
+            ("[::ffff:127.0.0.1]:1", true),
+            ("192.0.2.2:1", false),
+            ("[::ffff:10.0.0.1]:1", false),
+            ("[fd00::2]:1", false),
+        ] {
+            assert_eq!(is_loopback(&addr.parse().unwrap()), local, "{addr}");
+        }
+    }
+}
