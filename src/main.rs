@@ -30,8 +30,13 @@ struct Cli {
 enum Command {
     /// Run the gateway (the default).
     Serve,
-    /// Validate the config and print each chain as resolved.
-    Check,
+    /// Validate the config and print each chain as resolved, then any findings
+    /// (errors exit 2; warnings are printed and exit 0).
+    Check {
+        /// text (chains on stdout, findings on stderr) or json (one object on stdout).
+        #[arg(long, default_value = "text")]
+        format: String,
+    },
     /// The fallback-cost report from the store (works while a gateway runs on it).
     Report {
         /// The store: a SQLite file or a `postgres://` URL (default: the config's
@@ -76,7 +81,7 @@ fn main() -> ExitCode {
     let config_path = cli.config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(&config_path),
-        Command::Check => check(&config_path),
+        Command::Check { format } => check(&config_path, &format),
         Command::Report {
             db,
             since,
@@ -117,24 +122,88 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     })
 }
 
-fn check(path: &std::path::Path) -> ExitCode {
-    let config = match load(path) {
-        Ok(c) => c,
-        Err(code) => return code,
+fn check(path: &std::path::Path, format: &str) -> ExitCode {
+    use cascade::config::lint::{Finding, Severity};
+    if !matches!(format, "text" | "json") {
+        eprintln!("cascade: unknown --format {format:?} (expected text or json)");
+        return ExitCode::from(2);
+    }
+    let (chains, findings) = match Config::load(path) {
+        Ok(config) => {
+            let mut findings = cascade::config::lint::lint(&config);
+            // A PostgreSQL URL was parsed when the config loaded; it is not connected to
+            // here (`check` runs in CI and on machines that cannot reach the database).
+            if let Some(cascade::store::Backend::Sqlite(p)) =
+                config.store.as_ref().map(|s| &s.backend)
+            {
+                if let Err(e) = cascade::store::check_path(p) {
+                    findings.insert(
+                        0,
+                        Finding {
+                            severity: Severity::Error,
+                            path: e.key.into(),
+                            message: e.message,
+                        },
+                    );
+                }
+            }
+            let chains: Vec<(String, Vec<String>)> = config
+                .chains
+                .iter()
+                .map(|(name, chain)| {
+                    let models = chain.targets.iter().map(|t| t.model.name.to_string());
+                    (name.clone(), models.collect())
+                })
+                .collect();
+            (chains, findings)
+        }
+        Err(e) => {
+            let (path, message) = match &e {
+                cascade::config::ConfigError::At { path, message } => {
+                    (path.clone(), message.clone())
+                }
+                other => (String::new(), other.to_string()),
+            };
+            let finding = Finding {
+                severity: Severity::Error,
+                path,
+                message,
+            };
+            (Vec::new(), vec![finding])
+        }
     };
-    // A PostgreSQL URL was parsed when the config loaded; it is not connected to here
-    // (`check` runs in CI and on machines that cannot reach the database).
-    if let Some(cascade::store::Backend::Sqlite(path)) = config.store.as_ref().map(|s| &s.backend) {
-        if let Err(e) = cascade::store::check_path(path) {
-            eprintln!("cascade: {e}");
-            return ExitCode::from(2);
+    let ok = findings.iter().all(|f| f.severity != Severity::Error);
+    if format == "json" {
+        let chains: serde_json::Map<String, serde_json::Value> = chains
+            .into_iter()
+            .map(|(name, models)| (name, serde_json::json!(models)))
+            .collect();
+        let out = serde_json::json!({"ok": ok, "findings": findings, "chains": chains});
+        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+    } else {
+        for (name, models) in &chains {
+            println!("{name}: {}", models.join(" -> "));
+        }
+        for f in &findings {
+            let level = match f.severity {
+                Severity::Error => "error",
+                Severity::Warning => "warning",
+            };
+            if f.path.is_empty() {
+                eprintln!("cascade: {level}: {}", f.message);
+            } else {
+                eprintln!(
+                    "cascade: {level}: config error at {}: {}",
+                    f.path, f.message
+                );
+            }
         }
     }
-    for (name, chain) in &config.chains {
-        let names: Vec<&str> = chain.targets.iter().map(|t| &*t.model.name).collect();
-        println!("{name}: {}", names.join(" -> "));
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
     }
-    ExitCode::SUCCESS
 }
 
 fn report(

@@ -398,3 +398,167 @@ store: { enabled: false }
     assert_eq!(&*chain.targets[0].model.name, "GPT-4o");
     assert_eq!(chain.targets[1].model.model_id, "gpt-4o-2024");
 }
+
+/// `cascade check --format json` on `yaml`: (exit code, the JSON).
+fn check_json(yaml: &str) -> (i32, serde_json::Value) {
+    let dir = std::env::temp_dir().join(format!(
+        "cascade-lint-{}-{}",
+        std::process::id(),
+        yaml.len()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("c.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cascade"))
+        .args(["check", "--format", "json", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    let json = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    (out.status.code().unwrap_or(-1), json)
+}
+
+const LINT_BASE: &str = r#"
+store: { enabled: false }
+providers:
+  a: { kind: openai, base_url: "http://127.0.0.1:9/v1" }
+  b: { kind: anthropic, base_url: "http://127.0.0.1:9" }
+models:
+  small: { provider: a, model_id: s, context_window: 8000, cost_per_1k_input: 0.001, cost_per_1k_output: 0.002 }
+  big:   { provider: b, model_id: b, context_window: 200000, cost_per_1k_input: 0.003, cost_per_1k_output: 0.015 }
+  other: { provider: a, model_id: o, context_window: 8000 }
+"#;
+
+#[test]
+fn check_finds_configs_that_load_but_do_not_do_what_they_say() {
+    let (code, json) = check_json(&format!("{LINT_BASE}chains:\n  main: [small, big]\n"));
+    assert_eq!(code, 0, "{json}");
+    assert_eq!(json["ok"], true);
+    assert_eq!(json["findings"], serde_json::json!([]));
+    assert_eq!(json["chains"]["main"], serde_json::json!(["small", "big"]));
+
+    let broken = LINT_BASE
+        .replace(
+            "  small: { provider: a, model_id: s,",
+            "  small: { provider: a, model_id: s, fallbacks: [other],",
+        )
+        .replace(
+            "  other: { provider: a, model_id: o,",
+            "  other: { provider: a, model_id: o, fallbacks: [small],",
+        )
+        + "chains:
+  back:
+    models: [small, big]
+    on: { rate_limited: { jump_to: small } }
+  shrink:
+    models: [big, other, small]
+    on: { context_overflow: { jump_to: small } }
+  one_provider: [small, other]
+  shadowed:
+    models: [small, big]
+    shadow: { models: [other], sample: 0.1 }
+";
+    let (code, json) = check_json(&broken);
+    assert_eq!(code, 2, "{json}");
+    assert_eq!(json["ok"], false);
+    let findings: Vec<(String, String)> = json["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["severity"].as_str().unwrap().to_string(),
+                f["path"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let has = |severity: &str, path: &str| findings.iter().any(|(s, p)| s == severity && p == path);
+    for path in [
+        "models.small.fallbacks[0]",
+        "models.other.fallbacks[0]",
+        "chains.back.on.rate_limited.jump_to",
+        "chains.shrink.on.context_overflow.jump_to",
+    ] {
+        assert!(has("error", path), "{path}: {json}");
+    }
+    for path in ["chains.one_provider", "models.other.cost_per_1k_input"] {
+        assert!(has("warning", path), "{path}: {json}");
+    }
+    assert!(
+        !has("warning", "chains.back") && !has("warning", "models.small.cost_per_1k_input"),
+        "{json}"
+    );
+    let cycle = json["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["path"] == "models.small.fallbacks[0]")
+        .unwrap();
+    assert!(
+        cycle["message"]
+            .as_str()
+            .unwrap()
+            .contains("small -> other -> small"),
+        "{cycle}"
+    );
+    // Errors first.
+    assert_eq!(json["findings"][0]["severity"], "error");
+
+    // A config that does not load is one finding with its path, in the same shape.
+    let (code, json) = check_json(&format!("{LINT_BASE}chains:\n  main: [small, nope]\n"));
+    assert_eq!(code, 2);
+    assert_eq!(json["findings"][0]["path"], "chains.main[1]", "{json}");
+    assert_eq!(json["chains"], serde_json::json!({}));
+
+    // Warnings alone exit 0, and text mode prints them on stderr.
+    let dir = std::env::temp_dir().join(format!("cascade-lint-text-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("c.yaml");
+    std::fs::write(
+        &file,
+        format!("{LINT_BASE}chains:\n  main: [small, other]\n"),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cascade"))
+        .args(["check", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "main: small -> other\n"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("warning")
+            && stderr.contains("chains.main")
+            && stderr.contains("no provider diversity"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn bundled_configs_have_no_check_errors() {
+    for file in [
+        "config/demo.yaml",
+        "config/cascade.yaml",
+        "deploy/cascade.yaml",
+    ] {
+        let text = std::fs::read_to_string(file).unwrap();
+        let config = Config::from_yaml_with_env(&text, &|name| match name {
+            "CASCADE_STORE_URL" => Some("postgres://u@db/cascade".into()),
+            n if n.ends_with("_API_KEY") => Some("test-key".into()),
+            _ => None,
+        })
+        .unwrap_or_else(|e| panic!("{file}: {e}"));
+        let errors: Vec<_> = cascade::config::lint::lint(&config)
+            .into_iter()
+            .filter(|f| f.severity == cascade::config::lint::Severity::Error)
+            .collect();
+        assert!(errors.is_empty(), "{file}: {errors:?}");
+    }
+}

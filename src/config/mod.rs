@@ -4,6 +4,7 @@
 
 mod env;
 pub mod fingerprint;
+pub mod lint;
 pub mod raw;
 pub mod units;
 

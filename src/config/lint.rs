@@ -1,0 +1,208 @@
+//! `cascade check`'s findings beyond what loading rejects: configs that load and run,
+//! but not the way their author meant. Each finding names its YAML path.
+//!
+//! Errors (exit 2): a `fallbacks` cycle; a `jump_to` that can never move forward; a
+//! `context_overflow` jump to a model whose window is no larger. Warnings (exit 0): a
+//! chain whose targets all share one provider; a model without a price in a chain that
+//! sends shadow traffic (its cost, and the shadow cost cap, would read 0).
+
+use serde::Serialize;
+
+use super::Config;
+use crate::classify::{Action, ErrorClass};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Error,
+    Warning,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Finding {
+    pub severity: Severity,
+    pub path: String,
+    pub message: String,
+}
+
+impl Finding {
+    fn error(path: String, message: String) -> Finding {
+        Finding {
+            severity: Severity::Error,
+            path,
+            message,
+        }
+    }
+
+    fn warning(path: String, message: String) -> Finding {
+        Finding {
+            severity: Severity::Warning,
+            path,
+            message,
+        }
+    }
+}
+
+/// Every finding, errors first, each group in config order.
+pub fn lint(config: &Config) -> Vec<Finding> {
+    let mut out = Vec::new();
+    fallback_cycles(config, &mut out);
+    jumps(config, &mut out);
+    provider_diversity(config, &mut out);
+    shadow_prices(config, &mut out);
+    out.sort_by_key(|f| f.severity != Severity::Error);
+    out
+}
+
+/// `models.X.fallbacks` that lead back to X (directly or through other models'
+/// fallbacks): a request naming X would be sent round in circles by anyone reading the
+/// lists as "and then its fallbacks".
+fn fallback_cycles(config: &Config, out: &mut Vec<Finding>) {
+    for (name, model) in &config.models {
+        // Depth-first from each fallback, looking for `name`.
+        for (i, first) in model.fallbacks.iter().enumerate() {
+            let mut path = vec![name.as_str(), first.as_str()];
+            if leads_back(config, name, first, &mut path) {
+                out.push(Finding::error(
+                    format!("models.{name}.fallbacks[{i}]"),
+                    format!("a fallbacks cycle: {}", path.join(" -> ")),
+                ));
+                break;
+            }
+        }
+    }
+}
+
+fn leads_back<'a>(config: &'a Config, start: &str, at: &'a str, path: &mut Vec<&'a str>) -> bool {
+    if at == start {
+        return true;
+    }
+    if path.len() > config.models.len() + 1 {
+        return false;
+    }
+    let Some(m) = config.models.get(at) else {
+        return false;
+    };
+    for next in &m.fallbacks {
+        // A cycle elsewhere, not through `start`: its own model reports it.
+        if path[1..].contains(&next.as_str()) {
+            continue;
+        }
+        path.push(next);
+        if leads_back(config, start, next, path) {
+            return true;
+        }
+        path.pop();
+    }
+    false
+}
+
+/// `chains.X.on.CLASS.jump_to`. Jumps only ever move forward (a failing target at or
+/// after the jump's model goes on to the next one), so a jump to the first model never
+/// happens, and a `context_overflow` jump helps only to a larger window.
+fn jumps(config: &Config, out: &mut Vec<Finding>) {
+    for (name, chain) in &config.chains {
+        let Some(first) = chain.targets.first() else {
+            continue;
+        };
+        for class in ErrorClass::ALL {
+            let Action::JumpTo(to) = first.policy.action(class) else {
+                continue;
+            };
+            let path = format!("chains.{name}.on.{}.jump_to", class.as_str());
+            let Some(target) = chain.targets.get(to) else {
+                continue;
+            };
+            let target_name = &target.model.name;
+            if to == 0 {
+                out.push(Finding::error(
+                    path.clone(),
+                    format!(
+                        "jumps to {target_name:?}, the chain's first model: no failing target is \
+                         ever before it, so the jump never happens (the first model would \
+                         jump to itself)"
+                    ),
+                ));
+                continue;
+            }
+            if class != ErrorClass::ContextOverflow {
+                continue;
+            }
+            let Some(window) = target.model.context_window else {
+                out.push(Finding::error(
+                    path,
+                    format!(
+                        "jumps to {target_name:?} on context_overflow, but {target_name:?} has \
+                         no context_window: set it, larger than the models before it"
+                    ),
+                ));
+                continue;
+            };
+            let not_larger: Vec<String> = chain.targets[..to]
+                .iter()
+                .filter(|t| t.model.context_window.is_none_or(|w| w >= window))
+                .map(|t| match t.model.context_window {
+                    Some(w) => format!("{:?} ({w})", t.model.name),
+                    None => format!("{:?} (no context_window)", t.model.name),
+                })
+                .collect();
+            if !not_larger.is_empty() {
+                out.push(Finding::error(
+                    path,
+                    format!(
+                        "jumps to {target_name:?} (context_window {window}) on context_overflow, \
+                         which is not larger than {}: a prompt too long for them is too long \
+                         for it",
+                        not_larger.join(", ")
+                    ),
+                ));
+            }
+        }
+    }
+}
+
+/// `chains.X`: every target on one provider, so one outage takes the whole chain down.
+fn provider_diversity(config: &Config, out: &mut Vec<Finding>) {
+    for (name, chain) in &config.chains {
+        let Some(first) = chain.targets.first() else {
+            continue;
+        };
+        let provider = &first.model.provider.name;
+        if chain
+            .targets
+            .iter()
+            .all(|t| &t.model.provider.name == provider)
+        {
+            out.push(Finding::warning(
+                format!("chains.{name}"),
+                format!(
+                    "no provider diversity: every target is on provider {provider:?}, so an \
+                     outage there takes the whole chain down"
+                ),
+            ));
+        }
+    }
+}
+
+/// A model without a price in a chain with shadow traffic: the report's costs and the
+/// shadow cost cap would count it as free.
+fn shadow_prices(config: &Config, out: &mut Vec<Finding>) {
+    let mut seen = std::collections::HashSet::new();
+    for (name, chain) in &config.chains {
+        let Some(shadow) = &chain.shadow else {
+            continue;
+        };
+        for t in chain.targets.iter().chain(&shadow.targets) {
+            let m = &t.model;
+            if m.cost_per_1k_input == 0.0 && m.cost_per_1k_output == 0.0 && seen.insert(&m.name) {
+                out.push(Finding::warning(
+                    format!("models.{}.cost_per_1k_input", m.name),
+                    format!(
+                        "no price, in chain {name:?} which sends shadow traffic: its cost and \
+                         the shadow cost cap (max_cost_per_hour) count it as free"
+                    ),
+                ));
+            }
+        }
+    }
+}
