@@ -38,8 +38,9 @@ fn non_loopback_ip() -> Option<IpAddr> {
     (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
 }
 
-/// GET `path` on `addr` from a client bound to `from`: (status, body).
-async fn get_from(
+/// `method path` on `addr` from a client bound to `from`: (status, body).
+async fn call(
+    method: reqwest::Method,
     from: IpAddr,
     addr: SocketAddr,
     path: &str,
@@ -50,7 +51,7 @@ async fn get_from(
         .local_address(from)
         .build()
         .unwrap();
-    let mut req = c.get(format!("http://{addr}{path}"));
+    let mut req = c.request(method, format!("http://{addr}{path}"));
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
@@ -58,17 +59,19 @@ async fn get_from(
     (r.status().as_u16(), r.text().await.unwrap())
 }
 
+async fn get_from(
+    from: IpAddr,
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    call(reqwest::Method::GET, from, addr, path, headers).await
+}
+
 async fn post_from(from: IpAddr, addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> u16 {
-    let c = reqwest::Client::builder()
-        .no_proxy()
-        .local_address(from)
-        .build()
-        .unwrap();
-    let mut req = c.post(format!("http://{addr}{path}"));
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    req.send().await.unwrap().status().as_u16()
+    call(reqwest::Method::POST, from, addr, path, headers)
+        .await
+        .0
 }
 
 const LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
