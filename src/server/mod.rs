@@ -5,6 +5,7 @@ mod admin;
 mod admin_access;
 pub use admin::{read_report, report_query, start_scheduled_report};
 mod chat;
+mod console;
 pub mod drain;
 mod passthrough;
 mod record;
@@ -63,6 +64,10 @@ pub struct AppState {
     passthrough: passthrough::StreamingClient,
     /// When the gateway started, for the scheduled report.
     pub started_ms: i64,
+    /// The last reload, for `/admin/stats`.
+    last_reload: std::sync::Mutex<Option<console::LastReload>>,
+    /// Request counts sampled by `/admin/stats`, for its requests per second.
+    rate_samples: std::sync::Mutex<std::collections::VecDeque<(std::time::Instant, u64)>>,
 }
 
 /// One config generation: the validated config and the bodies built from it.
@@ -135,6 +140,8 @@ impl AppState {
             store,
             shadow,
             started_ms: crate::clock::now_ms(),
+            last_reload: std::sync::Mutex::new(None),
+            rate_samples: std::sync::Mutex::default(),
             engine,
             cache: Arc::new(ResponseCache::new(&config.cache, metrics.clone())),
             live: ArcSwap::from_pointee(Live::new(config)),
@@ -223,6 +230,9 @@ fn admin_routes(state: &Arc<AppState>) -> Router<Arc<AppState>> {
         .route("/admin/health", get(admin::health))
         .route("/admin/report", get(admin::report))
         .route("/admin/reload", post(reload::admin_reload))
+        .route("/admin/chains", get(console::chains))
+        .route("/admin/events", get(console::events))
+        .route("/admin/stats", get(console::stats))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             admin_access::guard,

@@ -57,6 +57,7 @@ pub async fn reload(app: &AppState, trigger: &'static str) -> Result<Reloaded, C
                 error = %e,
                 "config reload failed; the running config is unchanged"
             );
+            app.note_reload("error", None);
             return Err(e);
         }
     };
@@ -76,6 +77,7 @@ pub async fn reload(app: &AppState, trigger: &'static str) -> Result<Reloaded, C
     targets.commit();
     app.metrics.config_reloads.with_label_values(&["ok"]).inc();
     app.metrics.config_info(&next.hash);
+    app.note_reload("ok", Some(next.hash.clone()));
     let done = Reloaded {
         result: "ok",
         hash: next.hash.clone(),

@@ -412,6 +412,67 @@ pub fn check_path(path: &std::path::Path) -> Result<(), OpenError> {
     }
 }
 
+/// One fallback: the call to `to` and the call before it in the same request.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FallbackEvent {
+    #[serde(skip)]
+    pub timestamp_ms: i64,
+    pub request_id: Option<String>,
+    pub chain: Option<String>,
+    pub from: Option<String>,
+    pub to: String,
+    /// The class of the call that failed over.
+    pub reason: Option<String>,
+    /// Its upstream status.
+    pub status: Option<i64>,
+}
+
+/// The newest `?1` fallback calls (through the partial index), each with the call
+/// before it in its request (through the request-id index).
+const FALLBACKS_SQL: &str = "SELECT f.timestamp, f.request_id, f.chain, f.model_name,
+    (SELECT p.model_name FROM model_calls p WHERE p.request_id = f.request_id AND p.id < f.id
+     ORDER BY p.id DESC LIMIT 1),
+    (SELECT p.error_type FROM model_calls p WHERE p.request_id = f.request_id AND p.id < f.id
+     ORDER BY p.id DESC LIMIT 1),
+    (SELECT p.status FROM model_calls p WHERE p.request_id = f.request_id AND p.id < f.id
+     ORDER BY p.id DESC LIMIT 1)
+  FROM model_calls f WHERE f.kind = 'fallback' ORDER BY f.id DESC LIMIT ?1";
+
+/// The newest `limit` fallback events, newest first (off the request thread).
+pub async fn recent_fallbacks(
+    backend: &Backend,
+    limit: usize,
+) -> Result<Vec<FallbackEvent>, StoreError> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    match backend {
+        Backend::Postgres(url) => url.recent_fallbacks(limit).await,
+        Backend::Sqlite(path) => {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || -> Result<Vec<FallbackEvent>, StoreError> {
+                let conn = open_read_only(&path)?;
+                let mut stmt = conn.prepare(FALLBACKS_SQL)?;
+                let rows = stmt.query_map([limit], |r| {
+                    let ts: String = r.get(0)?;
+                    Ok(FallbackEvent {
+                        timestamp_ms: humantime::parse_rfc3339(&ts)
+                            .map(crate::clock::to_ms)
+                            .unwrap_or(0),
+                        request_id: r.get(1)?,
+                        chain: r.get(2)?,
+                        to: r.get(3)?,
+                        from: r.get(4)?,
+                        reason: r.get(5)?,
+                        status: r.get(6)?,
+                    })
+                })?;
+                Ok(rows.collect::<rusqlite::Result<_>>()?)
+            })
+            .await
+            .map_err(|_| StoreError::Postgres("the read failed".into()))?
+        }
+    }
+}
+
 /// A call from the store's history, as the health window needs it.
 #[derive(Debug, Clone)]
 pub struct PastCall {

@@ -109,6 +109,8 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (tenant, id)
     );
     CREATE INDEX responses_by_expiry ON responses(expires_ms);",
+    // 4: the fallback calls, newest first, for `/admin/events`.
+    "CREATE INDEX model_calls_fallbacks ON model_calls(id) WHERE kind = 'fallback';",
 ];
 
 /// The advisory lock replicas take while migrating (any fixed number; "cascade").
@@ -521,6 +523,38 @@ impl PgUrl {
                 })
                 .collect()
         })
+    }
+
+    /// The newest fallback events, newest first.
+    pub(super) async fn recent_fallbacks(
+        &self,
+        limit: i64,
+    ) -> Result<Vec<super::FallbackEvent>, StoreError> {
+        static SQL: OnceLock<String> = OnceLock::new();
+        let sql: &'static str = SQL.get_or_init(|| super::FALLBACKS_SQL.replace("?1", "$1"));
+        let url = self.clone();
+        let read = run(READ_LIMIT, async move {
+            let client = url.reader().await?;
+            let rows = client.query(sql, &[&limit]).await.map_err(pg)?;
+            rows.iter()
+                .map(|r| {
+                    Ok(super::FallbackEvent {
+                        timestamp_ms: ms_of(r.try_get(0).map_err(pg)?),
+                        request_id: r.try_get(1).map_err(pg)?,
+                        chain: r.try_get(2).map_err(pg)?,
+                        to: r.try_get(3).map_err(pg)?,
+                        from: r.try_get(4).map_err(pg)?,
+                        reason: r.try_get(5).map_err(pg)?,
+                        status: r.try_get::<_, Option<i32>>(6).map_err(pg)?.map(i64::from),
+                    })
+                })
+                .collect()
+        })
+        .await;
+        if read.is_err() {
+            self.drop_reader();
+        }
+        read
     }
 
     /// A kept response, if it has not expired.

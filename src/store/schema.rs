@@ -91,6 +91,9 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (tenant, id)
     ) WITHOUT ROWID;
     CREATE INDEX responses_by_expiry ON responses(expires_ms);",
+    // 4: the fallback calls, newest first, for `/admin/events` (a partial index: only
+    // fallback rows pay for it).
+    "CREATE INDEX model_calls_fallbacks ON model_calls(id) WHERE kind = 'fallback';",
 ];
 
 /// The schema version this build writes.
