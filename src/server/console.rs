@@ -18,6 +18,35 @@ use crate::clock;
 use crate::config::{Chain, HedgeDelay, Strategy};
 use crate::resilience::breaker::BreakerState;
 
+/// The status page: one static file in the binary (no build step, no CDN). It holds no
+/// data, so it loads without the admin token; its requests carry the token.
+const PAGE: &str = include_str!("ui.html");
+
+/// `GET /ui`.
+pub async fn page() -> Response<Body> {
+    use axum::http::{header, HeaderValue};
+    let mut r = Response::new(Body::from(PAGE));
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+             connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; \
+             frame-ancestors 'none'",
+        ),
+    );
+    r
+}
+
 /// The last config reload: when, how it went, and the hash it brought.
 #[derive(Debug, Clone)]
 pub struct LastReload {
@@ -78,6 +107,17 @@ fn ms(d: Option<Duration>) -> Option<f64> {
     d.map(|d| (d.as_secs_f64() * 1_000_000.0).round() / 1000.0)
 }
 
+/// The model's last 30 minutes, oldest step first.
+fn history(app: &AppState, model: &str) -> Value {
+    let points = app.history.of(model);
+    json!({
+        "step_s": super::history::STEP.as_secs(),
+        "calls": points.iter().map(|p| p.calls).collect::<Vec<_>>(),
+        "failures": points.iter().map(|p| p.failures).collect::<Vec<_>>(),
+        "latency_ms": points.iter().map(|p| p.latency_ms).collect::<Vec<_>>(),
+    })
+}
+
 /// `GET /admin/chains`.
 pub async fn chains(State(app): State<Arc<AppState>>) -> Response<Body> {
     let config = app.config();
@@ -105,6 +145,7 @@ pub async fn chains(State(app): State<Arc<AppState>>) -> Response<Body> {
                         "p50_ms": ms(h.p50),
                         "p95_ms": ms(h.p95),
                         "ttft_p95_ms": ms(h.ttft_p95),
+                        "history": history(&app, &m.name),
                     })
                 })
                 .collect();

@@ -7,6 +7,7 @@ pub use admin::{read_report, report_query, start_scheduled_report};
 mod chat;
 mod console;
 pub mod drain;
+mod history;
 mod passthrough;
 mod record;
 pub mod reload;
@@ -66,6 +67,8 @@ pub struct AppState {
     pub started_ms: i64,
     /// The last reload, for `/admin/stats`.
     last_reload: std::sync::Mutex<Option<console::LastReload>>,
+    /// Each model's last 30 minutes, for the status page.
+    pub history: history::History,
     /// Request counts sampled by `/admin/stats`, for its requests per second.
     rate_samples: std::sync::Mutex<std::collections::VecDeque<(std::time::Instant, u64)>>,
 }
@@ -141,6 +144,7 @@ impl AppState {
             shadow,
             started_ms: crate::clock::now_ms(),
             last_reload: std::sync::Mutex::new(None),
+            history: history::History::default(),
             rate_samples: std::sync::Mutex::default(),
             engine,
             cache: Arc::new(ResponseCache::new(&config.cache, metrics.clone())),
@@ -170,6 +174,7 @@ impl AppState {
                 tracing::warn!(error = %e, "shared state: cannot start; each replica keeps its own breakers and health");
             }
         }
+        history::start(&app);
         Ok(app)
     }
 
@@ -201,9 +206,12 @@ pub fn router(state: Arc<AppState>) -> Router {
     let api = match admin.listen {
         None => api
             .route("/metrics", get(metrics))
+            .route("/ui", get(console::page))
             .merge(admin_routes(&state)),
         Some(_) => {
-            let api = api.route("/admin/{*rest}", axum::routing::any(not_here));
+            let api = api
+                .route("/admin/{*rest}", axum::routing::any(not_here))
+                .route("/ui", axum::routing::any(not_here));
             if admin.metrics_on_main {
                 api.route("/metrics", get(metrics))
             } else {
@@ -219,6 +227,7 @@ pub fn admin_router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
+        .route("/ui", get(console::page))
         .merge(admin_routes(&state))
         .fallback(not_here)
         .with_state(state)
