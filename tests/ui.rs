@@ -104,7 +104,13 @@ async fn the_status_page_follows_a_failure_and_a_recovery_in_a_real_browser() {
     h.mock.set("p", "status=503");
     for _ in 0..2 {
         let r = h.chat("main", &[]).await;
-        assert_eq!(r.header("x-cascade-model"), Some("secondary"), "{} {}", r.status, r.text);
+        assert_eq!(
+            r.header("x-cascade-model"),
+            Some("secondary"),
+            "{} {}",
+            r.status,
+            r.text
+        );
     }
     h.state.store.clone().unwrap().flush().await;
     stdin.write_all(b"FAILING\n").await.unwrap();
