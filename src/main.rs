@@ -1,4 +1,4 @@
-//! The `cascade` binary: `serve` (default), `check`, `report` and `mock`.
+//! The `cascade` binary: `serve` (default), `check`, `report`, `explain` and `mock`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -56,6 +56,20 @@ enum Command {
         #[arg(long, default_value = "table")]
         format: String,
     },
+    /// What a request would do (its chain, the order of its targets and why, timeouts,
+    /// retries, cache, shadow), without calling any provider. Prints JSON; exit 2 when
+    /// the request itself would be refused.
+    Explain {
+        /// The request body as a client would send it (`-` for standard input).
+        request: PathBuf,
+        /// chat (default), responses, messages or embeddings.
+        #[arg(long)]
+        surface: Option<String>,
+        /// A request header, as `NAME: VALUE` (x-cascade-task, x-cascade-timeout-ms,
+        /// cache-control, the credential). Repeatable.
+        #[arg(short = 'H', long = "header")]
+        headers: Vec<String>,
+    },
     /// Exit 0 when the gateway's `/healthz` answers 200 (for a container HEALTHCHECK;
     /// the image has no shell tools).
     Healthcheck {
@@ -95,6 +109,81 @@ fn main() -> ExitCode {
             workers,
         } => mock(&listen, &knobs, workers),
         Command::Healthcheck { url } => healthcheck(url),
+        Command::Explain {
+            request,
+            surface,
+            headers,
+        } => explain(&config_path, &request, surface.as_deref(), &headers),
+    }
+}
+
+fn explain(
+    path: &std::path::Path,
+    request: &std::path::Path,
+    surface: Option<&str>,
+    headers: &[String],
+) -> ExitCode {
+    use std::io::Read;
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let body = if request == std::path::Path::new("-") {
+        let mut b = Vec::new();
+        std::io::stdin().read_to_end(&mut b).map(|_| b)
+    } else {
+        std::fs::read(request)
+    };
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("cascade: cannot read {}: {e}", request.display());
+            return ExitCode::from(2);
+        }
+    };
+    let mut map = http::HeaderMap::new();
+    for h in headers {
+        let parsed = h.split_once(':').and_then(|(name, value)| {
+            Some((
+                http::HeaderName::from_bytes(name.trim().as_bytes()).ok()?,
+                http::HeaderValue::from_str(value.trim()).ok()?,
+            ))
+        });
+        match parsed {
+            Some((name, value)) => {
+                map.append(name, value);
+            }
+            None => {
+                eprintln!("cascade: --header {h:?}: expected NAME: VALUE");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cascade: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let explained = rt.block_on(server::explain::offline(config, surface, map, body.into()));
+    match explained {
+        Ok((status, out)) => {
+            println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+            if status == 200 {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("cascade: the request would be refused with status {status}");
+                ExitCode::from(2)
+            }
+        }
+        Err(e) => {
+            eprintln!("cascade: {e}");
+            ExitCode::from(2)
+        }
     }
 }
 

@@ -179,9 +179,13 @@ impl ResponseCache {
     }
 
     /// What the cache may do for `req` on `chain`, given the request's headers.
+    /// The cache mode that applies to `chain` (its own, else the global one).
+    pub fn mode(&self, chain: &Chain) -> CacheMode {
+        chain.cache.mode.unwrap_or(self.settings.mode)
+    }
+
     pub fn decide(&self, chain: &Chain, req: &ChatRequest, headers: &HeaderMap) -> Decision {
-        let mode = chain.cache.mode.unwrap_or(self.settings.mode);
-        let cacheable = match mode {
+        let cacheable = match self.mode(chain) {
             CacheMode::Off => false,
             CacheMode::All => true,
             CacheMode::Deterministic => req.temperature == Some(0.0) || req.seed.is_some(),

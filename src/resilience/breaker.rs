@@ -280,6 +280,15 @@ impl Breaker {
         }
     }
 
+    /// Whether [`Breaker::claim_last_resort`] would succeed now (it claims nothing).
+    pub fn last_resort_available(&self) -> bool {
+        let g = self.lock();
+        g.state != BreakerState::Closed
+            && g.last_resort_at.is_none_or(|t| {
+                Instant::now().saturating_duration_since(t) >= self.settings.cooldown
+            })
+    }
+
     /// Claims a last-resort probe of an open breaker: at most one per `cooldown`, so
     /// however many requests fail, an open target sees at most one such call per
     /// cooldown from this process (a failed one also reopens it for longer).

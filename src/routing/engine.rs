@@ -159,15 +159,15 @@ pub struct Engine {
 }
 
 /// Targets to try, as chain positions in the order to try them.
-struct Plan {
-    order: Vec<usize>,
+pub(crate) struct Plan {
+    pub(crate) order: Vec<usize>,
     /// Every breaker was open: this target is called through its breaker.
-    forced: Option<usize>,
+    pub(crate) forced: Option<usize>,
     /// Targets left out without a call, and why (`capability`, `context_window`).
-    skipped: Vec<Skipped>,
+    pub(crate) skipped: Vec<Skipped>,
     /// Targets left out for an open breaker, soonest to reopen first: the last
     /// resort of a request that would otherwise fail.
-    open: Vec<usize>,
+    pub(crate) open: Vec<usize>,
 }
 
 /// A target the plan left out without calling it.
@@ -694,7 +694,12 @@ impl Engine {
 /// The order to try a chain's targets in: open breakers skipped, degraded targets
 /// last, and targets that cannot serve the request (a capability it needs, a context
 /// window too small for the prompt) left out without a call.
-fn plan(chain: &Chain, req: &ChatRequest) -> Result<Plan, Box<(ApiError, Vec<Skipped>)>> {
+/// The order a request meets `chain`'s targets in now. `routing::explain` reads the
+/// same plan, so what it says is what a request does.
+pub(crate) fn plan(
+    chain: &Chain,
+    req: &ChatRequest,
+) -> Result<Plan, Box<(ApiError, Vec<Skipped>)>> {
     let needs_estimate = chain
         .targets
         .iter()

@@ -34,7 +34,7 @@ const X_COST: HeaderName = HeaderName::from_static("x-cascade-cost-usd");
 const X_CACHE: HeaderName = HeaderName::from_static("x-cascade-cache");
 const X_SHADOW: HeaderName = HeaderName::from_static("x-cascade-shadow");
 const X_DROPPED_TOOLS: HeaderName = HeaderName::from_static("x-cascade-dropped-tools");
-const X_TASK: &str = "x-cascade-task";
+pub(super) const X_TASK: &str = "x-cascade-task";
 const X_TIMEOUT_MS: &str = "x-cascade-timeout-ms";
 /// Room for every header an answer carries, reserved once (growing a `HeaderMap`
 /// rehashes it).
@@ -52,7 +52,7 @@ pub enum Inbound {
 }
 
 impl Inbound {
-    fn label(self) -> &'static str {
+    pub(super) fn label(self) -> &'static str {
         match self {
             Inbound::Chat => "chat",
             Inbound::Responses => "responses",
@@ -62,7 +62,7 @@ impl Inbound {
     }
 
     /// The surface errors are written in before the request is parsed.
-    fn error_surface(self) -> Surface {
+    pub(super) fn error_surface(self) -> Surface {
         match self {
             Inbound::Messages => Surface::Messages,
             _ => Surface::Chat,
@@ -79,14 +79,14 @@ pub struct Turn {
 }
 
 /// A request on its surface, translated to the internal chat request.
-struct Prepared {
-    req: ChatRequest,
-    surface: Surface,
+pub(super) struct Prepared {
+    pub(super) req: ChatRequest,
+    pub(super) surface: Surface,
     turn: Option<Arc<Turn>>,
-    dropped_tools: Vec<String>,
+    pub(super) dropped_tools: Vec<String>,
 }
 
-async fn prepare(
+pub(super) async fn prepare(
     app: &AppState,
     inbound: Inbound,
     body: Bytes,
@@ -467,7 +467,7 @@ async fn answer(
 }
 
 /// A chat chain serves chat surfaces and an embedding chain `/v1/embeddings`.
-fn serves_kind(chain: &Chain, req: &ChatRequest) -> Result<(), ApiError> {
+pub(super) fn serves_kind(chain: &Chain, req: &ChatRequest) -> Result<(), ApiError> {
     use crate::config::ModelKind;
     let kind = chain
         .targets
@@ -684,7 +684,7 @@ fn rejected(app: &AppState, ledger: Ledger, e: &ApiError, surface: &Surface) -> 
 }
 
 /// `x-cascade-timeout-ms`: a client may shorten the request's deadline, never lengthen it.
-fn client_timeout(headers: &HeaderMap) -> Result<Option<std::time::Duration>, ApiError> {
+pub(super) fn client_timeout(headers: &HeaderMap) -> Result<Option<std::time::Duration>, ApiError> {
     let Some(v) = headers.get(X_TIMEOUT_MS) else {
         return Ok(None);
     };
@@ -776,7 +776,11 @@ fn trace(attempts: &[AttemptRecord], skipped: &[Skipped]) -> Option<HeaderValue>
 }
 
 /// Reads the body up to `limit` bytes; a larger one is a 413.
-async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
+pub(super) async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,

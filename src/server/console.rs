@@ -84,7 +84,7 @@ pub fn live_order(chain: &Chain) -> Vec<usize> {
     ahead
 }
 
-fn strategy(s: &Strategy) -> Value {
+pub(super) fn strategy(s: &Strategy) -> Value {
     match s {
         Strategy::Sequential => json!("sequential"),
         Strategy::Race { k } => json!({"race": {"k": k}}),

@@ -7,6 +7,7 @@ pub use admin::{read_report, report_query, start_scheduled_report};
 mod chat;
 mod console;
 pub mod drain;
+pub mod explain;
 mod history;
 mod passthrough;
 mod record;
@@ -266,6 +267,7 @@ fn api_routes() -> Router<Arc<AppState>> {
         .route("/v1/messages", post(chat::messages))
         .route("/v1/embeddings", post(chat::embeddings))
         .route("/v1/messages/count_tokens", post(chat::count_tokens))
+        .route("/v1/cascade/explain", post(explain::handler))
         .route("/v1/models", get(list_models))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
