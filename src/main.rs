@@ -27,6 +27,18 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum ImportFrom {
+    /// A LiteLLM proxy `config.yaml`. What could not be carried over is listed on
+    /// standard error.
+    Litellm {
+        file: PathBuf,
+        /// Write the cascade config here instead of standard output.
+        #[arg(short = 'o', long = "output")]
+        output: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Run the gateway (the default).
     Serve,
@@ -70,6 +82,11 @@ enum Command {
         #[arg(short = 'H', long = "header")]
         headers: Vec<String>,
     },
+    /// Convert another gateway's config to a cascade config.
+    Import {
+        #[command(subcommand)]
+        from: ImportFrom,
+    },
     /// Exit 0 when the gateway's `/healthz` answers 200 (for a container HEALTHCHECK;
     /// the image has no shell tools).
     Healthcheck {
@@ -109,12 +126,48 @@ fn main() -> ExitCode {
             workers,
         } => mock(&listen, &knobs, workers),
         Command::Healthcheck { url } => healthcheck(url),
+        Command::Import {
+            from: ImportFrom::Litellm { file, output },
+        } => import_litellm(&file, output.as_deref()),
         Command::Explain {
             request,
             surface,
             headers,
         } => explain(&config_path, &request, surface.as_deref(), &headers),
     }
+}
+
+fn import_litellm(file: &std::path::Path, output: Option<&std::path::Path>) -> ExitCode {
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("cascade: cannot read {}: {e}", file.display());
+            return ExitCode::from(2);
+        }
+    };
+    let imported = match cascade::config::litellm::import(&text) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("cascade: {}: {e}", file.display());
+            return ExitCode::from(2);
+        }
+    };
+    match output {
+        Some(path) => {
+            if let Err(e) = std::fs::write(path, &imported.yaml) {
+                eprintln!("cascade: cannot write {}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+        }
+        None => print!("{}", imported.yaml),
+    }
+    if !imported.notes.is_empty() {
+        eprintln!("cascade: not carried over, or carried over approximately:");
+        for n in &imported.notes {
+            eprintln!("  - {n}");
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 fn explain(

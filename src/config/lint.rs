@@ -138,22 +138,40 @@ fn jumps(config: &Config, out: &mut Vec<Finding>) {
                 ));
                 continue;
             };
-            let not_larger: Vec<String> = chain.targets[..to]
+            let before = &chain.targets[..to];
+            let not_larger: Vec<String> = before
                 .iter()
-                .filter(|t| t.model.context_window.is_none_or(|w| w >= window))
-                .map(|t| match t.model.context_window {
-                    Some(w) => format!("{:?} ({w})", t.model.name),
-                    None => format!("{:?} (no context_window)", t.model.name),
+                .filter_map(|t| {
+                    let w = t.model.context_window?;
+                    (w >= window).then(|| format!("{:?} ({w})", t.model.name))
                 })
+                .collect();
+            let unknown: Vec<String> = before
+                .iter()
+                .filter(|t| t.model.context_window.is_none())
+                .map(|t| format!("{:?}", t.model.name))
                 .collect();
             if !not_larger.is_empty() {
                 out.push(Finding::error(
-                    path,
+                    path.clone(),
                     format!(
                         "jumps to {target_name:?} (context_window {window}) on context_overflow, \
                          which is not larger than {}: a prompt too long for them is too long \
                          for it",
                         not_larger.join(", ")
+                    ),
+                ));
+            }
+            // An unknown window may well be smaller: worth a look, not a refusal.
+            if !unknown.is_empty() {
+                out.push(Finding::warning(
+                    path,
+                    format!(
+                        "jumps to {target_name:?} (context_window {window}) on context_overflow, \
+                         but {} before it {} no context_window, so cascade cannot tell whether \
+                         the jump leads to a larger window",
+                        unknown.join(", "),
+                        if unknown.len() == 1 { "has" } else { "have" }
                     ),
                 ));
             }

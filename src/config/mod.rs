@@ -5,6 +5,7 @@
 mod env;
 pub mod fingerprint;
 pub mod lint;
+pub mod litellm;
 pub mod raw;
 pub mod units;
 
