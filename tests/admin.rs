@@ -83,6 +83,32 @@ async fn by_default_admin_paths_answer_only_loopback_clients() {
     let g = Gateway::start(dir.path(), &config(&mock, "0.0.0.0:{port}", ""));
     let local: SocketAddr = ([127, 0, 0, 1], g.port).into();
     assert_eq!(get_from(LOCAL, local, "/admin/health", &[]).await.0, 200);
+    // A loopback connection that speaks for someone else is not local: a proxy on the
+    // same host, a rebound DNS name, another site's page.
+    for (k, v) in [
+        ("x-forwarded-for", "203.0.113.9"),
+        ("forwarded", "for=203.0.113.9"),
+        ("host", "attacker.example"),
+        ("sec-fetch-site", "cross-site"),
+    ] {
+        let (status, body) = get_from(LOCAL, local, "/admin/health", &[(k, v)]).await;
+        assert_eq!(status, 403, "{k}: {body}");
+    }
+    assert_eq!(
+        get_from(
+            LOCAL,
+            local,
+            "/admin/health",
+            &[("sec-fetch-site", "same-origin")]
+        )
+        .await
+        .0,
+        200,
+        "the status page's own requests"
+    );
+    // `/admin` itself is no pass-through path.
+    assert_eq!(get_from(LOCAL, local, "/admin", &[]).await.0, 404);
+    assert_eq!(get_from(LOCAL, local, "/admin/", &[]).await.0, 404);
     let Some(remote_ip) = non_loopback_ip() else {
         assert!(
             std::env::var_os("CI").is_none(),
@@ -143,6 +169,19 @@ async fn with_a_token_every_admin_request_needs_it() {
     assert_eq!(post_from(LOCAL, local, "/admin/reload", &[]).await, 401);
     let ok = [("authorization", bearer.as_str())];
     assert_eq!(get_from(LOCAL, local, "/admin/health", &ok).await.0, 200);
+    let lower = format!("bearer {TOKEN}");
+    assert_eq!(
+        get_from(
+            LOCAL,
+            local,
+            "/admin/health",
+            &[("authorization", lower.as_str())]
+        )
+        .await
+        .0,
+        200,
+        "the scheme in any case"
+    );
     assert_eq!(
         get_from(LOCAL, local, "/admin/report?since=1h", &ok)
             .await

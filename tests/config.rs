@@ -492,6 +492,8 @@ fn check_finds_configs_that_load_but_do_not_do_what_they_say() {
         "models.other.cost_per_1k_input",
         // An unknown window before a jump may be smaller: a warning, not an error.
         "chains.unsure.on.context_overflow.jump_to",
+        // A model with fallbacks is a chain too.
+        "models.small.fallbacks",
     ] {
         assert!(has("warning", path), "{path}: {json}");
     }
@@ -552,6 +554,23 @@ fn check_finds_configs_that_load_but_do_not_do_what_they_say() {
             && stderr.contains("no provider diversity"),
         "{stderr}"
     );
+}
+
+#[test]
+fn an_open_admin_listener_without_a_token_is_a_warning() {
+    let base = format!("{LINT_BASE}chains:\n  main: [small, big]\n");
+    let (code, json) = check_json(&format!("{base}admin: {{ listen: \"0.0.0.0:9091\" }}\n"));
+    assert_eq!(code, 0, "{json}");
+    assert_eq!(json["findings"][0]["path"], "admin.listen", "{json}");
+    assert_eq!(json["findings"][0]["severity"], "warning");
+    for admin in [
+        "admin: { listen: \"127.0.0.1:9091\" }",
+        "admin: { listen: \"0.0.0.0:9091\", token: \"0123456789abcdef0123\" }",
+    ] {
+        let (code, json) = check_json(&format!("{base}{admin}\n"));
+        assert_eq!(code, 0);
+        assert_eq!(json["findings"], serde_json::json!([]), "{admin}: {json}");
+    }
 }
 
 #[test]

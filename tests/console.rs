@@ -27,7 +27,7 @@ models:
   a: {{ provider: mock, model_id: a }}
   b: {{ provider: mock, model_id: b }}
   c: {{ provider: mock, model_id: c, breaker: {{ consecutive_failures: 1, cooldown: 60s }} }}
-  d: {{ provider: mock, model_id: d }}
+  d: {{ provider: mock, model_id: d, fallbacks: [a] }}
 chains:
   degrading: [a, b]
   breaking:
@@ -73,6 +73,18 @@ async fn chains_show_the_live_order_and_events_the_fallbacks(kind: Kind) {
         Value::Null
     );
     assert_eq!(chains["chains"][1]["strategy"], "sequential");
+    // A model with fallbacks is a chain a client can name, listed after the named ones.
+    assert_eq!(chains["chains"][1]["implicit"], false);
+    assert_eq!(
+        order(&targets(&chains, "d")),
+        [("d", "closed"), ("a", "closed")]
+    );
+    assert_eq!(chains["chains"][2]["implicit"], true);
+    assert_eq!(
+        chains["chains"].as_array().map(Vec::len),
+        Some(3),
+        "{chains}"
+    );
 
     // `a` fails every call: after three it is degraded and moved last (closed).
     h.mock.set("a", "status=500");

@@ -4,7 +4,8 @@
 //! Errors (exit 2): a `fallbacks` cycle; a `jump_to` that can never move forward; a
 //! `context_overflow` jump to a model whose window is no larger. Warnings (exit 0): a
 //! chain whose targets all share one provider; a model without a price in a chain that
-//! sends shadow traffic (its cost, and the shadow cost cap, would read 0).
+//! sends shadow traffic (its cost, and the shadow cost cap, would read 0); an
+//! `admin.listen` on a non-loopback address without `admin.token`.
 
 use serde::Serialize;
 
@@ -50,6 +51,7 @@ pub fn lint(config: &Config) -> Vec<Finding> {
     jumps(config, &mut out);
     provider_diversity(config, &mut out);
     shadow_prices(config, &mut out);
+    open_admin(config, &mut out);
     out.sort_by_key(|f| f.severity != Severity::Error);
     out
 }
@@ -59,10 +61,12 @@ pub fn lint(config: &Config) -> Vec<Finding> {
 /// lists as "and then its fallbacks".
 fn fallback_cycles(config: &Config, out: &mut Vec<Finding>) {
     for (name, model) in &config.models {
-        // Depth-first from each fallback, looking for `name`.
+        // Depth-first from each fallback, looking for `name`; each model is entered once
+        // per search, so a dense fallback graph stays linear.
+        let mut seen = std::collections::HashSet::new();
         for (i, first) in model.fallbacks.iter().enumerate() {
             let mut path = vec![name.as_str(), first.as_str()];
-            if leads_back(config, name, first, &mut path) {
+            if leads_back(config, name, first, &mut path, &mut seen) {
                 out.push(Finding::error(
                     format!("models.{name}.fallbacks[{i}]"),
                     format!("a fallbacks cycle: {}", path.join(" -> ")),
@@ -73,23 +77,25 @@ fn fallback_cycles(config: &Config, out: &mut Vec<Finding>) {
     }
 }
 
-fn leads_back<'a>(config: &'a Config, start: &str, at: &'a str, path: &mut Vec<&'a str>) -> bool {
+fn leads_back<'a>(
+    config: &'a Config,
+    start: &str,
+    at: &'a str,
+    path: &mut Vec<&'a str>,
+    seen: &mut std::collections::HashSet<&'a str>,
+) -> bool {
     if at == start {
         return true;
     }
-    if path.len() > config.models.len() + 1 {
+    if !seen.insert(at) {
         return false;
     }
     let Some(m) = config.models.get(at) else {
         return false;
     };
     for next in &m.fallbacks {
-        // A cycle elsewhere, not through `start`: its own model reports it.
-        if path[1..].contains(&next.as_str()) {
-            continue;
-        }
         path.push(next);
-        if leads_back(config, start, next, path) {
+        if leads_back(config, start, next, path, seen) {
             return true;
         }
         path.pop();
@@ -181,7 +187,17 @@ fn jumps(config: &Config, out: &mut Vec<Finding>) {
 
 /// `chains.X`: every target on one provider, so one outage takes the whole chain down.
 fn provider_diversity(config: &Config, out: &mut Vec<Finding>) {
-    for (name, chain) in &config.chains {
+    // A model with fallbacks is a chain too (a client naming it walks them).
+    let model_chains = config.models.iter().filter_map(|(name, m)| {
+        let chain = config.model_chains.get(name)?;
+        (!m.fallbacks.is_empty()).then_some((format!("models.{name}.fallbacks"), chain))
+    });
+    let chains = config
+        .chains
+        .iter()
+        .map(|(name, chain)| (format!("chains.{name}"), chain))
+        .chain(model_chains);
+    for (path, chain) in chains {
         let Some(first) = chain.targets.first() else {
             continue;
         };
@@ -192,7 +208,7 @@ fn provider_diversity(config: &Config, out: &mut Vec<Finding>) {
             .all(|t| &t.model.provider.name == provider)
         {
             out.push(Finding::warning(
-                format!("chains.{name}"),
+                path,
                 format!(
                     "no provider diversity: every target is on provider {provider:?}, so an \
                      outage there takes the whole chain down"
@@ -221,6 +237,24 @@ fn shadow_prices(config: &Config, out: &mut Vec<Finding>) {
                     ),
                 ));
             }
+        }
+    }
+}
+
+/// `admin.listen` on an address others can reach, with no token: anyone who reaches
+/// it can read the console and reload the config.
+fn open_admin(config: &Config, out: &mut Vec<Finding>) {
+    let admin = &config.admin;
+    if let (Some(addr), None) = (admin.listen, &admin.token) {
+        if !addr.ip().is_loopback() {
+            out.push(Finding::warning(
+                "admin.listen".into(),
+                format!(
+                    "{addr} is not a loopback address and admin.token is not set: whoever \
+                     can reach it can read /admin and reload the config (set admin.token, or \
+                     bind a private interface)"
+                ),
+            ));
         }
     }
 }

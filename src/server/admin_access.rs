@@ -5,9 +5,12 @@
 //! - Without a token but with `admin.listen`, the admin listener's own address is the
 //!   protection (bind it to a private interface).
 //! - With neither, only clients whose *socket* address is loopback are answered. No
-//!   header (`X-Forwarded-For`, `Forwarded`, `X-Real-IP`) is trusted for this: a proxy
-//!   in front would make every client look local, so a remote caller gets a 403 that
-//!   names `admin.token`.
+//!   header (`X-Forwarded-For`, `Forwarded`, `X-Real-IP`) is trusted to make a client
+//!   local; their presence makes it remote instead (a proxy on the same host, a
+//!   sidecar or a `kubectl port-forward`, connects from loopback for clients who are
+//!   not). So do a `Host` that is not a loopback name (DNS rebinding: a page on
+//!   another site resolving its name to 127.0.0.1) and `Sec-Fetch-Site: cross-site`.
+//!   Such a caller gets a 403 that names `admin.token`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,9 +32,9 @@ pub async fn guard(State(app): State<Arc<AppState>>, req: Request, next: Next) -
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(bearer)
             .unwrap_or("");
-        if !same_secret(sent.trim().as_bytes(), token.expose().as_bytes()) {
+        if !same_secret(sent.as_bytes(), token.expose().trim().as_bytes()) {
             return unauthorized();
         }
         return next.run(req).await;
@@ -42,7 +45,8 @@ pub async fn guard(State(app): State<Arc<AppState>>, req: Request, next: Next) -
     let local = req
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
-        .is_some_and(|ConnectInfo(peer)| is_loopback(peer));
+        .is_some_and(|ConnectInfo(peer)| is_loopback(peer))
+        && !relayed_or_foreign(req.headers());
     if !local {
         return error_response(
             &ApiError::new(
@@ -56,6 +60,50 @@ pub async fn guard(State(app): State<Arc<AppState>>, req: Request, next: Next) -
         );
     }
     next.run(req).await
+}
+
+/// `Authorization: Bearer TOKEN`, the scheme matched in any case (RFC 9110).
+fn bearer(v: &str) -> Option<&str> {
+    let (scheme, token) = v.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// A loopback connection that speaks for someone else: a proxy's forwarding headers, a
+/// `Host` that is not a loopback name, or a browser saying the page is another site's.
+fn relayed_or_foreign(h: &axum::http::HeaderMap) -> bool {
+    const RELAYED: [&str; 4] = [
+        "x-forwarded-for",
+        "forwarded",
+        "x-real-ip",
+        "x-forwarded-host",
+    ];
+    if RELAYED.iter().any(|name| h.contains_key(*name)) {
+        return true;
+    }
+    if h.get("sec-fetch-site")
+        .is_some_and(|v| v.as_bytes() == b"cross-site")
+    {
+        return true;
+    }
+    match h.get(header::HOST).map(|v| v.to_str()) {
+        None => false,
+        Some(Ok(host)) => !is_loopback_host(host),
+        Some(Err(_)) => true,
+    }
+}
+
+/// `localhost`, `127.x.y.z` or `[::1]`, with or without a port.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    let name = name.trim_end_matches('.');
+    name.eq_ignore_ascii_case("localhost")
+        || name.to_ascii_lowercase().ends_with(".localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| is_loopback(&SocketAddr::new(ip, 0)))
 }
 
 /// An IPv4-mapped IPv6 loopback (`::ffff:127.0.0.1`, a dual-stack listener) counts too.
@@ -102,6 +150,49 @@ mod tests {
         assert!(!same_secret(b"0123456789abcdeX", b"0123456789abcdef"));
         assert!(!same_secret(b"0123456789abcde", b"0123456789abcdef"));
         assert!(!same_secret(b"", b"0123456789abcdef"));
+    }
+
+    #[test]
+    fn bearer_scheme_in_any_case() {
+        assert_eq!(bearer("Bearer abc"), Some("abc"));
+        assert_eq!(bearer("bearer  abc "), Some("abc"));
+        assert_eq!(bearer("BEARER abc"), Some("abc"));
+        assert_eq!(bearer("Basic abc"), None);
+        assert_eq!(bearer("abc"), None);
+    }
+
+    #[test]
+    fn relayed_or_foreign_requests_are_not_local() {
+        let with = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = axum::http::HeaderMap::new();
+            for (k, v) in pairs {
+                h.insert(*k, HeaderValue::from_static(v));
+            }
+            relayed_or_foreign(&h)
+        };
+        assert!(!with(&[]));
+        assert!(!with(&[("host", "127.0.0.1:8080")]));
+        assert!(!with(&[("host", "localhost:8080")]));
+        assert!(!with(&[("host", "[::1]:8080")]));
+        assert!(!with(&[
+            ("host", "localhost"),
+            ("sec-fetch-site", "same-origin")
+        ]));
+        assert!(with(&[("host", "attacker.example:8080")]));
+        assert!(with(&[("host", "127.0.0.1.nip.io")]));
+        assert!(with(&[
+            ("host", "localhost"),
+            ("x-forwarded-for", "203.0.113.9")
+        ]));
+        assert!(with(&[
+            ("host", "localhost"),
+            ("forwarded", "for=203.0.113.9")
+        ]));
+        assert!(with(&[("host", "localhost"), ("x-real-ip", "203.0.113.9")]));
+        assert!(with(&[
+            ("host", "localhost"),
+            ("sec-fetch-site", "cross-site")
+        ]));
     }
 
     #[test]

@@ -122,10 +122,17 @@ fn history(app: &AppState, model: &str) -> Value {
 pub async fn chains(State(app): State<Arc<AppState>>) -> Response<Body> {
     let config = app.config();
     let (now, now_ms) = (tokio::time::Instant::now(), clock::now_ms());
+    // A pool model with fallbacks is a chain too, for a client that names it.
+    let implicit = config.models.values().filter_map(|m| {
+        let chain = config.model_chains.get(&*m.name)?;
+        (!m.fallbacks.is_empty()).then_some((chain, true))
+    });
     let chains: Vec<Value> = config
         .chains
         .values()
-        .map(|chain| {
+        .map(|c| (c, false))
+        .chain(implicit)
+        .map(|(chain, implicit)| {
             let targets: Vec<Value> = live_order(chain)
                 .into_iter()
                 .enumerate()
@@ -151,6 +158,7 @@ pub async fn chains(State(app): State<Arc<AppState>>) -> Response<Body> {
                 .collect();
             json!({
                 "name": &*chain.name,
+                "implicit": implicit,
                 "strategy": strategy(&chain.strategy),
                 "targets": targets,
             })
@@ -262,20 +270,27 @@ pub async fn stats(State(app): State<Arc<AppState>>) -> Response<Body> {
     let config = app.config();
     let now_ms = clock::now_ms();
     let m = &app.metrics;
-    let requests = counter_sum(&m.requests_total) as u64;
+    let mut requests = counter_sum(&m.requests_total) as u64;
     let rps = {
-        let now = Instant::now();
         let uptime = Duration::from_millis(u64::try_from(now_ms - app.started_ms).unwrap_or(0));
         match app.rate_samples.lock() {
             Ok(mut samples) => {
+                // Read under the lock, so samples go in the order they were counted.
+                let now = Instant::now();
+                requests = requests.max(counter_sum(&m.requests_total) as u64);
                 samples.push_back((now, requests));
+                // Keep the newest sample at least RATE_WINDOW old as the base, and none
+                // older than two windows (a page opened after a long pause).
                 while samples.len() > 2 && samples[1].0 + RATE_WINDOW <= now {
+                    samples.pop_front();
+                }
+                while samples.len() > 1 && samples[0].0 + 2 * RATE_WINDOW <= now {
                     samples.pop_front();
                 }
                 let (then, count) = samples[0];
                 let span = now.duration_since(then);
                 if samples.len() > 1 && span >= Duration::from_millis(500) {
-                    (requests - count) as f64 / span.as_secs_f64()
+                    requests.saturating_sub(count) as f64 / span.as_secs_f64()
                 } else {
                     requests as f64 / uptime.as_secs_f64().max(1.0)
                 }

@@ -58,6 +58,7 @@ impl History {
             .map(|m| m.name.clone())
             .collect();
         series.retain(|name, _| models.contains(name));
+        last.retain(|name, _| models.contains(name));
         for name in models {
             let now = totals.get(&*name).copied().unwrap_or_default();
             // The first read only sets the baseline.
@@ -99,7 +100,8 @@ fn totals(app: &AppState) -> HashMap<String, Totals> {
             let n = m.get_counter().get_value() as u64;
             let t = out.entry(model).or_default();
             t.0 += n;
-            if label(m, "outcome").as_deref() != Some("ok") {
+            // A race's or hedge's loser, dropped when another answered, is no failure.
+            if !matches!(label(m, "outcome").as_deref(), Some("ok" | "cancelled")) {
                 t.1 += n;
             }
         }

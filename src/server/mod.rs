@@ -220,7 +220,11 @@ pub fn router(state: Arc<AppState>) -> Router {
             }
         }
     };
-    api.fallback(passthrough::forward).with_state(state)
+    // `/admin` itself is no API path to pass through.
+    api.route("/admin", axum::routing::any(not_here))
+        .route("/admin/", axum::routing::any(not_here))
+        .fallback(passthrough::forward)
+        .with_state(state)
 }
 
 /// The admin listener's routes (`admin.listen`).
@@ -307,7 +311,6 @@ async fn serve_router(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     use axum::serve::ListenerExt;
-    use axum::ServiceExt;
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
@@ -332,11 +335,22 @@ async fn serve_router(
         signalled.shadow.note_shutdown();
     };
     // The peer's socket address, for the admin guard's loopback rule.
-    let served = axum::serve(
-        listener,
-        ServiceExt::<Request>::into_make_service_with_connect_info::<std::net::SocketAddr>(app),
-    )
-    .with_graceful_shutdown(shutdown);
+    // The peer address goes only on admin requests (the loopback check reads it):
+    // `into_make_service_with_connect_info` would put it in every request's extensions,
+    // an allocation on the hot path.
+    let make = tower::service_fn(move |io: axum::serve::IncomingStream<'_, _>| {
+        let peer: std::net::SocketAddr = *io.remote_addr();
+        let svc =
+            tower::ServiceExt::<Request>::map_request(app.clone(), move |mut req: Request| {
+                if req.uri().path().starts_with("/admin") {
+                    req.extensions_mut()
+                        .insert(axum::extract::ConnectInfo(peer));
+                }
+                req
+            });
+        std::future::ready(Ok::<_, std::convert::Infallible>(svc))
+    });
+    let served = axum::serve(listener, make).with_graceful_shutdown(shutdown);
     // The end of the drain is a hard stop: what still holds a connection a moment
     // after it (a pass-through body, a client that stopped reading its stream) is cut.
     let stopped = state.drain.stopped();
