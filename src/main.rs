@@ -207,7 +207,9 @@ fn explain(
                 map.append(name, value);
             }
             None => {
-                eprintln!("cascade: --header {h:?}: expected NAME: VALUE");
+                // The name only: the value may be a credential.
+                let name = h.split(':').next().unwrap_or_default().trim();
+                eprintln!("cascade: --header {name:?}: expected NAME: VALUE (a valid header name and value)");
                 return ExitCode::from(2);
             }
         }

@@ -32,6 +32,9 @@ chains:
   lonely:
     models: [shy]
     when_all_open: fail
+  short:
+    models: [a, b, c]
+    max_attempts: 2
   fast:
     models: [b, a]
     request_timeout: 10s
@@ -383,4 +386,24 @@ async fn the_cli_explains_from_the_config_and_the_store() {
     let (code, e) = run(&[request.to_str().unwrap()]);
     assert_eq!(code, Some(2));
     assert_eq!(e["error"]["code"], "model_not_found");
+}
+
+#[tokio::test]
+async fn a_target_past_the_attempt_budget_is_never_called() {
+    let h = start(&config("store: { enabled: false }")).await;
+    let (_, e) = explain(&h, "", &body("short"), &[]).await;
+    assert_eq!(
+        plan(&e),
+        [
+            ("a".into(), "try".into(), "healthy".into()),
+            ("b".into(), "try".into(), "healthy".into()),
+            ("c".into(), "skip".into(), "attempt_budget".into()),
+        ]
+    );
+    h.mock.set("a", "status=500");
+    h.mock.set("b", "status=500");
+    let r = h.chat("short", &[]).await;
+    assert_ne!(r.status, 200);
+    assert_eq!(trace(&r).0, called(&e), "{:?}", r.header("x-cascade-trace"));
+    assert_eq!(h.mock.calls("c"), 0);
 }

@@ -280,6 +280,19 @@ impl Breaker {
         }
     }
 
+    /// Whether a call would be admitted now (it admits nothing): closed, or a probe
+    /// slot free once the breaker is (or would turn) half-open.
+    pub fn probe_available(&self) -> bool {
+        let g = self.lock();
+        match g.state {
+            BreakerState::Closed => true,
+            BreakerState::Open if Instant::now() < g.open_until => false,
+            // An open breaker past its time turns half-open with every slot free.
+            BreakerState::Open => true,
+            BreakerState::HalfOpen => g.probes_in_flight < self.settings.half_open_probes,
+        }
+    }
+
     /// Whether [`Breaker::claim_last_resort`] would succeed now (it claims nothing).
     pub fn last_resort_available(&self) -> bool {
         let g = self.lock();

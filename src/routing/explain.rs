@@ -41,8 +41,9 @@ pub struct PlannedTarget {
     pub position: usize,
     pub model: Arc<Model>,
     pub step: Step,
-    /// A short machine-readable reason: `healthy`, `half_open`, `degraded`,
-    /// `breaker_open`, `all_open`, `capability`, `context_window`.
+    /// A short machine-readable reason: `healthy`, `half_open`, `half_open_busy`,
+    /// `degraded`, `breaker_open`, `all_open`, `capability`, `context_window`,
+    /// `attempt_budget`.
     pub reason: &'static str,
     /// The same, for a person.
     pub detail: String,
@@ -140,6 +141,8 @@ pub fn explain(chain: &Chain, req: &ChatRequest) -> Explained {
         });
     }
     targets.sort_by_key(|t| t.step == Step::Skip);
+    budget(chain, &mut targets);
+    targets.sort_by_key(|t| t.step == Step::Skip);
     Explained {
         targets,
         error,
@@ -168,6 +171,16 @@ fn tried(chain: &Chain, pos: usize) -> PlannedTarget {
                 settings.degraded_below * 100.0
             ),
         )
+    } else if m.breaker.state() == BreakerState::HalfOpen && !m.breaker.probe_available() {
+        // The circuit refuses the call without sending it, and the walk moves on.
+        return PlannedTarget {
+            position: pos,
+            model: m.clone(),
+            step: Step::Skip,
+            reason: "half_open_busy",
+            detail: "its breaker is half-open and every probe slot is taken: passed over".into(),
+            retry_at: None,
+        };
     } else if m.breaker.state() == BreakerState::HalfOpen {
         (
             "half_open",
@@ -203,7 +216,7 @@ fn every_breaker_open(chain: &Chain, pos: usize) -> PlannedTarget {
 fn open(chain: &Chain, pos: usize, probe: bool) -> PlannedTarget {
     let m = &chain.targets[pos].model;
     let detail = if probe {
-        "its breaker is open: skipped, then called through its breaker once if every other target fails"
+        "its breaker is open: skipped, then called through its breaker once if every other target fails and attempts and time are left"
     } else {
         "its breaker is open: skipped"
     };
@@ -214,5 +227,31 @@ fn open(chain: &Chain, pos: usize, probe: bool) -> PlannedTarget {
         reason: "breaker_open",
         detail: detail.into(),
         retry_at: m.breaker.retry_at(),
+    }
+}
+
+/// The request's `max_attempts` is shared by the whole walk: a target after as many
+/// others as there are attempts is never reached, and one after targets whose retries
+/// could spend them is reached only if they do not.
+fn budget(chain: &Chain, targets: &mut [PlannedTarget]) {
+    let max = chain.max_attempts;
+    let (mut at_least, mut at_most) = (0u32, 0u32);
+    for t in targets.iter_mut().filter(|t| t.step != Step::Skip) {
+        if at_least >= max {
+            t.step = Step::Skip;
+            t.reason = "attempt_budget";
+            t.detail = format!(
+                "the chain's max_attempts ({max}) is spent by the targets before it, even without retries"
+            );
+            continue;
+        }
+        if at_most >= max {
+            t.detail.push_str(&format!(
+                "; reached only if the retries before it leave some of max_attempts ({max})"
+            ));
+        }
+        let retries = chain.targets[t.position].policy.retry.max_retries;
+        at_least += 1;
+        at_most = at_most.saturating_add(1 + retries);
     }
 }

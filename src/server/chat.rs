@@ -498,6 +498,19 @@ fn shadow_header(names: &[Arc<str>]) -> Option<HeaderValue> {
 }
 
 /// The pool model of `chain` named `name` (a cached answer's).
+/// The model a cached entry is served as, when it can answer this request: usage
+/// stored where usage is expected, and its model still in the chain.
+pub(super) fn servable<'a>(
+    chain: &'a Chain,
+    entry: &cache::Entry,
+    req: &ChatRequest,
+) -> Option<&'a Model> {
+    if !entry.serves(req) {
+        return None;
+    }
+    chain_model(chain, &entry.model)
+}
+
 fn chain_model<'a>(chain: &'a Chain, name: &str) -> Option<&'a Model> {
     chain
         .targets
@@ -591,10 +604,7 @@ fn cached(
     start: Instant,
     on: &Surfaced,
 ) -> Option<Response<Body>> {
-    if !entry.serves(req) {
-        return None;
-    }
-    let model = chain_model(chain, &entry.model)?;
+    let model = servable(chain, entry, req)?;
     let mut resp = if req.stream {
         let chat = matches!(on.surface, Surface::Chat);
         let mut events = cache::replay(&entry.body, req.include_usage || !chat)?;

@@ -127,6 +127,8 @@ pub async fn explain(
             "body": serde_json::from_slice::<Value>(&body).unwrap_or(Value::Null),
         })
     });
+    let cache_json = cache(app, chain, &req, headers).await;
+    let cache_hit = cache_json["key_status"] == "hit";
     let out = json!({
         "surface": inbound.label(),
         "chain": &*chain.name,
@@ -145,8 +147,8 @@ pub async fn explain(
             "idle_ms": lead.and_then(|t| t.policy.idle_timeout.map(millis)),
         }),
         "retry": retry(chain, lead),
-        "cache": cache(app, chain, &req, headers).await,
-        "shadow": shadow(chain, &req),
+        "cache": cache_json,
+        "shadow": shadow(chain, &req, cache_hit),
         "dropped_tools": dropped_tools,
     });
     json_response(serde_json::to_vec_pretty(&out).unwrap_or_default().into())
@@ -243,10 +245,17 @@ async fn cache(app: &AppState, chain: &Chain, req: &ChatRequest, headers: &Heade
         (false, false) => "bypass",
     };
     let entry = app.cache.get(key).await;
+    let servable = entry
+        .as_ref()
+        .is_some_and(|e| chat::servable(chain, e, req).is_some());
     let (status, detail) = match (&entry, d.read) {
         (_, false) => (
             "not_read",
             "Cache-Control: no-cache: the cache is not read for this request",
+        ),
+        (Some(_), true) if !servable => (
+            "miss",
+            "a cached answer exists but cannot serve this request (stored without usage, or its model left the chain): the chain is walked",
         ),
         (Some(e), true) if e.is_fresh() => (
             "hit",
@@ -276,12 +285,17 @@ async fn cache(app: &AppState, chain: &Chain, req: &ChatRequest, headers: &Heade
     out
 }
 
-fn shadow(chain: &Chain, req: &ChatRequest) -> Value {
+fn shadow(chain: &Chain, req: &ChatRequest, cache_hit: bool) -> Value {
     let Some(s) = &chain.shadow else {
         return json!({"applies": false, "detail": "the chain has no shadow traffic"});
     };
     let models: Vec<&str> = s.targets.iter().map(|t| &*t.model.name).collect();
-    let (applies, detail) = if req.embedding.is_some() {
+    let (applies, detail) = if cache_hit {
+        (
+            false,
+            "a cached answer is served: nothing is shadowed".to_string(),
+        )
+    } else if req.embedding.is_some() {
         (false, "embeddings are not shadowed".to_string())
     } else if s.sample <= 0.0 {
         (false, "the chain's shadow sample is 0".to_string())
@@ -318,6 +332,8 @@ pub async fn offline(
     // Nothing here writes rows, shares breakers or joins a fleet.
     let backend = config.store.take().map(|s| s.backend);
     config.state_redis_url = None;
+    // Nor does it wait on a Redis cache it may not reach: the cache reads as empty.
+    config.cache.redis_url = None;
     let config = Arc::new(config);
     let app = AppState::new(config.clone()).map_err(|e| e.to_string())?;
     let state = match &backend {
