@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
 
@@ -43,30 +42,31 @@ fn import(fixture: &str) -> Imported {
     }
 }
 
-/// Every `${VAR}` of the output, with a value shaped like what it names.
+/// Every `${VAR}` of the output, with a value shaped like the field it sits in (a URL
+/// in a base URL) or like what it names (a Redis host or port).
 fn env_of(yaml: &str) -> Vec<(String, String)> {
-    let mut vars = BTreeSet::new();
-    let mut rest = yaml;
-    while let Some(i) = rest.find("${") {
-        let tail = &rest[i + 2..];
-        let end = tail.find('}').expect("closed ${");
-        vars.insert(tail[..end].to_string());
-        rest = &tail[end..];
-    }
-    vars.into_iter()
-        .map(|v| {
-            let value = if v.contains("PORT") {
+    let mut vars = std::collections::BTreeMap::new();
+    for line in yaml.lines() {
+        let in_url = line.trim_start().starts_with("base_url:");
+        let mut rest = line;
+        while let Some(i) = rest.find("${") {
+            let tail = &rest[i + 2..];
+            let end = tail.find('}').expect("closed ${");
+            let v = tail[..end].to_string();
+            let value = if in_url {
+                "http://127.0.0.1:9"
+            } else if v.contains("PORT") {
                 "6379"
             } else if v.contains("HOST") {
                 "127.0.0.1"
-            } else if v.contains("BASE") || v.contains("URL") {
-                "http://127.0.0.1:9/v1"
             } else {
                 "test-secret"
             };
-            (v, value.to_string())
-        })
-        .collect()
+            vars.insert(v, value.to_string());
+            rest = &tail[end..];
+        }
+    }
+    vars.into_iter().collect()
 }
 
 /// `cascade check --format json` on the output, with its variables set: no errors.
@@ -345,5 +345,61 @@ async fn the_imported_config_routes_the_same_way() {
         h.mock.calls("primary-west"),
         2,
         "the same window: jumped past"
+    );
+}
+
+#[test]
+fn awkward_shapes_convert_and_say_what_they_left_out() {
+    let i = import("edge_cases.yaml");
+    let checked = check(&i);
+    let c = &checked["chains"];
+    // Names that need quoting survive the round trip.
+    assert_eq!(
+        c["team chat: v2 #1"],
+        json!(["team chat: v2 #1", "local", "big"])
+    );
+    // An embedding group over two providers is one vector space; default_fallbacks
+    // (a chat model) are not added to it.
+    assert_eq!(c["embed"], json!(["embed-azure-2", "embed-openai"]));
+    assert_eq!(i.tree["models"]["embed-openai"]["embedding_space"], "embed");
+    assert!(c.get("dalle").is_none());
+    // A fixed LiteLLM cooldown is a breaker that does not grow.
+    assert_eq!(i.tree["breaker"]["cooldown"], "600s");
+    assert_eq!(i.tree["breaker"]["max_cooldown"], "600s");
+    // custom_llm_provider picks the provider; a host variable gets /v1 after it.
+    assert_eq!(i.tree["models"]["local"]["provider"], "ollama");
+    assert_eq!(
+        i.tree["providers"]["ollama"]["base_url"],
+        "${OLLAMA_HOST}/v1"
+    );
+    assert_eq!(
+        i.tree["providers"]["azure"]["base_url"],
+        "${AZURE_RESOURCE}"
+    );
+    // model_info.max_tokens is the model's limit, not a default for every request.
+    assert!(i.tree["models"]["big"].get("max_tokens").is_none());
+    assert_eq!(i.tree["models"]["big"]["context_window"], 128000);
+    // A literal Redis password is encoded into the URL.
+    assert_eq!(
+        i.tree["state"]["redis_url"],
+        "redis://:p%40ss%2Fword@redis.internal:6379"
+    );
+    assert!(
+        i.tree.get("cache").is_none(),
+        "an s3 cache is not cascade's"
+    );
+    for n in [
+        "litellm_params.temperature",
+        "image_generation",
+        "redis_password",
+        "s3",
+        "fallbacks of \"embed\"",
+        "context_overflow jump is left out",
+    ] {
+        assert!(i.notes.contains(n), "{n}: {}", i.notes);
+    }
+    assert!(
+        !i.notes.contains("p@ss"),
+        "the password stays out of the notes"
     );
 }

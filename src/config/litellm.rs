@@ -31,6 +31,31 @@ pub struct Imported {
     pub notes: Vec<String>,
 }
 
+/// `litellm_params` keys the import reads (or notes itself).
+const CONSUMED: &[&str] = &[
+    "model",
+    "api_base",
+    "api_key",
+    "api_version",
+    "organization",
+    "extra_headers",
+    "custom_llm_provider",
+    "timeout",
+    "stream_timeout",
+    "max_retries",
+    "max_tokens",
+    "input_cost_per_token",
+    "output_cost_per_token",
+    "cache_read_input_token_cost",
+    "max_input_tokens",
+    "output_vector_size",
+    "rpm",
+    "tpm",
+    "max_parallel_requests",
+    "weight",
+    "order",
+];
+
 /// The Azure `api-version` used when a deployment gives none.
 const AZURE_API_VERSION: &str = "2024-10-21";
 
@@ -62,6 +87,7 @@ struct Deployment {
     group: String,
     provider: String,
     model_id: String,
+    embedding: bool,
     fields: Map<String, Value>,
 }
 
@@ -160,16 +186,71 @@ impl Import {
             ));
             return;
         }
-        let (prefix, id) = match model.split_once('/') {
-            Some((p, id)) if PREFIXES.iter().any(|(name, _)| *name == p) => (p, id),
-            Some((p, _)) => {
+        let mode = info.get("mode").and_then(Value::as_str).unwrap_or("chat");
+        if !matches!(mode, "chat" | "completion" | "embedding" | "responses") {
+            self.note(format!(
+                "{at} ({group}): model_info.mode {mode}: cascade serves chat and embeddings only: skipped"
+            ));
+            return;
+        }
+        let custom = params.get("custom_llm_provider").and_then(Value::as_str);
+        let (prefix, id) = match (custom, model.split_once('/')) {
+            (Some(p), _) if PREFIXES.iter().any(|(name, _)| *name == p) => {
+                // The provider is named apart; the model keeps its own slashes.
+                let id = model.strip_prefix(&format!("{p}/")).unwrap_or(model);
+                (
+                    PREFIXES
+                        .iter()
+                        .find(|(name, _)| *name == p)
+                        .map_or("openai", |(n, _)| *n),
+                    id,
+                )
+            }
+            (Some(p), _) => {
                 self.note(format!(
+                    "{at} ({group}): custom_llm_provider {p:?} has no cascade wire format: skipped"
+                ));
+                return;
+            }
+            (None, split) => match split {
+                Some((p, id)) if PREFIXES.iter().any(|(name, _)| *name == p) => (p, id),
+                Some((p, _)) => {
+                    self.note(format!(
                     "{at} ({group}): {p:?} is not a provider prefix cascade knows: {model} is read as an OpenAI model id"
                 ));
-                ("openai", model)
-            }
-            None => (infer_prefix(model), model),
+                    ("openai", model)
+                }
+                None => (infer_prefix(model), model),
+            },
         };
+        for k in [
+            "azure_ad_token",
+            "tenant_id",
+            "client_id",
+            "client_secret",
+            "azure_ad_token_provider",
+        ] {
+            if params.contains_key(k) {
+                self.note(format!(
+                    "{at} ({group}): Azure AD auth ({k}) is not supported: the provider expects an api_key"
+                ));
+                break;
+            }
+        }
+        for k in params.keys() {
+            let azure_ad = [
+                "azure_ad_token",
+                "tenant_id",
+                "client_id",
+                "client_secret",
+                "azure_ad_token_provider",
+            ];
+            if !CONSUMED.contains(&k.as_str()) && !azure_ad.contains(&k.as_str()) {
+                self.note(format!(
+                    "{at} ({group}): litellm_params.{k}: not carried over"
+                ));
+            }
+        }
         let api_base = params.get("api_base").and_then(Value::as_str).map(env);
         let Some(kind_base) = PREFIXES
             .iter()
@@ -254,7 +335,12 @@ impl Import {
                 .and_then(|v| v.as_f64().or_else(|| v.as_str()?.parse().ok()))
         };
         let context_window = num("max_input_tokens").map(|n| n as u64);
-        if let Some(n) = num("max_tokens").or_else(|| num("max_output_tokens")) {
+        // Only a request default: `model_info.max_tokens` is LiteLLM's note of the
+        // model's limit, and as cascade's default it would cap every answer.
+        if let Some(n) = params
+            .get("max_tokens")
+            .and_then(|v| v.as_f64().or_else(|| v.as_str()?.parse().ok()))
+        {
             fields.insert("max_tokens".into(), json!(n as u64));
         }
         if let Some(w) = context_window {
@@ -280,9 +366,7 @@ impl Import {
         if let Some(n) = num("max_retries") {
             fields.insert("retry".into(), json!({ "max_retries": n as u64 }));
         }
-        let embedding = info.get("mode").and_then(Value::as_str) == Some("embedding")
-            || id.contains("embedding")
-            || id.contains("embed-");
+        let embedding = mode == "embedding" || id.contains("embedding") || id.contains("embed-");
         if embedding {
             let dims = num("output_vector_size")
                 .map(|d| d as u64)
@@ -295,6 +379,8 @@ impl Import {
             };
             fields.insert("kind".into(), json!("embedding"));
             fields.insert("dimensions".into(), json!(dims));
+            // LiteLLM treats a group's deployments as one model: one vector space.
+            fields.insert("embedding_space".into(), json!(group));
         }
         for k in ["rpm", "tpm", "max_parallel_requests"] {
             if params.contains_key(k) || entry.get(k).is_some() {
@@ -308,7 +394,15 @@ impl Import {
                 "{at} ({group}): weight/order: cascade tries a group's deployments in config order"
             ));
         }
+        if let Some(h) = params.get("extra_headers").and_then(Value::as_object) {
+            if h.values().any(|v| !scalar(v).starts_with("os.environ/")) {
+                self.note(format!(
+                    "{at} ({group}): extra_headers values were copied as written; move any secret among them to an environment variable"
+                ));
+            }
+        }
         self.deployments.push(Deployment {
+            embedding,
             name: String::new(),
             group: group.to_string(),
             provider,
@@ -367,29 +461,33 @@ impl Import {
             breaker.insert("consecutive_failures".into(), json!((n as u64).max(1)));
         }
         if let Some(s) = num("cooldown_time") {
+            // LiteLLM's cooldown is fixed; cascade's grows up to max_cooldown.
             breaker.insert("cooldown".into(), json!(duration(s)));
+            breaker.insert("max_cooldown".into(), json!(duration(s)));
         }
         if !breaker.is_empty() {
             self.top.insert("breaker".into(), Value::Object(breaker));
         }
-        if let Some(redis) = redis_url(router) {
+        let state_redis = router
+            .get("redis_url")
+            .and_then(Value::as_str)
+            .map(env)
+            .or_else(|| redis_url(router));
+        if let Some(redis) = state_redis {
             self.top
                 .insert("state".into(), json!({ "redis_url": redis }));
         }
+        if router
+            .get("redis_password")
+            .is_some_and(|v| !scalar(v).starts_with("os.environ/"))
+        {
+            self.note("router_settings.redis_password: copied as written; move it to an environment variable");
+        }
         if get("cache").is_some_and(|v| v.as_bool() == Some(true)) {
-            let mut cache = Map::new();
-            cache.insert("mode".into(), json!("all"));
-            if let Some(p) = settings.get("cache_params").and_then(Value::as_object) {
-                if let Some(ttl) = p.get("ttl").and_then(Value::as_f64) {
-                    cache.insert("ttl".into(), json!(duration(ttl)));
-                }
-                if p.get("type").and_then(Value::as_str) == Some("redis") {
-                    if let Some(url) = redis_url(p) {
-                        cache.insert("redis_url".into(), json!(url));
-                    }
-                }
-            }
-            self.top.insert("cache".into(), Value::Object(cache));
+            self.cache(settings.get("cache_params").and_then(Value::as_object));
+        }
+        if get("disable_cooldowns").is_some_and(|v| v.as_bool() == Some(true)) {
+            self.note("disable_cooldowns: not carried over (cascade's breakers stay on; raise breaker.consecutive_failures instead)");
         }
 
         for (key, class) in [
@@ -451,6 +549,53 @@ impl Import {
         }
     }
 
+    /// `cache: true` with its `cache_params`: exact-match caching of every request, in
+    /// memory or in Redis. Other cache types and opt-in modes are not cascade's.
+    fn cache(&mut self, params: Option<&Map<String, Value>>) {
+        let empty = Map::new();
+        let p = params.unwrap_or(&empty);
+        if p.get("mode").and_then(Value::as_str) == Some("default_off") {
+            self.note("cache_params.mode: default_off (caching only on request): not carried over; cascade caches by cache.mode for every request");
+            return;
+        }
+        let kind = p.get("type").and_then(Value::as_str).unwrap_or("local");
+        let mut cache = Map::new();
+        cache.insert("mode".into(), json!("all"));
+        if let Some(ttl) = p.get("ttl").and_then(Value::as_f64) {
+            cache.insert("ttl".into(), json!(duration(ttl)));
+        }
+        match kind {
+            "local" | "memory" => {}
+            "redis" => {
+                match p
+                    .get("url")
+                    .and_then(Value::as_str)
+                    .map(env)
+                    .or_else(|| redis_url(p))
+                {
+                    Some(url) => {
+                        cache.insert("redis_url".into(), json!(url));
+                    }
+                    None => self.note(
+                        "cache_params: a redis cache without host or url: kept in memory only",
+                    ),
+                }
+                if p.get("password")
+                    .is_some_and(|v| !scalar(v).starts_with("os.environ/"))
+                {
+                    self.note("cache_params.password: copied as written; move it to an environment variable");
+                }
+            }
+            other => {
+                self.note(format!(
+                    "cache_params.type: {other} (semantic, s3, disk...) is not cascade's: not carried over"
+                ));
+                return;
+            }
+        }
+        self.top.insert("cache".into(), Value::Object(cache));
+    }
+
     fn add_fallbacks(
         &mut self,
         key: &str,
@@ -491,15 +636,18 @@ impl Import {
 
     /// Names the pool models, builds the chains, and checks the result.
     fn finish(mut self) -> Result<Imported, String> {
+        self.reconcile_kinds();
         self.name_deployments();
         let mut dropped_jumps: Vec<(String, &'static str)> = Vec::new();
         for _ in 0..8 {
             let (tree, from_table) = self.tree(&dropped_jumps);
             let yaml = emit(&tree);
-            let config = Config::from_yaml_with_env(&yaml, &|name| Some(placeholder(name)))
-                .map_err(|e| {
-                    format!("the converted config does not load (a bug in the importer): {e}")
-                })?;
+            let config = Config::from_yaml_with_env(&emit(&for_check(&tree)), &|_| {
+                Some("placeholder".into())
+            })
+            .map_err(|e| {
+                format!("the converted config does not load (a bug in the importer): {e}")
+            })?;
             let errors: Vec<_> = lint::lint(&config)
                 .into_iter()
                 .filter(|f| f.severity == Severity::Error)
@@ -552,6 +700,60 @@ impl Import {
             }
         }
         Err("the converted config does not settle (a bug in the importer)".into())
+    }
+
+    /// A chain serves one kind, and an embedding chain one vector space: a group's
+    /// deployments of another kind or size, and fallbacks to another kind or another
+    /// embedding group, are left out and noted (cascade would refuse them).
+    fn reconcile_kinds(&mut self) {
+        let mut first: IndexMap<String, (bool, Option<Value>)> = IndexMap::new();
+        let mut kept = Vec::new();
+        for d in std::mem::take(&mut self.deployments) {
+            let dims = d.fields.get("dimensions").cloned();
+            let (kind, size) = first
+                .entry(d.group.clone())
+                .or_insert((d.embedding, dims.clone()))
+                .clone();
+            if kind != d.embedding || size != dims {
+                self.notes.push(format!(
+                    "{} ({}): another kind or vector size than the group's first deployment: left out (a chain serves one)",
+                    d.model_id, d.group
+                ));
+                continue;
+            }
+            kept.push(d);
+        }
+        self.deployments = kept;
+        let embedding = |g: &str| first.get(g).map(|(e, _)| *e);
+        let mut notes = Vec::new();
+        for (g, list) in self.fallbacks.iter_mut() {
+            list.retain(|f| {
+                let ok = embedding(g) == Some(false) && embedding(f) == Some(false);
+                if !ok {
+                    notes.push(format!(
+                        "fallbacks of {g:?}: {f:?} is left out ({})",
+                        if embedding(g) == embedding(f) {
+                            "another embedding model changes the vector space"
+                        } else {
+                            "a chain serves one kind"
+                        }
+                    ));
+                }
+                ok
+            });
+        }
+        for (g, list) in self.jumps.iter_mut() {
+            list.retain(|(_, f)| {
+                let ok = embedding(g) == Some(false) && embedding(f) == Some(false);
+                if !ok {
+                    notes.push(format!(
+                        "jumps of {g:?}: {f:?} is left out (a chain serves one kind)"
+                    ));
+                }
+                ok
+            });
+        }
+        self.notes.extend(notes);
     }
 
     fn name_deployments(&mut self) {
@@ -647,10 +849,21 @@ impl Import {
             {
                 windowed.extend(members.iter().cloned());
             }
-            let chain = if on.is_empty() {
+            // LiteLLM retries a group, then falls back; cascade's chain shares one
+            // attempt budget, which must cover every member's retries.
+            let attempts: u64 = members.iter().map(|m| 1 + self.max_retries(m)).sum();
+            let chain = if on.is_empty() && attempts <= u64::from(super::DEFAULT_MAX_ATTEMPTS) {
                 json!(members)
             } else {
-                json!({ "models": members, "on": on })
+                let mut c = Map::new();
+                c.insert("models".into(), json!(members));
+                if !on.is_empty() {
+                    c.insert("on".into(), Value::Object(on));
+                }
+                if attempts > u64::from(super::DEFAULT_MAX_ATTEMPTS) {
+                    c.insert("max_attempts".into(), json!(attempts));
+                }
+                Value::Object(c)
             };
             chains.insert(group.clone(), chain);
         }
@@ -676,24 +889,65 @@ impl Import {
         (Value::Object(root), from_table)
     }
 
+    /// A pool model's same-target retries: its own, else the global, else cascade's 2.
+    fn max_retries(&self, model: &str) -> u64 {
+        let own = self
+            .deployments
+            .iter()
+            .find(|d| d.name == model)
+            .and_then(|d| d.fields.get("retry")?.get("max_retries")?.as_u64());
+        own.or_else(|| self.top.get("retry")?.get("max_retries")?.as_u64())
+            .unwrap_or(2)
+    }
+
     fn members(&self, group: &str) -> Vec<String> {
         self.groups.get(group).cloned().unwrap_or_default()
     }
 }
 
-/// A stand-in for an environment variable while the output is checked, shaped by its
-/// name (a URL, a host, a port, or a key).
-fn placeholder(name: &str) -> String {
-    let n = name.to_ascii_uppercase();
-    if n.contains("PORT") {
-        "6379".into()
-    } else if n.contains("HOST") {
-        "127.0.0.1".into()
-    } else if ["BASE", "URL", "ENDPOINT"].iter().any(|k| n.contains(k)) {
-        "http://127.0.0.1:9".into()
-    } else {
-        "placeholder".into()
+/// The tree with its variables replaced by values of the right shape for the field
+/// they sit in (a URL for a base URL), to check the output without the environment.
+fn for_check(tree: &Value) -> Value {
+    let mut t = tree.clone();
+    if let Some(providers) = t.get_mut("providers").and_then(Value::as_object_mut) {
+        for p in providers.values_mut() {
+            if let Some(Value::String(url)) = p.get_mut("base_url") {
+                if let Some(rest) = url.strip_prefix("${") {
+                    let after = rest.split_once('}').map_or("", |(_, a)| a);
+                    *url = format!("http://127.0.0.1:9{after}");
+                }
+                *url = without_vars(url, "x");
+            }
+        }
     }
+    for path in [["state", "redis_url"], ["cache", "redis_url"]] {
+        if let Some(Value::String(url)) = t.get_mut(path[0]).and_then(|v| v.get_mut(path[1])) {
+            if url.contains("${") {
+                *url = "redis://127.0.0.1:6379".into();
+            }
+        }
+    }
+    t
+}
+
+fn without_vars(s: &str, with: &str) -> String {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(i) = rest.find("${") {
+        out.push_str(&rest[..i]);
+        match rest[i..].find('}') {
+            Some(end) => {
+                out.push_str(with);
+                rest = &rest[i + end + 1..];
+            }
+            None => {
+                rest = &rest[i..];
+                break;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// LiteLLM's provider prefixes with a cascade wire format: (kind, default base URL,
@@ -868,9 +1122,18 @@ fn redis_url(m: &Map<String, Value>) -> Option<String> {
         .get("redis_password")
         .or_else(|| m.get("password"))
         .map(|v| env(&scalar(v)));
+    // Literal parts are percent-encoded (a password may hold `@` or `/`); `${VAR}`
+    // stays as written for the environment to fill in.
+    let enc = |s: String| {
+        if s.contains("${") {
+            s
+        } else {
+            url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>()
+        }
+    };
     Some(match password {
-        Some(p) => format!("redis://:{p}@{host}:{port}"),
-        None => format!("redis://{host}:{port}"),
+        Some(p) if !p.is_empty() => format!("redis://:{}@{}:{}", enc(p), enc(host), enc(port)),
+        _ => format!("redis://{}:{}", enc(host), enc(port)),
     })
 }
 
@@ -900,27 +1163,45 @@ fn duration(secs: f64) -> String {
 /// Context windows of common models, for `context_window_fallbacks` whose configs
 /// give none (LiteLLM reads them from its model map).
 fn known_window(model_id: &str) -> Option<u64> {
-    const WINDOWS: &[(&str, u64)] = &[
-        ("gpt-3.5-turbo-16k", 16_385),
-        ("gpt-3.5-turbo", 16_385),
-        ("gpt-4-32k", 32_768),
-        ("gpt-4-turbo", 128_000),
-        ("gpt-4o-mini", 128_000),
-        ("gpt-4o", 128_000),
-        ("gpt-4.1", 1_047_576),
+    // Exact ids, then families whose every member shares one window. An id not here
+    // gets none: a guess too small would skip a target that fits.
+    const EXACT: &[(&str, u64)] = &[
         ("gpt-4", 8_192),
+        ("gpt-4-0613", 8_192),
+        ("gpt-4-32k", 32_768),
+        ("gpt-4-32k-0613", 32_768),
+        ("gpt-4-1106-preview", 128_000),
+        ("gpt-4-0125-preview", 128_000),
+        ("gpt-4-vision-preview", 128_000),
+        ("gpt-3.5-turbo", 16_385),
+        ("gpt-3.5-turbo-0125", 16_385),
+        ("gpt-3.5-turbo-1106", 16_385),
+        ("gpt-3.5-turbo-16k", 16_385),
         ("o1", 200_000),
+        ("o1-mini", 128_000),
+        ("o1-preview", 128_000),
         ("o3", 200_000),
+        ("o3-mini", 200_000),
         ("o4-mini", 200_000),
-        ("claude", 200_000),
+    ];
+    const FAMILIES: &[(&str, u64)] = &[
+        ("gpt-4o", 128_000),
+        ("gpt-4-turbo", 128_000),
+        ("gpt-4.1", 1_047_576),
+        ("claude-3", 200_000),
+        ("claude-sonnet-4", 200_000),
+        ("claude-opus-4", 200_000),
+        ("claude-haiku-4", 200_000),
         ("gemini-1.5-pro", 2_097_152),
         ("gemini-1.5-flash", 1_048_576),
-        ("gemini-2", 1_048_576),
+        ("gemini-2.0-flash", 1_048_576),
+        ("gemini-2.5", 1_048_576),
     ];
     let id = model_id.rsplit('/').next().unwrap_or(model_id);
-    WINDOWS
+    EXACT
         .iter()
-        .find(|(p, _)| id.starts_with(p))
+        .find(|(m, _)| *m == id)
+        .or_else(|| FAMILIES.iter().find(|(p, _)| id.starts_with(p)))
         .map(|(_, w)| *w)
 }
 
@@ -1037,7 +1318,16 @@ fn yaml_scalar(v: &Value) -> String {
             if plain {
                 s.clone()
             } else {
-                serde_json::to_string(s).unwrap_or_default()
+                // JSON escapes C0 controls; YAML also wants DEL and C1 escaped.
+                let mut q = String::with_capacity(s.len() + 2);
+                for c in serde_json::to_string(s).unwrap_or_default().chars() {
+                    if ('\u{7f}'..='\u{9f}').contains(&c) {
+                        q.push_str(&format!("\\u{:04x}", c as u32));
+                    } else {
+                        q.push(c);
+                    }
+                }
+                q
             }
         }
         other => other.to_string(),

@@ -9,8 +9,11 @@
 //!   local; their presence makes it remote instead (a proxy on the same host, a
 //!   sidecar or a `kubectl port-forward`, connects from loopback for clients who are
 //!   not). So do a `Host` that is not a loopback name (DNS rebinding: a page on
-//!   another site resolving its name to 127.0.0.1) and `Sec-Fetch-Site: cross-site`.
-//!   Such a caller gets a 403 that names `admin.token`.
+//!   another site resolving its name to 127.0.0.1), a browser's `Sec-Fetch-Site` other
+//!   than `same-origin` or `none`, and an `Origin` that is not the gateway's own. A
+//!   same-host proxy that adds none of these headers still looks local: put
+//!   `admin.token` on a gateway behind one. Such a caller gets a 403 that names
+//!   `admin.token`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -71,24 +74,43 @@ fn bearer(v: &str) -> Option<&str> {
 /// A loopback connection that speaks for someone else: a proxy's forwarding headers, a
 /// `Host` that is not a loopback name, or a browser saying the page is another site's.
 fn relayed_or_foreign(h: &axum::http::HeaderMap) -> bool {
-    const RELAYED: [&str; 4] = [
+    const RELAYED: [&str; 11] = [
         "x-forwarded-for",
         "forwarded",
         "x-real-ip",
         "x-forwarded-host",
+        "x-forwarded-proto",
+        "via",
+        "cf-connecting-ip",
+        "true-client-ip",
+        "x-client-ip",
+        "x-cluster-client-ip",
+        "x-envoy-external-address",
     ];
     if RELAYED.iter().any(|name| h.contains_key(*name)) {
         return true;
     }
+    // A browser's request from any page but the gateway's own (another port on
+    // localhost is `same-site`): a simple cross-origin POST needs no preflight.
     if h.get("sec-fetch-site")
-        .is_some_and(|v| v.as_bytes() == b"cross-site")
+        .is_some_and(|v| !matches!(v.as_bytes(), b"same-origin" | b"none"))
     {
         return true;
     }
-    match h.get(header::HOST).map(|v| v.to_str()) {
-        None => false,
-        Some(Ok(host)) => !is_loopback_host(host),
-        Some(Err(_)) => true,
+    let host = match h.get(header::HOST).map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(host)) if is_loopback_host(host) => Some(host),
+        Some(_) => return true,
+    };
+    // Older browsers send no Sec-Fetch-Site, but a cross-origin request carries an
+    // Origin that is not this host.
+    match (h.get(header::ORIGIN).map(|v| v.to_str()), host) {
+        (None, _) => false,
+        (Some(Ok(origin)), Some(host)) => {
+            let authority = origin.split_once("://").map_or("", |(_, a)| a);
+            !authority.eq_ignore_ascii_case(host)
+        }
+        _ => true,
     }
 }
 
@@ -193,6 +215,28 @@ mod tests {
             ("host", "localhost"),
             ("sec-fetch-site", "cross-site")
         ]));
+        assert!(with(&[
+            ("host", "localhost:8080"),
+            ("sec-fetch-site", "same-site")
+        ]));
+        assert!(!with(&[
+            ("host", "localhost:8080"),
+            ("sec-fetch-site", "none")
+        ]));
+        assert!(with(&[("host", "localhost"), ("via", "1.1 proxy")]));
+        assert!(with(&[
+            ("host", "localhost"),
+            ("cf-connecting-ip", "203.0.113.9")
+        ]));
+        assert!(!with(&[
+            ("host", "localhost:8080"),
+            ("origin", "http://localhost:8080")
+        ]));
+        assert!(with(&[
+            ("host", "localhost:8080"),
+            ("origin", "http://localhost:3000")
+        ]));
+        assert!(with(&[("host", "localhost:8080"), ("origin", "null")]));
     }
 
     #[test]
