@@ -19,46 +19,11 @@ fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
 }
 
-/// A YAML file as JSON (one document), keys as written.
+/// A YAML file as JSON, keys as written, merge keys applied as compose applies them.
 fn yaml(path: &Path) -> Value {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let docs = yaml_rust2::YamlLoader::load_from_str(&text)
-        .unwrap_or_else(|e| panic!("{} does not parse: {e}", path.display()));
-    assert_eq!(docs.len(), 1, "{}: one document", path.display());
-    to_json(&docs[0])
-}
-
-fn to_json(y: &yaml_rust2::Yaml) -> Value {
-    use yaml_rust2::Yaml;
-    match y {
-        Yaml::Real(r) => r.parse::<f64>().map_or(Value::Null, |f| json!(f)),
-        Yaml::Integer(i) => json!(i),
-        Yaml::String(s) => json!(s),
-        Yaml::Boolean(b) => json!(b),
-        Yaml::Array(a) => Value::Array(a.iter().map(to_json).collect()),
-        Yaml::Hash(h) => {
-            let mut m: serde_json::Map<String, Value> = h
-                .iter()
-                .map(|(k, v)| {
-                    let key = match k {
-                        Yaml::String(s) => s.clone(),
-                        Yaml::Integer(i) => i.to_string(),
-                        other => format!("{other:?}"),
-                    };
-                    (key, to_json(v))
-                })
-                .collect();
-            // A merge key (`<<: *anchor`), as compose reads it: the anchor's entries
-            // under the ones written here.
-            if let Some(Value::Object(base)) = m.remove("<<") {
-                for (k, v) in base {
-                    m.entry(k).or_insert(v);
-                }
-            }
-            Value::Object(m)
-        }
-        _ => Value::Null,
-    }
+    cascade::config::yaml::parse(&text)
+        .unwrap_or_else(|e| panic!("{} does not parse: {e}", path.display()))
 }
 
 fn promtool(args: &[&str]) {

@@ -32,9 +32,8 @@ fn import(fixture: &str) -> Imported {
     assert_eq!(out.status.code(), Some(0), "{fixture}: {notes}");
     assert!(out.stdout.is_empty(), "-o writes the file, not stdout");
     let yaml = std::fs::read_to_string(&file).expect("output written");
-    let docs = yaml_rust2::YamlLoader::load_from_str(&yaml).expect("output is YAML");
     Imported {
-        tree: to_json(&docs[0]),
+        tree: cascade::config::yaml::parse(&yaml).expect("output is YAML"),
         yaml,
         notes,
         file,
@@ -82,23 +81,6 @@ fn check(imported: &Imported) -> Value {
     assert_eq!(out.status.code(), Some(0), "{v}\n{}", imported.yaml);
     assert_eq!(v["ok"], true, "{v}");
     v
-}
-
-fn to_json(y: &yaml_rust2::Yaml) -> Value {
-    use yaml_rust2::Yaml;
-    match y {
-        Yaml::Real(r) => r.parse::<f64>().map_or(Value::Null, |f| json!(f)),
-        Yaml::Integer(i) => json!(i),
-        Yaml::String(s) => json!(s),
-        Yaml::Boolean(b) => json!(b),
-        Yaml::Array(a) => Value::Array(a.iter().map(to_json).collect()),
-        Yaml::Hash(h) => Value::Object(
-            h.iter()
-                .filter_map(|(k, v)| Some((k.as_str()?.to_string(), to_json(v))))
-                .collect(),
-        ),
-        _ => Value::Null,
-    }
 }
 
 #[test]

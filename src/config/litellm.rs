@@ -61,8 +61,7 @@ const AZURE_API_VERSION: &str = "2024-10-21";
 
 /// Converts a LiteLLM proxy config. Errors are for input that is not one.
 pub fn import(text: &str) -> Result<Imported, String> {
-    let docs = yaml_rust2::YamlLoader::load_from_str(text).map_err(|e| format!("not YAML: {e}"))?;
-    let root = docs.first().map(to_json).unwrap_or(Value::Null);
+    let root = super::yaml::parse(text).map_err(|e| format!("not YAML: {e}"))?;
     let Value::Object(root) = root else {
         return Err("not a LiteLLM config: expected a mapping with a model_list".into());
     };
@@ -1215,51 +1214,6 @@ fn known_dimensions(model_id: &str) -> Option<u64> {
     DIMS.iter()
         .find(|(p, _)| id.starts_with(p))
         .map(|(_, d)| *d)
-}
-
-/// A YAML document as JSON, keys as written; merge keys (`<<: *anchor`) applied.
-fn to_json(y: &yaml_rust2::Yaml) -> Value {
-    use yaml_rust2::Yaml;
-    match y {
-        Yaml::Real(r) => r.parse::<f64>().map_or(Value::Null, |f| json!(f)),
-        Yaml::Integer(i) => json!(i),
-        Yaml::String(s) => json!(s),
-        Yaml::Boolean(b) => json!(b),
-        Yaml::Array(a) => Value::Array(a.iter().map(to_json).collect()),
-        Yaml::Hash(h) => {
-            let mut m = Map::new();
-            let mut merged = Vec::new();
-            for (k, v) in h {
-                let key = match k {
-                    Yaml::String(s) => s.clone(),
-                    Yaml::Integer(i) => i.to_string(),
-                    Yaml::Real(r) => r.clone(),
-                    Yaml::Boolean(b) => b.to_string(),
-                    _ => continue,
-                };
-                if key == "<<" {
-                    merged.push(to_json(v));
-                } else {
-                    m.insert(key, to_json(v));
-                }
-            }
-            for base in merged {
-                let bases = match base {
-                    Value::Array(a) => a,
-                    other => vec![other],
-                };
-                for b in bases {
-                    if let Value::Object(b) = b {
-                        for (k, v) in b {
-                            m.entry(k).or_insert(v);
-                        }
-                    }
-                }
-            }
-            Value::Object(m)
-        }
-        _ => Value::Null,
-    }
 }
 
 /// Block-style YAML for a JSON tree; lists of scalars in flow style.

@@ -8,6 +8,7 @@ pub mod lint;
 pub mod litellm;
 pub mod raw;
 pub mod units;
+pub mod yaml;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
