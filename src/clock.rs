@@ -9,6 +9,13 @@ pub fn now_ms() -> i64 {
     to_ms(SystemTime::now())
 }
 
+/// The wall-clock milliseconds of `at`, a `tokio` instant ahead of `now` (read at
+/// `now_ms`): a breaker's reopening time, for people.
+pub fn ms_at(at: tokio::time::Instant, now: tokio::time::Instant, now_ms: i64) -> i64 {
+    let wait = at.saturating_duration_since(now).as_millis();
+    now_ms.saturating_add(i64::try_from(wait).unwrap_or(i64::MAX))
+}
+
 pub fn to_ms(t: SystemTime) -> i64 {
     match t.duration_since(UNIX_EPOCH) {
         Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),

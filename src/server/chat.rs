@@ -336,9 +336,8 @@ async fn answer(
     if let Err(e) = serves_kind(&chain, &req) {
         return rejected(app, ledger, &e, &on.surface);
     }
-    let timeout = match client_timeout(headers) {
-        Ok(Some(t)) => t.min(chain.request_timeout),
-        Ok(None) => chain.request_timeout,
+    let timeout = match request_timeout(headers, &chain) {
+        Ok((t, _)) => t,
         Err(e) => return rejected(app, ledger, &e, &on.surface),
     };
     let ctx = Arc::new(RequestCtx::for_request(
@@ -693,8 +692,19 @@ fn rejected(app: &AppState, ledger: Ledger, e: &ApiError, surface: &Surface) -> 
     r
 }
 
+/// The request's deadline on `chain`, and whether the client's header shortened it.
+pub(super) fn request_timeout(
+    headers: &HeaderMap,
+    chain: &Chain,
+) -> Result<(std::time::Duration, bool), ApiError> {
+    Ok(match client_timeout(headers)? {
+        Some(t) if t < chain.request_timeout => (t, true),
+        _ => (chain.request_timeout, false),
+    })
+}
+
 /// `x-cascade-timeout-ms`: a client may shorten the request's deadline, never lengthen it.
-pub(super) fn client_timeout(headers: &HeaderMap) -> Result<Option<std::time::Duration>, ApiError> {
+fn client_timeout(headers: &HeaderMap) -> Result<Option<std::time::Duration>, ApiError> {
     let Some(v) = headers.get(X_TIMEOUT_MS) else {
         return Ok(None);
     };

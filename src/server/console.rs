@@ -99,8 +99,7 @@ pub(super) fn strategy(s: &Strategy) -> Value {
 
 /// An `Instant` ahead, as RFC 3339 wall time.
 fn wall(at: tokio::time::Instant, now: tokio::time::Instant, now_ms: i64) -> String {
-    let wait = at.saturating_duration_since(now).as_millis();
-    clock::rfc3339_s(now_ms + i64::try_from(wait).unwrap_or(0))
+    clock::rfc3339_s(clock::ms_at(at, now, now_ms))
 }
 
 fn ms(d: Option<Duration>) -> Option<f64> {

@@ -82,9 +82,9 @@ pub async fn explain(
     if let Err(e) = chat::serves_kind(chain, &req) {
         return super::surface_error(&surface, &e);
     }
-    let (request_timeout, timeout_from) = match chat::client_timeout(headers) {
-        Ok(Some(t)) if t < chain.request_timeout => (t, "x-cascade-timeout-ms"),
-        Ok(_) => (chain.request_timeout, "chain"),
+    let (request_timeout, timeout_from) = match chat::request_timeout(headers, chain) {
+        Ok((t, true)) => (t, "x-cascade-timeout-ms"),
+        Ok((t, false)) => (t, "chain"),
         Err(e) => return super::surface_error(&surface, &e),
     };
     let planned = plan(chain, &req);
@@ -159,8 +159,7 @@ fn millis(d: Duration) -> u64 {
 }
 
 fn wall(at: tokio::time::Instant, now: tokio::time::Instant, now_ms: i64) -> String {
-    let wait = at.saturating_duration_since(now).as_millis();
-    clock::rfc3339_ms(now_ms + i64::try_from(wait).unwrap_or(0))
+    clock::rfc3339_ms(clock::ms_at(at, now, now_ms))
 }
 
 fn chain_reason(
