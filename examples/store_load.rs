@@ -9,6 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cascade::name::Name;
 use cascade::store::{CallKind, CallRow, RequestRow, Row, Store, StoreSettings, Tokens};
 
 const MODELS: [&str; 4] = ["gpt-4o", "claude-sonnet", "gpt-4o-mini", "llama-3.1-8b"];
@@ -51,13 +52,13 @@ fn main() {
     };
     let now = cascade::clock::now_ms();
     let span_ms = (days * 86_400_000.0) as i64;
-    let model: Vec<Arc<str>> = MODELS.iter().map(|m| Arc::from(*m)).collect();
-    let chain: Vec<Arc<str>> = CHAINS.iter().map(|c| Arc::from(*c)).collect();
-    let provider: Arc<str> = "mock".into();
+    let model: Vec<Name> = MODELS.iter().map(|m| Name::new(m)).collect();
+    let chain: Vec<Name> = CHAINS.iter().map(|c| Name::new(c)).collect();
+    let provider = Name::new("mock");
     let started = Instant::now();
     let mut request_id: Arc<str> = "".into();
     for i in 0..calls {
-        while metrics.store.queue_depth.get() > (queue as i64 - 4096) {
+        while store.waiting() > queue - 4096 {
             std::thread::sleep(Duration::from_micros(200));
         }
         // Oldest first, as a gateway writes them.
@@ -71,9 +72,9 @@ fn main() {
         store.record(Row::Call(CallRow {
             started_ms: at,
             request_id: request_id.clone(),
-            chain: chain[m % 3].clone(),
-            model: model[m].clone(),
-            provider: provider.clone(),
+            chain: chain[m % 3],
+            model: model[m],
+            provider,
             kind: if i % 2 == 0 {
                 CallKind::Primary
             } else {
@@ -97,10 +98,10 @@ fn main() {
                 request_id: request_id.clone(),
                 arrived_ms: at,
                 surface: "chat",
-                chain: Some(chain[m % 3].clone()),
+                chain: Some(chain[m % 3]),
                 status: 200,
-                model: Some(model[m].clone()),
-                provider: Some(provider.clone()),
+                model: Some(model[m]),
+                provider: Some(provider),
                 attempts: 2,
                 fallbacks: u32::from(i % 4 == 1),
                 cache: "miss",

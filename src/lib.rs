@@ -10,6 +10,7 @@ pub mod log;
 pub mod log_sink;
 pub mod metrics;
 pub mod mock;
+pub mod name;
 pub mod providers;
 pub mod redis_conn;
 pub mod resilience;

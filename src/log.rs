@@ -55,11 +55,12 @@ pub fn dropped_lines() -> u64 {
 /// Keeps the log writer running; dropping it writes out what is queued.
 pub struct LogGuard(#[allow(dead_code)] Option<crate::log_sink::Flusher>);
 
-/// Installs the global subscriber. A second call (tests) changes nothing.
-pub fn init(settings: LogSettings) -> LogGuard {
+/// Installs the global subscriber, with a line buffer for each of `workers` threads.
+/// A second call (tests) changes nothing.
+pub fn init(settings: LogSettings, workers: usize) -> LogGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let (sink, flusher) = match crate::log_sink::start(stdout_buffered()) {
+    let (sink, flusher) = match crate::log_sink::start(stdout_buffered(), workers) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("cascade: cannot start the log writer: {e}");
@@ -135,6 +136,7 @@ pub fn write_json_line(
     let mut fields = Fields {
         out,
         seen: 0,
+        next: 0,
         required,
         result: Ok(()),
     };
@@ -181,20 +183,31 @@ fn escaped(out: &mut dyn std::fmt::Write, s: &str) -> std::fmt::Result {
 struct Fields<'a> {
     out: &'a mut dyn std::fmt::Write,
     seen: u64,
+    /// Where in `required` the next field is expected.
+    next: usize,
     required: &'static [&'static str],
     result: std::fmt::Result,
 }
 
 impl Fields<'_> {
     fn key(&mut self, field: &Field) {
-        if let Some(i) = self.required.iter().position(|k| *k == field.name()) {
+        // The contract lines declare their fields in `required`'s order: look at the
+        // one after the last found first, and search only for a field out of place.
+        let name = field.name();
+        let found = match self.required.get(self.next) {
+            Some(k) if *k == name => Some(self.next),
+            _ if name == "message" => None,
+            _ => self.required.iter().position(|k| *k == name),
+        };
+        if let Some(i) = found {
             self.seen |= 1 << i;
+            self.next = i + 1;
         }
         if self.result.is_ok() {
             self.result = self
                 .out
                 .write_str(",\"")
-                .and_then(|()| self.out.write_str(field.name()))
+                .and_then(|()| self.out.write_str(name))
                 .and_then(|()| self.out.write_str("\":"));
         }
     }

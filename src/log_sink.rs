@@ -1,11 +1,14 @@
-//! Where log lines go: a shared in-memory buffer that one thread writes to standard
-//! output every few milliseconds.
+//! Where log lines go: in-memory buffers, one per worker thread, that one thread
+//! writes to standard output every few milliseconds.
 //!
 //! A writer thread that wakes for each line costs a futex wake, a context switch and
 //! a `write` per line, taken from the cores that answer requests. Here a line is one
-//! copy into the buffer under a short lock; the flusher wakes on its own tick and
-//! writes whatever has gathered in one call. When the buffer is full (standard output
-//! is slower than the log), lines are dropped and counted, never waited for.
+//! copy into its worker's buffer under a lock only that worker and the flusher take
+//! (one shared buffer would move its lock's cache line between the cores on every
+//! line); the flusher wakes on its own tick and writes whatever has gathered in one
+//! call. Lines of one worker keep their order; lines of different workers are written
+//! a tick's worth at a time. When a buffer is full (standard output is slower than
+//! the log), lines are dropped and counted, never waited for.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -14,11 +17,24 @@ use std::time::Duration;
 
 /// How often the flusher writes what has gathered.
 const TICK: Duration = Duration::from_millis(10);
-/// Bytes the buffer holds at most before lines are dropped.
+/// Bytes one worker's buffer holds at most before its lines are dropped.
 const LIMIT: usize = 8 * 1024 * 1024;
 
+/// One worker's buffer; aligned so two never share a cache line.
+#[repr(align(128))]
+struct Lane(Mutex<Vec<u8>>);
+
+impl Lane {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        match self.0.lock() {
+            Ok(b) => b,
+            Err(p) => p.into_inner(),
+        }
+    }
+}
+
 pub struct Sink {
-    buf: Mutex<Vec<u8>>,
+    lanes: Box<[Lane]>,
     dropped: AtomicU64,
     stop: AtomicBool,
 }
@@ -30,10 +46,7 @@ impl Sink {
     }
 
     fn push(&self, line: &[u8]) {
-        let mut buf = match self.buf.lock() {
-            Ok(b) => b,
-            Err(p) => p.into_inner(),
-        };
+        let mut buf = self.lanes[crate::workers::index() % self.lanes.len()].lock();
         if buf.len() + line.len() > LIMIT {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -41,19 +54,19 @@ impl Sink {
         }
     }
 
-    /// Writes out what has gathered; the buffer is swapped out so the lock is short.
+    /// Writes out what has gathered; each buffer is swapped out so its lock is short.
     fn flush_to(&self, out: &mut dyn Write, spare: &mut Vec<u8>) {
-        {
-            let mut buf = match self.buf.lock() {
-                Ok(b) => b,
-                Err(p) => p.into_inner(),
-            };
-            std::mem::swap(&mut *buf, spare);
+        let mut wrote = false;
+        for lane in self.lanes.iter() {
+            std::mem::swap(&mut *lane.lock(), spare);
+            if !spare.is_empty() {
+                let _ = out.write_all(spare);
+                spare.clear();
+                wrote = true;
+            }
         }
-        if !spare.is_empty() {
-            let _ = out.write_all(spare);
+        if wrote {
             let _ = out.flush();
-            spare.clear();
         }
     }
 }
@@ -82,10 +95,16 @@ impl Drop for Flusher {
     }
 }
 
-/// A sink writing to `out` from its own thread (named `cascade-log`).
-pub fn start(mut out: Box<dyn Write + Send>) -> std::io::Result<(Arc<Sink>, Flusher)> {
+/// A sink writing to `out` from its own thread (named `cascade-log`), with a buffer
+/// for each of `workers` threads (at least one).
+pub fn start(
+    mut out: Box<dyn Write + Send>,
+    workers: usize,
+) -> std::io::Result<(Arc<Sink>, Flusher)> {
     let sink = Arc::new(Sink {
-        buf: Mutex::new(Vec::with_capacity(64 * 1024)),
+        lanes: (0..workers.max(1))
+            .map(|_| Lane(Mutex::new(Vec::with_capacity(64 * 1024))))
+            .collect(),
         dropped: AtomicU64::new(0),
         stop: AtomicBool::new(false),
     });
@@ -113,9 +132,11 @@ pub fn start(mut out: Box<dyn Write + Send>) -> std::io::Result<(Arc<Sink>, Flus
 }
 
 /// One line's writer: the formatter writes a whole line, which goes to the buffer.
-pub struct LineWriter(Arc<Sink>);
+/// It borrows the sink (a clone per line would be an atomic increment and decrement on
+/// a count every core shares).
+pub struct LineWriter<'a>(&'a Sink);
 
-impl Write for LineWriter {
+impl Write for LineWriter<'_> {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
         self.0.push(data);
         Ok(data.len())
@@ -127,10 +148,10 @@ impl Write for LineWriter {
 }
 
 impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for SinkHandle {
-    type Writer = LineWriter;
+    type Writer = LineWriter<'a>;
 
     fn make_writer(&'a self) -> Self::Writer {
-        LineWriter(self.0.clone())
+        LineWriter(&self.0)
     }
 }
 
@@ -157,8 +178,8 @@ mod tests {
     #[test]
     fn lines_gather_and_are_written_out_and_a_full_buffer_drops_and_counts() {
         let out = Shared::default();
-        let (sink, flusher) = start(Box::new(out.clone())).unwrap();
-        let mut w = LineWriter(sink.clone());
+        let (sink, flusher) = start(Box::new(out.clone()), 2).unwrap();
+        let mut w = LineWriter(&sink);
         w.write_all(b"one\n").unwrap();
         w.write_all(b"two\n").unwrap();
         let big = vec![b'x'; LIMIT + 1];

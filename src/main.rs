@@ -470,7 +470,7 @@ fn serve(path: &std::path::Path) -> ExitCode {
         Ok(c) => Arc::new(c),
         Err(code) => return code,
     };
-    let _log = cascade::log::init(config.log);
+    let _log = cascade::log::init(config.log, cascade::server::worker_lanes(&config));
     let state = match AppState::with_path(config.clone(), Some(path.to_path_buf())) {
         Ok(s) => s,
         Err(e) => {

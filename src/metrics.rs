@@ -1,5 +1,6 @@
 //! Prometheus metrics. Labels stay low-cardinality: chain, model, provider, outcome class.
 
+use crate::name::Name;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +23,8 @@ pub struct Metrics {
     pub upstream_duration: HistogramVec,
     pub overhead: Histogram,
     pub inflight: IntGauge,
+    /// Open client connections per per-core worker (the accept balance's counts).
+    pub worker_connections: IntGaugeVec,
     pub circuit_state: IntGaugeVec,
     pub config_reloads: IntCounterVec,
     /// Failed operations on the shared-state Redis (`state.redis_url`).
@@ -67,7 +70,7 @@ struct Bound {
 }
 
 struct ChainHandles {
-    name: Arc<str>,
+    name: Name,
     duration: Histogram,
     answered_ok: IntCounter,
     cache: [IntCounter; CACHE_RESULTS.len()],
@@ -78,7 +81,7 @@ struct ChainHandles {
 }
 
 struct ModelHandles {
-    name: Arc<str>,
+    name: Name,
     upstream: Histogram,
     ttft: Histogram,
     prompt_tokens: IntCounter,
@@ -157,6 +160,17 @@ impl Metrics {
             .expect("valid metric");
         registry
             .register(Box::new(inflight.clone()))
+            .expect("unique metric");
+        let worker_connections = IntGaugeVec::new(
+            Opts::new(
+                "cascade_worker_connections",
+                "Open client connections per worker (scheduler: per_core).",
+            ),
+            &["worker"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(worker_connections.clone()))
             .expect("unique metric");
         let circuit_state = IntGaugeVec::new(
             Opts::new(
@@ -344,6 +358,7 @@ impl Metrics {
             .expect("unique metric");
         Metrics {
             registry,
+            worker_connections,
             config_reloads,
             config_info,
             state_errors,
@@ -421,7 +436,7 @@ impl Metrics {
     fn bind_chain(&self, chain: &Chain) -> ChainHandles {
         let name = &*chain.name;
         ChainHandles {
-            name: chain.name.clone(),
+            name: chain.name,
             duration: self.request_duration.with_label_values(&[name]),
             answered_ok: self.requests_total.with_label_values(&[name, "200"]),
             cache: CACHE_RESULTS.map(|r| self.cache_requests.with_label_values(&[name, r])),
@@ -442,7 +457,7 @@ impl Metrics {
     fn bind_model(&self, model: &Model) -> ModelHandles {
         let name = &*model.name;
         ModelHandles {
-            name: model.name.clone(),
+            name: model.name,
             upstream: self
                 .upstream_duration
                 .with_label_values(&[name, &model.provider.name]),
@@ -460,19 +475,19 @@ impl Metrics {
         Self::chain_at(bound, &chain.name, chain.index)
     }
 
-    fn chain_at<'a>(bound: &'a Bound, name: &Arc<str>, index: usize) -> Option<&'a ChainHandles> {
+    fn chain_at<'a>(bound: &'a Bound, name: &Name, index: usize) -> Option<&'a ChainHandles> {
         bound
             .chains
             .get(index)?
             .as_ref()
-            .filter(|h| Arc::ptr_eq(&h.name, name))
+            .filter(|h| h.name == *name)
     }
 
     fn model<'a>(bound: &'a Bound, model: &Model) -> Option<&'a ModelHandles> {
         bound
             .models
             .get(model.index)
-            .filter(|h| Arc::ptr_eq(&h.name, &model.name))
+            .filter(|h| h.name == model.name)
     }
 
     /// One answered chat request: its duration and status.
@@ -510,7 +525,7 @@ impl Metrics {
     /// `Chain::index`), ended with `outcome` (`ok`, `cancelled` or an error class).
     pub fn count_attempt(
         &self,
-        (chain, index): (&Arc<str>, usize),
+        (chain, index): (&Name, usize),
         position: usize,
         model: &Model,
         outcome: &str,

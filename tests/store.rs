@@ -833,9 +833,9 @@ async fn retention_deletes_old_rows_at_start(kind: Kind) {
             writer.record(cascade::store::Row::Call(cascade::store::CallRow {
                 started_ms: now - age_days * day,
                 request_id: format!("r{age_days}").into(),
-                chain: "c".into(),
-                model: "m".into(),
-                provider: "p".into(),
+                chain: cascade::name::Name::new("c"),
+                model: cascade::name::Name::new("m"),
+                provider: cascade::name::Name::new("p"),
                 kind: cascade::store::CallKind::Primary,
                 success: true,
                 status: Some(200),

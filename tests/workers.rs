@@ -24,6 +24,7 @@ chains:
 
 struct PerCore {
     addr: std::net::SocketAddr,
+    state: Arc<AppState>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
 }
@@ -38,13 +39,15 @@ impl PerCore {
         let addr = listener.local_addr().expect("addr");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let state = AppState::new(Arc::new(config)).expect("state");
+        let served = state.clone();
         let thread = std::thread::spawn(move || {
-            server::serve_per_core(state, listener, async move {
+            server::serve_per_core(served, listener, async move {
                 let _ = stopped.await;
             })
         });
         PerCore {
             addr,
+            state,
             stop: Some(stop),
             thread: Some(thread),
         }
@@ -150,4 +153,69 @@ async fn per_core_shutdown_drains_requests_in_flight() {
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["model"], "slow");
     }
+}
+
+impl PerCore {
+    /// Open connections per worker, as `cascade_worker_connections` shows them.
+    fn open_per_worker(&self) -> [i64; 2] {
+        let g = &self.state.metrics.worker_connections;
+        [
+            g.with_label_values(&["0"]).get(),
+            g.with_label_values(&["1"]).get(),
+        ]
+    }
+}
+
+/// Opens a keep-alive connection and has one request answered on it, so the gateway
+/// has accepted it.
+async fn open_connection(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tcp.write_all(b"GET /healthz HTTP/1.1\r\nhost: gw\r\n\r\n")
+        .await
+        .expect("write");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
+            .await
+            .expect("answered within 5 s")
+            .expect("read");
+        assert!(n > 0, "the gateway closed the connection");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    tcp
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_core_workers_share_keep_alive_connections_evenly() {
+    let mock = MockServer::start("127.0.0.1:0").await.expect("mock");
+    let gw = PerCore::start(&mock);
+    // One after another: with both workers idle, the first awake would take each one.
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        held.push(open_connection(gw.addr).await);
+    }
+    assert_eq!(gw.open_per_worker(), [5, 5], "ten connections, five each");
+    // Closing connections on one side lets that worker take the next ones.
+    held.truncate(4);
+    for _ in 0..200 {
+        if gw.open_per_worker().iter().sum::<i64>() == 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let [a, b] = gw.open_per_worker();
+    assert_eq!(a + b, 4, "closed connections are counted off");
+    for _ in 0..6 {
+        held.push(open_connection(gw.addr).await);
+    }
+    assert_eq!(gw.open_per_worker(), [5, 5]);
+    drop(held);
+    gw.shut_down().await.expect("clean shutdown");
 }

@@ -8,6 +8,7 @@
 mod key;
 mod redis_tier;
 
+use crate::name::Name;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -34,8 +35,8 @@ pub struct Entry {
     /// The answer as a `chat.completion` body.
     pub body: Bytes,
     /// Pool and provider names of the model that answered.
-    pub model: Arc<str>,
-    pub provider: Arc<str>,
+    pub model: Name,
+    pub provider: Name,
     pub stored: Instant,
     pub fresh_until: Instant,
     /// The stored answer carries `usage` (a stream stored without it does not).
@@ -259,8 +260,8 @@ impl ResponseCache {
         self: &Arc<Self>,
         key: Key,
         body: Bytes,
-        model: Arc<str>,
-        provider: Arc<str>,
+        model: Name,
+        provider: Name,
         ttl: Duration,
         has_usage: bool,
     ) {

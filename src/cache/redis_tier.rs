@@ -149,13 +149,16 @@ impl RedisTier {
                 }
             };
         let stored: Stored = serde_json::from_slice(&reply?).ok()?;
+        // A model this gateway's config never named (another fleet's entry) is a miss.
+        let model = crate::name::Name::known(&stored.model)?;
+        let provider = crate::name::Name::known(&stored.provider)?;
         let age = Duration::from_millis(unix_ms().saturating_sub(stored.stored_ms));
         let now = Instant::now();
         let stored_at = now.checked_sub(age).unwrap_or(now);
         Some(Entry {
             body: Bytes::from(stored.body),
-            model: stored.model.into(),
-            provider: stored.provider.into(),
+            model,
+            provider,
             stored: stored_at,
             fresh_until: stored_at + Duration::from_millis(stored.fresh_ms),
             has_usage: stored.has_usage,

@@ -23,6 +23,7 @@ use raw::{ChainForm, RawAction, RawBreaker, RawBudget, RawConfig, RawRetry};
 pub use raw::{ProviderKind, Scheduler};
 
 use crate::classify::{Action, ErrorClass};
+pub use crate::name::Name;
 use crate::resilience::breaker::{Breaker, BreakerSettings};
 use crate::resilience::budget::BudgetSettings;
 use crate::resilience::health::{Health, HealthSettings};
@@ -191,7 +192,7 @@ pub struct Chaos {
 
 #[derive(Debug)]
 pub struct Provider {
-    pub name: Arc<str>,
+    pub name: Name,
     /// `name` as a response header value, built once (`None` if it cannot be one).
     pub name_header: Option<HeaderValue>,
     pub kind: ProviderKind,
@@ -220,7 +221,7 @@ impl Provider {
 /// One entry of the model pool: a callable target.
 #[derive(Debug)]
 pub struct Model {
-    pub name: Arc<str>,
+    pub name: Name,
     /// Position in `Config::models` (metric handles are bound by it).
     pub index: usize,
     /// `name` as a response header value, built once (`None` if it cannot be one).
@@ -306,7 +307,7 @@ pub use crate::api::Capabilities;
 /// An ordered fallback chain.
 #[derive(Debug)]
 pub struct Chain {
-    pub name: Arc<str>,
+    pub name: Name,
     /// Position in `Config::chains`, then `Config::model_chains` (metric handles are
     /// bound by it).
     pub index: usize,
@@ -614,7 +615,7 @@ fn validate(raw: RawConfig, targets: &mut Generation<'_>) -> Result<Config, Conf
         models.insert(
             name.clone(),
             Arc::new(Model {
-                name: name.as_str().into(),
+                name: Name::new(name),
                 index: models.len(),
                 name_header: HeaderValue::from_str(name).ok(),
                 provider: provider.clone(),
@@ -761,7 +762,7 @@ fn validate(raw: RawConfig, targets: &mut Generation<'_>) -> Result<Config, Conf
             name.clone(),
             Arc::new(Chain {
                 shadow,
-                name: name.as_str().into(),
+                name: Name::new(name),
                 index: chains.len(),
                 name_header: HeaderValue::from_str(name).ok(),
                 targets: members
@@ -794,7 +795,7 @@ fn validate(raw: RawConfig, targets: &mut Generation<'_>) -> Result<Config, Conf
         model_chains.insert(
             name.clone(),
             Arc::new(Chain {
-                name: name.as_str().into(),
+                name: Name::new(name),
                 index: chains.len() + model_chains.len(),
                 name_header: HeaderValue::from_str(name).ok(),
                 targets: members
@@ -1607,7 +1608,7 @@ fn validate_provider(
         None => HeaderValue::from_str(h).ok(),
     });
     Ok(Provider {
-        name: name.into(),
+        name: Name::new(name),
         name_header: HeaderValue::from_str(name).ok(),
         host,
         kind: p.kind,

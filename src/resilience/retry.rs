@@ -2,6 +2,7 @@
 //! jitter, Retry-After honoured, and three limits: the per-request attempt budget, the
 //! request deadline (and `max_retry_wait`), and the gateway-wide retry budget.
 
+use crate::name::Name;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -50,11 +51,11 @@ pub struct RetryLayer {
     policy: RetryPolicy,
     shared: RetryShared,
     /// Metric label.
-    model: Arc<str>,
+    model: Name,
 }
 
 impl RetryLayer {
-    pub fn new(policy: RetryPolicy, shared: RetryShared, model: Arc<str>) -> Self {
+    pub fn new(policy: RetryPolicy, shared: RetryShared, model: Name) -> Self {
         RetryLayer {
             policy,
             shared,

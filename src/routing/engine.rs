@@ -4,6 +4,7 @@
 //! decides from each failure's class whether to move on, jump, or stop.
 //! Retries happen inside each target's stack (`target.rs`), never here.
 
+use crate::name::Name;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -69,15 +70,15 @@ impl AttemptRecord {
     }
 
     /// This call as a `model_calls` row. A failed call costs nothing.
-    pub fn row(&self, request_id: &Arc<str>, chain: &Arc<str>) -> CallRow {
+    pub fn row(&self, request_id: &Arc<str>, chain: Name) -> CallRow {
         let success = self.error_type().is_none();
         let tokens = self.usage.as_ref().map(Tokens::from);
         CallRow {
             started_ms: self.started_ms,
             request_id: request_id.clone(),
-            chain: chain.clone(),
-            model: self.model.name.clone(),
-            provider: self.model.provider.name.clone(),
+            chain,
+            model: self.model.name,
+            provider: self.model.provider.name,
             kind: self.kind,
             success,
             status: self.status,

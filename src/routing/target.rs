@@ -5,6 +5,7 @@
 //! Retries wrap everything, so each try passes the breaker and gets its own timeout;
 //! `Record` sits outside `Timeout` so a timed-out call is still recorded.
 
+use crate::name::Name;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -41,7 +42,7 @@ pub struct RequestCtx {
     attempts_left: AtomicU32,
     trace: Mutex<Trace>,
     pub request_id: Arc<str>,
-    pub chain: Arc<str>,
+    pub chain: Name,
     store: Option<Store>,
 }
 
@@ -63,7 +64,7 @@ impl std::fmt::Debug for RequestCtx {
 
 impl RequestCtx {
     pub fn new(deadline: Instant, max_attempts: u32) -> Self {
-        Self::for_request(deadline, max_attempts, "".into(), "".into(), None)
+        Self::for_request(deadline, max_attempts, "".into(), Name::new(""), None)
     }
 
     /// The context of request `request_id` on `chain`; its calls go to `store`.
@@ -71,7 +72,7 @@ impl RequestCtx {
         deadline: Instant,
         max_attempts: u32,
         request_id: Arc<str>,
-        chain: Arc<str>,
+        chain: Name,
         store: Option<Store>,
     ) -> Self {
         RequestCtx {
@@ -125,12 +126,11 @@ impl RequestCtx {
 
     /// Takes the calls recorded so far, to be written with their request's row; any
     /// that end later are written when the context goes.
-    pub fn take_rows(&self) -> Vec<CallRow> {
+    pub fn take_rows(&self) -> impl Iterator<Item = CallRow> + '_ {
         let records = std::mem::take(&mut self.lock().records);
         records
-            .iter()
-            .map(|r| r.row(&self.request_id, &self.chain))
-            .collect()
+            .into_iter()
+            .map(|r| r.row(&self.request_id, self.chain))
     }
 
     fn push(&self, record: AttemptRecord) {
@@ -166,7 +166,7 @@ impl Drop for RequestCtx {
         };
         let records = std::mem::take(&mut self.lock().records);
         for r in records {
-            store.record(Row::Call(r.row(&self.request_id, &self.chain)));
+            store.record(Row::Call(r.row(&self.request_id, self.chain)));
         }
     }
 }
@@ -261,7 +261,7 @@ pub fn stack(
         actions: target.policy.actions,
     };
     let call_once = once(shared, chain, target, Some(position), streaming);
-    RetryLayer::new(policy, shared.retry.clone(), target.model.name.clone()).layer(call_once)
+    RetryLayer::new(policy, shared.retry.clone(), target.model.name).layer(call_once)
 }
 
 /// One try at the target at `position` of `chain`, with no same-target retry (the
@@ -315,7 +315,7 @@ fn once(
         .layer_fn(|inner| Record {
             inner,
             model: target.model.clone(),
-            chain: (chain.name.clone(), chain.index),
+            chain: (chain.name, chain.index),
             position: position.unwrap_or(usize::MAX),
             metrics: shared.metrics.clone(),
             count_attempts: position.is_some(),
@@ -468,7 +468,7 @@ pub struct Record<S> {
     inner: S,
     model: Arc<Model>,
     /// The chain's name and `Chain::index`.
-    chain: (Arc<str>, usize),
+    chain: (Name, usize),
     /// The target's position in the chain.
     position: usize,
     metrics: Arc<Metrics>,
@@ -495,7 +495,7 @@ where
             kind,
             started_ms: crate::clock::now_ms(),
             model: self.model.clone(),
-            chain: self.chain.clone(),
+            chain: self.chain,
             position: self.position,
             metrics: self.metrics.clone(),
             count_attempts: self.count_attempts,
@@ -547,7 +547,7 @@ struct Recorder {
     /// Wall-clock start, for the store.
     started_ms: i64,
     model: Arc<Model>,
-    chain: (Arc<str>, usize),
+    chain: (Name, usize),
     position: usize,
     metrics: Arc<Metrics>,
     count_attempts: bool,

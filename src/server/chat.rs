@@ -3,6 +3,7 @@
 //! the engine, and write its outcome in the surface's own JSON or events with the
 //! `x-cascade-*` headers.
 
+use crate::name::Name;
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -344,7 +345,7 @@ async fn answer(
         start + timeout,
         chain.max_attempts,
         ledger.request_id.clone(),
-        chain.name.clone(),
+        chain.name,
         app.store.clone(),
     ));
     ledger.ctx = Some(ctx.clone());
@@ -408,8 +409,8 @@ async fn answer(
                     .put(
                         key,
                         c.body.clone(),
-                        model.name.clone(),
-                        model.provider.name.clone(),
+                        model.name,
+                        model.provider.name,
                         decision.ttl,
                         c.usage.is_some(),
                     )
@@ -488,7 +489,7 @@ pub(super) fn serves_kind(chain: &Chain, req: &ChatRequest) -> Result<(), ApiErr
 }
 
 /// `x-cascade-shadow`: the shadow calls started, in config order.
-fn shadow_header(names: &[Arc<str>]) -> Option<HeaderValue> {
+fn shadow_header(names: &[Name]) -> Option<HeaderValue> {
     if names.is_empty() {
         return None;
     }

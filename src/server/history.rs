@@ -4,6 +4,7 @@
 //! A thread samples the metrics' counters every step (nothing on the request path);
 //! it ends when the gateway's state is dropped.
 
+use crate::name::Name;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -31,8 +32,8 @@ type Totals = (u64, u64, f64, u64);
 
 #[derive(Default)]
 pub struct History {
-    series: Mutex<HashMap<Arc<str>, VecDeque<Point>>>,
-    last: Mutex<HashMap<Arc<str>, Totals>>,
+    series: Mutex<HashMap<Name, VecDeque<Point>>>,
+    last: Mutex<HashMap<Name, Totals>>,
 }
 
 impl History {
@@ -51,18 +52,13 @@ impl History {
         let (Ok(mut last), Ok(mut series)) = (self.last.lock(), self.series.lock()) else {
             return;
         };
-        let models: Vec<Arc<str>> = app
-            .config()
-            .models
-            .values()
-            .map(|m| m.name.clone())
-            .collect();
+        let models: Vec<Name> = app.config().models.values().map(|m| m.name).collect();
         series.retain(|name, _| models.contains(name));
         last.retain(|name, _| models.contains(name));
         for name in models {
             let now = totals.get(&*name).copied().unwrap_or_default();
             // The first read only sets the baseline.
-            let Some(before) = last.insert(name.clone(), now) else {
+            let Some(before) = last.insert(name, now) else {
                 continue;
             };
             let calls = now.0.saturating_sub(before.0);

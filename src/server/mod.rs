@@ -3,6 +3,7 @@
 
 mod admin;
 mod admin_access;
+pub mod balance;
 pub use admin::{read_report, report_query, start_scheduled_report};
 mod chat;
 mod console;
@@ -114,7 +115,11 @@ impl AppState {
         metrics.config_info(&config.hash);
         let store = match &config.store {
             Some(settings) => {
-                let store = Store::open(settings.clone(), metrics.store.clone())?;
+                let store = Store::open_lanes(
+                    settings.clone(),
+                    metrics.store.clone(),
+                    worker_lanes(&config),
+                )?;
                 if store.open_at_start() {
                     admin::restore_health(&config, &settings.backend);
                 }
@@ -123,7 +128,7 @@ impl AppState {
             None => None,
         };
         let engine = Engine::new(
-            providers::HttpClients::new(upstream_pools(&config)),
+            providers::HttpClients::new(worker_lanes(&config)),
             metrics.clone(),
             &config,
         );
@@ -190,8 +195,9 @@ impl AppState {
     }
 }
 
-/// Per-core workers each keep their own upstream pool; work stealing shares one.
-fn upstream_pools(config: &Config) -> usize {
+/// Per-core workers each keep their own upstream pool, store lane and log buffer
+/// (indexed by `workers::index()`); work stealing shares one of each.
+pub fn worker_lanes(config: &Config) -> usize {
     match config.server.scheduler {
         Scheduler::PerCore => config.server.worker_threads,
         Scheduler::WorkStealing => 1,
@@ -292,7 +298,17 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = router(state.clone());
-    serve_router(state, listener, app, shutdown).await
+    serve_router(state, nodelay(listener), app, shutdown).await
+}
+
+/// A listener whose connections send without Nagle's delay.
+fn nodelay(
+    listener: tokio::net::TcpListener,
+) -> impl axum::serve::Listener<Addr = std::net::SocketAddr> {
+    use axum::serve::ListenerExt;
+    listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    })
 }
 
 /// Serves the admin router on `admin.listen`'s listener until the process ends.
@@ -301,19 +317,15 @@ pub async fn serve_admin(
     listener: tokio::net::TcpListener,
 ) -> std::io::Result<()> {
     let app = admin_router(state.clone());
-    serve_router(state, listener, app, std::future::pending()).await
+    serve_router(state, nodelay(listener), app, std::future::pending()).await
 }
 
 async fn serve_router(
     state: Arc<AppState>,
-    listener: tokio::net::TcpListener,
+    listener: impl axum::serve::Listener<Addr = std::net::SocketAddr>,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
     let app = tower::ServiceBuilder::new()
         .map_response(|r: Response<_>| r.map(Body::new))
         .layer(request_id::RequestIdLayer)
@@ -383,7 +395,8 @@ pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener
 
 /// Serves on `listener` with `scheduler: per_core`: one worker thread per
 /// `server.worker_threads`, each running [`serve`] on its own runtime over its own
-/// handle of the same socket (whichever worker accepts first keeps the connection).
+/// handle of the same socket. A connection stays on the worker that accepted it; the
+/// workers share new ones out evenly (`balance.rs`).
 /// Blocks until `shutdown` resolves (polled on worker 0) and every worker has drained.
 pub fn serve_per_core(
     state: Arc<AppState>,
@@ -399,10 +412,21 @@ pub fn serve_per_core(
         .collect::<std::io::Result<_>>()?;
     drop(listener);
     let listeners = std::sync::Mutex::new(listeners);
+    let balance = balance::Balance::new(
+        (0..workers)
+            .map(|i| {
+                state
+                    .metrics
+                    .worker_connections
+                    .with_label_values(&[&i.to_string()])
+            })
+            .collect(),
+    );
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let shutdown = std::sync::Mutex::new(Some((shutdown, stop)));
     crate::workers::run(workers, move |i| {
         let state = state.clone();
+        let balance = balance.clone();
         let listener = listeners
             .lock()
             .ok()
@@ -422,7 +446,9 @@ pub fn serve_per_core(
                 });
             }
             let listener = tokio::net::TcpListener::from_std(listener?)?;
-            serve(state, listener, async move {
+            let listener = balance::BalancedListener::new(listener, balance, i);
+            let app = router(state.clone());
+            serve_router(state, listener, app, async move {
                 let _ = stopped.wait_for(|s| *s).await;
             })
             .await

@@ -147,19 +147,19 @@ impl Ledger {
         if let Some(store) = &app.store {
             // The calls first, then their request: a reader who sees the request row
             // sees every call that had ended by then.
-            if let Some(ctx) = &self.ctx {
-                for row in ctx.take_rows() {
-                    store.record(Row::Call(row));
-                }
-            }
-            store.record(Row::Request(RequestRow {
+            let calls = self
+                .ctx
+                .as_deref()
+                .into_iter()
+                .flat_map(RequestCtx::take_rows);
+            let request = RequestRow {
                 request_id: self.request_id.clone(),
                 arrived_ms: self.arrived_ms,
                 surface: self.surface,
-                chain: chain.map(|c| c.name.clone()),
+                chain: chain.map(|c| c.name),
                 status: a.status,
-                model: a.model.map(|m| m.name.clone()),
-                provider: a.model.map(|m| m.provider.name.clone()),
+                model: a.model.map(|m| m.name),
+                provider: a.model.map(|m| m.provider.name),
                 attempts: u32::try_from(a.attempts).unwrap_or(u32::MAX),
                 fallbacks: u32::try_from(a.fallbacks).unwrap_or(u32::MAX),
                 cache: self.cache,
@@ -170,7 +170,12 @@ impl Ledger {
                 cost_usd: cost,
                 primary_cost_usd: primary_cost,
                 error_type: a.error_type,
-            }));
+            };
+            store.record_all(
+                calls
+                    .map(Row::Call)
+                    .chain(std::iter::once(Row::Request(request))),
+            );
         }
     }
 }

@@ -109,7 +109,7 @@ impl State {
         if let Some((store, asm)) = self.store.take() {
             let has_usage = asm.has_usage();
             if let Some(body) = asm.finish() {
-                let (name, provider) = (self.model.name.clone(), self.model.provider.name.clone());
+                let (name, provider) = (self.model.name, self.model.provider.name);
                 store
                     .cache
                     .put(store.key, body, name, provider, store.ttl, has_usage)

@@ -12,6 +12,7 @@
 
 pub mod compare;
 
+use crate::name::Name;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -90,7 +91,7 @@ impl Served {
 
 /// Live shadow state of one chain.
 /// A chain's name and its shadow state.
-type Bound = (Arc<str>, Arc<ChainState>);
+type Bound = (Name, Arc<ChainState>);
 
 struct ChainState {
     rng: Mutex<rand::rngs::SmallRng>,
@@ -163,7 +164,7 @@ impl Shadow {
             let kept = old
                 .iter()
                 .flatten()
-                .find(|(name, _)| **name == *chain.name)
+                .find(|(name, _)| *name == chain.name)
                 .map(|(_, s)| s.clone());
             let state = kept.unwrap_or_else(|| {
                 let rng = match config.shadow_seed {
@@ -178,7 +179,7 @@ impl Shadow {
                     spend: Mutex::new(Spend::default()),
                 })
             });
-            chains[chain.index] = Some((chain.name.clone(), state));
+            chains[chain.index] = Some((chain.name, state));
         }
         self.chains.store(Arc::new(chains));
     }
@@ -188,11 +189,11 @@ impl Shadow {
     fn state(&self, chain: &Chain) -> Option<Arc<ChainState>> {
         let chains = self.chains.load();
         match chains.get(chain.index).and_then(Option::as_ref) {
-            Some((name, s)) if Arc::ptr_eq(name, &chain.name) => Some(s.clone()),
+            Some((name, s)) if *name == chain.name => Some(s.clone()),
             _ => chains
                 .iter()
                 .flatten()
-                .find(|(name, _)| **name == *chain.name)
+                .find(|(name, _)| *name == chain.name)
                 .map(|(_, s)| s.clone()),
         }
     }
@@ -224,7 +225,7 @@ impl Shadow {
         served_by: &Arc<Model>,
         served_usage: Option<Usage>,
         served: Served,
-    ) -> Vec<Arc<str>> {
+    ) -> Vec<Name> {
         let (Some(plan), Some(state)) = (&chain.shadow, self.state(chain)) else {
             return Vec::new();
         };
@@ -261,7 +262,7 @@ impl Shadow {
                 self.skipped(chain, "cost_cap");
                 continue;
             }
-            started.push(target.model.name.clone());
+            started.push(target.model.name);
             launches.push((target.clone(), reserve));
         }
         if launches.is_empty() {
@@ -284,9 +285,9 @@ impl Shadow {
                 row: Some(ShadowRow {
                     request_id: request_id.clone(),
                     started_ms: crate::clock::now_ms(),
-                    chain: chain.name.clone(),
-                    served_model: served_by.name.clone(),
-                    shadow_model: target.model.name.clone(),
+                    chain: chain.name,
+                    served_model: served_by.name,
+                    shadow_model: target.model.name,
                     success: false,
                     error_type: Some("cancelled"),
                     latency_ms: None,
@@ -469,7 +470,7 @@ impl Job {
             start + self.chain.request_timeout,
             1,
             self.request_id.clone(),
-            self.chain.name.clone(),
+            self.chain.name,
             self.store.clone(),
         ));
         let outcome = self.call(&ctx).await;

@@ -8,6 +8,7 @@
 //! or a lost database drop rows and count them (`cascade_store_dropped_total`); an
 //! answer never waits.
 
+mod lanes;
 pub mod postgres;
 pub mod report;
 mod schema;
@@ -19,6 +20,7 @@ use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::name::Name;
 use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge};
 
 pub use postgres::PgUrl;
@@ -122,9 +124,9 @@ pub struct CallRow {
     /// When the call started, Unix milliseconds.
     pub started_ms: i64,
     pub request_id: Arc<str>,
-    pub chain: Arc<str>,
-    pub model: Arc<str>,
-    pub provider: Arc<str>,
+    pub chain: Name,
+    pub model: Name,
+    pub provider: Name,
     pub kind: CallKind,
     pub success: bool,
     pub status: Option<u16>,
@@ -148,11 +150,11 @@ pub struct RequestRow {
     pub arrived_ms: i64,
     pub surface: &'static str,
     /// `None` when no chain was resolved (bad input).
-    pub chain: Option<Arc<str>>,
+    pub chain: Option<Name>,
     pub status: u16,
     /// Who answered, or whose cached answer was served.
-    pub model: Option<Arc<str>>,
-    pub provider: Option<Arc<str>>,
+    pub model: Option<Name>,
+    pub provider: Option<Name>,
     pub attempts: u32,
     pub fallbacks: u32,
     pub cache: &'static str,
@@ -171,9 +173,9 @@ pub struct ShadowRow {
     pub request_id: Arc<str>,
     /// When the shadow call started, Unix milliseconds.
     pub started_ms: i64,
-    pub chain: Arc<str>,
-    pub served_model: Arc<str>,
-    pub shadow_model: Arc<str>,
+    pub chain: Name,
+    pub served_model: Name,
+    pub shadow_model: Name,
     pub success: bool,
     pub error_type: Option<&'static str>,
     pub latency_ms: Option<f64>,
@@ -276,13 +278,30 @@ pub struct Store {
 }
 
 struct Inner {
-    /// Unbounded underneath (its blocks are allocated as rows queue, not up front):
-    /// the bound is `settings.queue`, checked against the queue-depth gauge.
+    /// Kept Responses objects, their deletions and flushes, in order (rare, and a
+    /// deletion must follow its insert). Unbounded underneath: the bound is
+    /// `settings.queue`, checked against `queued.channel`.
     tx: Sender<Msg>,
+    queued: Arc<Queued>,
     metrics: StoreMetrics,
     settings: StoreSettings,
     /// The store answered when the gateway started (a PostgreSQL server may not have).
     open_at_start: bool,
+}
+
+/// What waits for the writer besides the channel's messages.
+struct Queued {
+    /// Calls, requests and shadow results, one lane per worker.
+    lanes: lanes::Lanes,
+    /// Rows sent on the channel and not yet received.
+    channel: std::sync::atomic::AtomicUsize,
+}
+
+impl Queued {
+    /// Rows recorded and not yet taken by the writer.
+    fn waiting(&self) -> usize {
+        self.lanes.len() + self.channel.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// The store could not be opened at start.
@@ -302,6 +321,16 @@ impl Store {
     /// answer is not: it is another machine, down for a while, and the gateway must
     /// still serve. That is logged, and rows are dropped and counted until it answers.
     pub fn open(settings: StoreSettings, metrics: StoreMetrics) -> Result<Store, OpenError> {
+        Self::open_lanes(settings, metrics, 1)
+    }
+
+    /// [`Store::open`] with one lane per worker thread (`lanes` is the number of
+    /// per-core workers, or 1).
+    pub fn open_lanes(
+        settings: StoreSettings,
+        metrics: StoreMetrics,
+        lanes: usize,
+    ) -> Result<Store, OpenError> {
         let conn = match &settings.backend {
             Backend::Sqlite(path) => {
                 check_path(path)?;
@@ -328,9 +357,14 @@ impl Store {
         let open_at_start = conn.is_some();
         let (tx, rx) = mpsc::channel();
         let writer = writer::Writer::new(settings.clone(), metrics.clone(), conn);
+        let queued = Arc::new(Queued {
+            lanes: lanes::Lanes::new(lanes, settings.queue),
+            channel: Default::default(),
+        });
+        let for_writer = queued.clone();
         std::thread::Builder::new()
             .name("cascade-store".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || writer.run(rx, for_writer))
             .map_err(|e| OpenError {
                 key: "store",
                 message: format!("cannot start the store writer: {e}"),
@@ -338,6 +372,7 @@ impl Store {
         Ok(Store {
             inner: Arc::new(Inner {
                 tx,
+                queued,
                 metrics,
                 settings,
                 open_at_start,
@@ -352,18 +387,50 @@ impl Store {
 
     /// Queues a row for the writer. Never blocks: a full queue drops the row and counts it.
     pub fn record(&self, row: Row) {
-        let m = &self.inner.metrics;
+        self.record_all([row]);
+    }
+
+    /// Queues rows for the writer, in order (a request's calls, then its row). A kept
+    /// response or its deletion goes alone, through [`Store::record`].
+    pub fn record_all(&self, rows: impl IntoIterator<Item = Row>) {
+        let q = &self.inner.queued;
+        let mut lane_rows = rows.into_iter().peekable();
+        // Kept responses and their deletions go in order on the channel.
+        if matches!(
+            lane_rows.peek(),
+            Some(Row::Response(_) | Row::ForgetResponse { .. })
+        ) {
+            for row in lane_rows {
+                self.send(row);
+            }
+            return;
+        }
+        let dropped = q.lanes.push(lane_rows);
+        if dropped > 0 {
+            self.inner.metrics.dropped.inc_by(dropped);
+        }
+    }
+
+    fn send(&self, row: Row) {
+        use std::sync::atomic::Ordering;
+        let (m, q) = (&self.inner.metrics, &self.inner.queued);
         // Concurrent callers may pass the bound by a few rows; it bounds memory, so that
         // is fine.
-        if m.queue_depth.get() >= self.inner.settings.queue as i64 {
+        if q.channel.load(Ordering::Relaxed) >= self.inner.settings.queue {
             m.dropped.inc();
             return;
         }
-        m.queue_depth.inc();
+        q.channel.fetch_add(1, Ordering::Relaxed);
         if self.inner.tx.send(Msg::Row(row)).is_err() {
-            m.queue_depth.dec();
+            q.channel.fetch_sub(1, Ordering::Relaxed);
             m.dropped.inc();
         }
+    }
+
+    /// Rows recorded and not yet taken by the writer (a loader's back-pressure; the
+    /// gauge `cascade_store_queue_depth` also counts rows taken and not yet committed).
+    pub fn waiting(&self) -> usize {
+        self.inner.queued.waiting()
     }
 
     /// Waits (blocking, off the request path) until every row queued so far is

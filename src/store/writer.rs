@@ -8,14 +8,16 @@
 //! replaced under it, or a PostgreSQL connection that closed, is noticed before each
 //! commit. Retention runs at start and then hourly.
 
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prometheus::IntCounter;
 
 use super::postgres::PgWriter;
 use super::sqlite::{self, SqliteWriter};
-use super::{Backend, Msg, Row, StoreError, StoreMetrics, StoreSettings};
+use super::{Backend, Msg, Queued, Row, StoreError, StoreMetrics, StoreSettings};
 use crate::clock;
 
 /// A writing connection to either store.
@@ -85,6 +87,16 @@ const RETENTION_BUDGET: Duration = Duration::from_millis(50);
 /// How often a store that could not be opened is tried again.
 const REOPEN_EVERY: Duration = Duration::from_secs(1);
 
+/// Rows the writer holds: the batch being filled, and buffers reused each turn.
+struct Pending {
+    batch: Vec<Row>,
+    /// The lanes' rows, taken in one go.
+    taken: Vec<Row>,
+    /// An empty buffer swapped into each lane.
+    spare: Vec<Row>,
+    last_commit: Instant,
+}
+
 pub(super) struct Writer {
     settings: StoreSettings,
     metrics: StoreMetrics,
@@ -123,41 +135,39 @@ impl Writer {
         }
     }
 
-    pub(super) fn run(mut self, rx: Receiver<Msg>) {
+    pub(super) fn run(mut self, rx: Receiver<Msg>, queued: Arc<Queued>) {
         self.start_retention();
         // At start, retention runs to the end before the first batch.
         while self.retention_pending {
             self.retention();
         }
-        let mut batch: Vec<Row> = Vec::with_capacity(BATCH);
+        let mut p = Pending {
+            batch: Vec::with_capacity(BATCH),
+            taken: Vec::new(),
+            spare: Vec::new(),
+            last_commit: Instant::now(),
+        };
         let tick = self.settings.flush_interval.min(TICK);
-        let mut last_commit = Instant::now();
         loop {
-            // Drain what has queued since the last turn. The writer never blocks on the
+            // Take what has queued since the last turn. The writer never blocks on the
             // queue: a receiver waiting in `recv` would make every row's send wake it
             // (a syscall and a context switch per row, taken from the request path's
             // cores); polling on a short tick costs one timer wake-up per tick instead.
             let mut closed = false;
-            let mut drained = 0;
             loop {
                 match rx.try_recv() {
                     Ok(Msg::Row(row)) => {
-                        drained += 1;
-                        batch.push(row);
-                        if batch.len() >= BATCH {
-                            self.metrics.queue_depth.sub(drained);
-                            drained = 0;
-                            self.commit(&mut batch);
-                            last_commit = Instant::now();
-                        }
+                        queued.channel.fetch_sub(1, Ordering::Relaxed);
+                        self.add(&mut p, row);
                     }
                     Ok(Msg::Flush(ack)) => {
-                        self.metrics.queue_depth.sub(drained);
-                        drained = 0;
-                        if !batch.is_empty() {
-                            self.commit(&mut batch);
-                            last_commit = Instant::now();
+                        // Everything recorded before the flush is in a lane by now.
+                        self.take_lanes(&queued, &mut p);
+                        if !p.batch.is_empty() {
+                            self.commit(&mut p.batch);
+                            p.last_commit = Instant::now();
                         }
+                        self.metrics.queue_depth.set(queued.waiting() as i64);
                         let _ = ack.send(());
                     }
                     Err(TryRecvError::Empty) => break,
@@ -167,13 +177,16 @@ impl Writer {
                     }
                 }
             }
-            self.metrics.queue_depth.sub(drained);
-            if !batch.is_empty()
-                && (closed || last_commit.elapsed() >= self.settings.flush_interval)
+            self.take_lanes(&queued, &mut p);
+            if !p.batch.is_empty()
+                && (closed || p.last_commit.elapsed() >= self.settings.flush_interval)
             {
-                self.commit(&mut batch);
-                last_commit = Instant::now();
+                self.commit(&mut p.batch);
+                p.last_commit = Instant::now();
             }
+            self.metrics
+                .queue_depth
+                .set((p.batch.len() + queued.waiting()) as i64);
             if closed {
                 return;
             }
@@ -187,6 +200,24 @@ impl Writer {
                 self.retention();
             }
             std::thread::sleep(tick);
+        }
+    }
+
+    /// Moves the lanes' rows into the batch, committing each full one.
+    fn take_lanes(&mut self, queued: &Queued, p: &mut Pending) {
+        queued.lanes.take(&mut p.taken, &mut p.spare);
+        let mut taken = std::mem::take(&mut p.taken);
+        for row in taken.drain(..) {
+            self.add(p, row);
+        }
+        p.taken = taken;
+    }
+
+    fn add(&mut self, p: &mut Pending, row: Row) {
+        p.batch.push(row);
+        if p.batch.len() >= BATCH {
+            self.commit(&mut p.batch);
+            p.last_commit = Instant::now();
         }
     }
 
