@@ -70,7 +70,8 @@ struct Bound {
 }
 
 struct ChainHandles {
-    name: Name,
+    /// `Chain::uid` of the chain these were bound for.
+    uid: u64,
     duration: Histogram,
     answered_ok: IntCounter,
     cache: [IntCounter; CACHE_RESULTS.len()],
@@ -81,7 +82,8 @@ struct ChainHandles {
 }
 
 struct ModelHandles {
-    name: Name,
+    /// `Model::uid` of the model these were bound for.
+    uid: u64,
     upstream: Histogram,
     ttft: Histogram,
     prompt_tokens: IntCounter,
@@ -436,7 +438,7 @@ impl Metrics {
     fn bind_chain(&self, chain: &Chain) -> ChainHandles {
         let name = &*chain.name;
         ChainHandles {
-            name: chain.name,
+            uid: chain.uid,
             duration: self.request_duration.with_label_values(&[name]),
             answered_ok: self.requests_total.with_label_values(&[name, "200"]),
             cache: CACHE_RESULTS.map(|r| self.cache_requests.with_label_values(&[name, r])),
@@ -457,7 +459,7 @@ impl Metrics {
     fn bind_model(&self, model: &Model) -> ModelHandles {
         let name = &*model.name;
         ModelHandles {
-            name: model.name,
+            uid: model.uid,
             upstream: self
                 .upstream_duration
                 .with_label_values(&[name, &model.provider.name]),
@@ -472,22 +474,15 @@ impl Metrics {
     /// The bound handles for `chain`, if it belongs to the config these metrics were
     /// made for.
     fn chain<'a>(bound: &'a Bound, chain: &Chain) -> Option<&'a ChainHandles> {
-        Self::chain_at(bound, &chain.name, chain.index)
+        Self::chain_at(bound, chain.uid, chain.index)
     }
 
-    fn chain_at<'a>(bound: &'a Bound, name: &Name, index: usize) -> Option<&'a ChainHandles> {
-        bound
-            .chains
-            .get(index)?
-            .as_ref()
-            .filter(|h| h.name == *name)
+    fn chain_at(bound: &Bound, uid: u64, index: usize) -> Option<&ChainHandles> {
+        bound.chains.get(index)?.as_ref().filter(|h| h.uid == uid)
     }
 
     fn model<'a>(bound: &'a Bound, model: &Model) -> Option<&'a ModelHandles> {
-        bound
-            .models
-            .get(model.index)
-            .filter(|h| h.name == model.name)
+        bound.models.get(model.index).filter(|h| h.uid == model.uid)
     }
 
     /// One answered chat request: its duration and status.
@@ -525,14 +520,13 @@ impl Metrics {
     /// `Chain::index`), ended with `outcome` (`ok`, `cancelled` or an error class).
     pub fn count_attempt(
         &self,
-        (chain, index): (&Name, usize),
+        (chain, index, uid): (&Name, usize, u64),
         position: usize,
         model: &Model,
         outcome: &str,
     ) {
         let handles = self.bound.load();
-        let bound =
-            Self::chain_at(&handles, chain, index).and_then(|h| h.attempts_ok.get(position));
+        let bound = Self::chain_at(&handles, uid, index).and_then(|h| h.attempts_ok.get(position));
         match bound {
             Some(c) if outcome == "ok" => c.inc(),
             _ => self

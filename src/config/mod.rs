@@ -24,6 +24,12 @@ pub use raw::{ProviderKind, Scheduler};
 
 use crate::classify::{Action, ErrorClass};
 pub use crate::name::Name;
+
+/// A number no other chain or model built by this process has.
+fn next_uid() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
 use crate::resilience::breaker::{Breaker, BreakerSettings};
 use crate::resilience::budget::BudgetSettings;
 use crate::resilience::health::{Health, HealthSettings};
@@ -222,6 +228,9 @@ impl Provider {
 #[derive(Debug)]
 pub struct Model {
     pub name: Name,
+    /// This object's own number: a reload builds new models with new numbers (metric
+    /// handles bound for one config are matched by it).
+    pub uid: u64,
     /// Position in `Config::models` (metric handles are bound by it).
     pub index: usize,
     /// `name` as a response header value, built once (`None` if it cannot be one).
@@ -308,6 +317,8 @@ pub use crate::api::Capabilities;
 #[derive(Debug)]
 pub struct Chain {
     pub name: Name,
+    /// This object's own number: a reload builds new chains with new numbers.
+    pub uid: u64,
     /// Position in `Config::chains`, then `Config::model_chains` (metric handles are
     /// bound by it).
     pub index: usize,
@@ -615,6 +626,7 @@ fn validate(raw: RawConfig, targets: &mut Generation<'_>) -> Result<Config, Conf
         models.insert(
             name.clone(),
             Arc::new(Model {
+                uid: next_uid(),
                 name: Name::new(name),
                 index: models.len(),
                 name_header: HeaderValue::from_str(name).ok(),
@@ -762,6 +774,7 @@ fn validate(raw: RawConfig, targets: &mut Generation<'_>) -> Result<Config, Conf
             name.clone(),
             Arc::new(Chain {
                 shadow,
+                uid: next_uid(),
                 name: Name::new(name),
                 index: chains.len(),
                 name_header: HeaderValue::from_str(name).ok(),
@@ -795,6 +808,7 @@ fn validate(raw: RawConfig, targets: &mut Generation<'_>) -> Result<Config, Conf
         model_chains.insert(
             name.clone(),
             Arc::new(Chain {
+                uid: next_uid(),
                 name: Name::new(name),
                 index: chains.len() + model_chains.len(),
                 name_header: HeaderValue::from_str(name).ok(),

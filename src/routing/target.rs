@@ -315,7 +315,7 @@ fn once(
         .layer_fn(|inner| Record {
             inner,
             model: target.model.clone(),
-            chain: (chain.name, chain.index),
+            chain: (chain.name, chain.index, chain.uid),
             position: position.unwrap_or(usize::MAX),
             metrics: shared.metrics.clone(),
             count_attempts: position.is_some(),
@@ -468,7 +468,7 @@ pub struct Record<S> {
     inner: S,
     model: Arc<Model>,
     /// The chain's name and `Chain::index`.
-    chain: (Name, usize),
+    chain: (Name, usize, u64),
     /// The target's position in the chain.
     position: usize,
     metrics: Arc<Metrics>,
@@ -547,7 +547,7 @@ struct Recorder {
     /// Wall-clock start, for the store.
     started_ms: i64,
     model: Arc<Model>,
-    chain: (Name, usize),
+    chain: (Name, usize, u64),
     position: usize,
     metrics: Arc<Metrics>,
     count_attempts: bool,
@@ -613,7 +613,7 @@ impl Recorder {
 
     fn push(&self, record: AttemptRecord, outcome: &str) {
         if self.count_attempts {
-            let chain = (&self.chain.0, self.chain.1);
+            let chain = (&self.chain.0, self.chain.1, self.chain.2);
             self.metrics
                 .count_attempt(chain, self.position, &self.model, outcome);
         }

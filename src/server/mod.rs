@@ -445,8 +445,7 @@ pub fn serve_per_core(
                     let _ = stop.send(true);
                 });
             }
-            let listener = tokio::net::TcpListener::from_std(listener?)?;
-            let listener = balance::BalancedListener::new(listener, balance, i);
+            let listener = balance::BalancedListener::new(listener?, balance, i)?;
             let app = router(state.clone());
             serve_router(state, listener, app, async move {
                 let _ = stopped.wait_for(|s| *s).await;

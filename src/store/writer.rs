@@ -222,6 +222,8 @@ impl Writer {
     }
 
     fn commit(&mut self, batch: &mut Vec<Row>) {
+        // What waits, as the commit starts (a stalled one may take a while).
+        self.metrics.queue_depth.set(batch.len() as i64);
         self.check_file();
         let Some(conn) = self.connection() else {
             self.drop_rows(batch.len() as u64, "the store is not open");
