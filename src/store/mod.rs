@@ -387,25 +387,17 @@ impl Store {
 
     /// Queues a row for the writer. Never blocks: a full queue drops the row and counts it.
     pub fn record(&self, row: Row) {
-        self.record_all([row]);
+        match row {
+            // Kept responses and their deletions go in order on the channel.
+            Row::Response(_) | Row::ForgetResponse { .. } => self.send(row),
+            row => self.record_all([row]),
+        }
     }
 
-    /// Queues rows for the writer, in order (a request's calls, then its row). A kept
-    /// response or its deletion goes alone, through [`Store::record`].
+    /// Queues call, request and shadow rows in this worker's lane, in order (a
+    /// request's calls, then its row). Rows that don't fit are dropped and counted.
     pub fn record_all(&self, rows: impl IntoIterator<Item = Row>) {
-        let q = &self.inner.queued;
-        let mut lane_rows = rows.into_iter().peekable();
-        // Kept responses and their deletions go in order on the channel.
-        if matches!(
-            lane_rows.peek(),
-            Some(Row::Response(_) | Row::ForgetResponse { .. })
-        ) {
-            for row in lane_rows {
-                self.send(row);
-            }
-            return;
-        }
-        let dropped = q.lanes.push(lane_rows);
+        let dropped = self.inner.queued.lanes.push(rows);
         if dropped > 0 {
             self.inner.metrics.dropped.inc_by(dropped);
         }
