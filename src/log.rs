@@ -156,6 +156,12 @@ pub fn write_json_line(
 /// A JSON string literal.
 fn escaped(out: &mut dyn std::fmt::Write, s: &str) -> std::fmt::Result {
     out.write_char('"')?;
+    escape_into(out, s)?;
+    out.write_char('"')
+}
+
+/// The text of `s` as it goes inside a JSON string literal.
+fn escape_into(out: &mut dyn std::fmt::Write, s: &str) -> std::fmt::Result {
     let mut from = 0;
     for (i, c) in s.char_indices() {
         let esc = match c {
@@ -175,8 +181,17 @@ fn escaped(out: &mut dyn std::fmt::Write, s: &str) -> std::fmt::Result {
         }
         from = i + c.len_utf8();
     }
-    out.write_str(&s[from..])?;
-    out.write_char('"')
+    out.write_str(&s[from..])
+}
+
+/// Escapes what is written through it: a `Debug` value (the message) goes into the
+/// line as it is formatted, with no `String` per event.
+struct Escaping<'a>(&'a mut dyn std::fmt::Write);
+
+impl std::fmt::Write for Escaping<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        escape_into(self.0, s)
+    }
 }
 
 /// Writes each field as `,"name":value`, noting which required fields it saw.
@@ -244,8 +259,16 @@ impl Visit for Fields<'_> {
         }
     }
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        let text = format!("{value:?}");
-        self.record_str(field, &text);
+        self.key(field);
+        if self.result.is_ok() {
+            let out = &mut *self.out;
+            self.result = out
+                .write_char('"')
+                .and_then(|()| {
+                    std::fmt::Write::write_fmt(&mut Escaping(&mut *out), format_args!("{value:?}"))
+                })
+                .and_then(|()| out.write_char('"'));
+        }
     }
 }
 
